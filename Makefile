@@ -1,0 +1,22 @@
+# Two commands from a fresh clone: `make run` starts a node, `make test` runs lint + tests.
+VENV := .venv
+ARGS ?=
+
+.PHONY: setup run test lint bench proto
+
+setup:
+	@scripts/bootstrap.sh
+
+run: setup
+	$(VENV)/bin/exo run $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest tests plugins
+
+proto: setup
+	$(VENV)/bin/python -m exo_core.networking.proto_gen

@@ -1,0 +1,3 @@
+from exo_core.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API frontend and web chat page."""

@@ -1,0 +1,264 @@
+"""The `exo` command line (click). Plugins are loaded in main(), never at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from exo_core import __version__
+
+RUN_HELP = """Start a node (serving the OpenAI-compatible API), or answer one prompt and exit.
+
+MODEL is a model card id (see `exo models`); the default is the embedded smollm2-135m.
+"""
+
+
+CLI_HELP = """exo: one OpenAI-compatible endpoint over the devices you own.
+
+With no subcommand, `exo [OPTIONS]` is `exo run [OPTIONS]`. Global options, accepted anywhere:
+--log-format console|json (or EXO_LOG_FORMAT), EXO_LOG_LEVEL=debug|info|warning.
+"""
+
+
+class ExoUsageError(click.ClickException):
+    """A one-line error (no usage dump, no traceback), exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"exo: error: {self.format_message()}", err=True)
+
+
+class DefaultRunGroup(click.Group):
+    """`exo [OPTIONS]` with no subcommand runs `exo run [OPTIONS]` (what deployments already type)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _run_options() -> list[click.Parameter]:
+    """The options of `exo run`, including the names existing deployments use."""
+    opt = click.Option
+    return [
+        click.Argument(["model"], required=False),
+        opt(["--engine", "--inference-engine", "engine"], help="Inference engine (see `exo plugins`)."),
+        opt(["--prompt"], help="Answer this prompt, print it, and exit."),
+        opt(["--run-model"], metavar="MODEL", help="Old form of `exo run MODEL --prompt ...`."),
+        opt(["--max-tokens"], type=int, default=None, help="With --prompt: most tokens to generate."),
+        opt(["--temperature"], type=float, default=0.0, show_default=True, help="With --prompt: sampling temperature."),
+        opt(["--api-host"], default="0.0.0.0", show_default=True, help="Address the API listens on."),
+        opt(["--api-port", "--chatgpt-api-port", "api_port"], type=int, default=52415, show_default=True, help="API port."),
+        opt(["--api-key"], envvar="EXO_API_KEY", help="Require this bearer key on the API (or EXO_API_KEY)."),
+        opt(["--node-id"], help="This node's id (default: a UUID kept in EXO_HOME)."),
+        opt(["--node-host"], default="0.0.0.0", show_default=True, help="Address the peer (gRPC) server listens on."),
+        opt(["--node-port"], type=int, default=None, help="Peer (gRPC) port (default: a free port)."),
+        opt(["--discovery-module"], default="udp", show_default=True, help="Peer discovery: udp, manual, tailscale, none."),
+        opt(["--discovery-config-path"], type=click.Path(), help="Peers file for --discovery-module manual."),
+        opt(["--discovery-timeout"], type=float, default=30.0, show_default=True, help="Seconds before a silent peer is dropped."),
+        opt(["--broadcast-port"], type=int, default=5678, show_default=True, help="UDP discovery port."),
+        opt(["--interface-type-filter"], default=None, help="UDP discovery: only these interface types (comma-separated: ethernet,wifi,thunderbolt,vpn,container,loopback)."),
+        opt(["--node-id-filter"], default=None, help="Only accept peers with these ids (comma-separated)."),
+        opt(["--cluster-secret"], envvar="EXO_CLUSTER_SECRET", help="Shared secret every peer must prove (or EXO_CLUSTER_SECRET)."),
+        opt(["--wait-for-peers"], type=int, default=0, show_default=True, help="Wait for this many peers before serving."),
+        opt(["--partitioner"], default="ring-memory-weighted", show_default=True, help="Partitioning strategy."),
+        opt(["--max-context"], type=int, default=None, help="Cap the context per request (tokens)."),
+        opt(["--step-timeout"], type=float, default=120.0, show_default=True, help="Seconds a stage may take before it is re-planned around."),
+        opt(["--models-seed-dir"], type=click.Path(), help="Look for model files here before downloading."),
+        opt(["--disable-tui"], is_flag=True, help="Accepted for compatibility (exo has no TUI; logs go to stderr)."),
+    ]
+
+
+def _serve(params: dict[str, Any], engine_option_names: set[str]) -> None:
+    from exo_core.runtime import ConfigError, NodeConfig, Runtime
+
+    if params.get("run_model"):
+        if params.get("model") and params["model"] != params["run_model"]:
+            raise ExoUsageError("give the model once: MODEL or --run-model, not both")
+        params["model"] = params["run_model"]
+        params["prompt"] = params.get("prompt") or "Who are you?"
+    if params.get("models_seed_dir"):
+        os.environ["EXO_MODELS_SEED_DIR"] = str(params["models_seed_dir"])
+    discovery_options = {
+        "config_path": params.get("discovery_config_path"),
+        "timeout": params.get("discovery_timeout"),
+        "broadcast_port": params.get("broadcast_port"),
+        "interface_type_filter": _csv(params.get("interface_type_filter")),
+        "node_id_filter": _csv(params.get("node_id_filter")),
+    }
+    prompt = params.get("prompt")
+    config = NodeConfig(
+        model=params.get("model"),
+        engine=params.get("engine"),
+        engine_options={k: v for k, v in params.items() if k in engine_option_names},
+        node_id=params.get("node_id"),
+        node_host=params["node_host"],
+        node_port=params.get("node_port"),
+        api_host=params["api_host"],
+        api_port=params["api_port"],
+        api_key=params.get("api_key"),
+        frontends=() if prompt else None,
+        discovery="none" if prompt and params["discovery_module"] == "udp" else params["discovery_module"],
+        discovery_config_path=params.get("discovery_config_path"),
+        discovery_options=discovery_options,
+        cluster_secret=params.get("cluster_secret"),
+        partitioner=params["partitioner"],
+        wait_for_peers=params["wait_for_peers"],
+        max_context=params.get("max_context"),
+        step_timeout=params["step_timeout"],
+    )
+    try:
+        runtime = Runtime(config)
+    except ConfigError as exc:
+        raise ExoUsageError(str(exc)) from None
+    try:
+        if prompt:
+            code = asyncio.run(_answer(runtime, prompt, params.get("max_tokens"), params["temperature"]))
+            sys.exit(code)
+        asyncio.run(_serve_forever(runtime))
+    except ConfigError as exc:
+        raise ExoUsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature: float) -> int:
+    """`exo run --prompt`: the same generation path as the API, printed as it streams."""
+    from exo_core.generate import TextRequest
+    from exo_core.node import GenerationError
+    from exo_core.sampling import SamplingParams
+
+    async with runtime:
+        request = TextRequest(
+            model=runtime.default_model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=temperature),
+        )
+        try:
+            prepared = runtime.generator.prepare(request)
+            async for chunk in runtime.generator.stream(prepared):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except (GenerationError, ValueError, OSError) as exc:
+            click.echo(f"\nexo: error: {exc}", err=True)
+            return 1
+        sys.stdout.write("\n")
+    return 0
+
+
+async def _serve_forever(runtime: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with runtime:
+        await stop.wait()
+
+
+def _plugins_command() -> click.Command:
+    @click.command("plugins")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def plugins(as_json: bool) -> None:
+        """List plugins: name, version, hooks, and any load error."""
+        from exo_core.plugins import plugin_records
+
+        records = plugin_records()
+        if as_json:
+            click.echo(json.dumps([r.__dict__ for r in records], indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "version", "kind", "hooks", "status")
+        for r in records:
+            status = f"[red]error: {r.error}[/red]" if r.error else "ok"
+            table.add_row(r.name, r.version or "-", "built-in" if r.builtin else "plugin", ", ".join(r.hooks), status)
+        Console(width=160).print(table)
+
+    return plugins
+
+
+def _models_command() -> click.Command:
+    @click.command("models")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def models(as_json: bool) -> None:
+        """List model cards and whether their files are on this node."""
+        from exo_core.files import files_present
+        from exo_core.plugins import registry
+
+        cards = sorted(registry().models.values(), key=lambda c: c.id)
+        rows = [{**c.to_dict(), "present": files_present(c)} for c in cards]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("id", "name", "layers", "sources", "files here")
+        for row in rows:
+            here = ", ".join(k for k, ok in row["present"].items() if ok) or "-"
+            table.add_row(row["id"], row["name"], str(row["n_layers"]), ", ".join(row["sources"]), here)
+        Console(width=160).print(table)
+
+    return models
+
+
+def build_cli() -> click.Group:
+    """The `exo` command group, with every loaded engine's extra `run` options."""
+    from exo_core.plugins import pm, registry
+
+    reg = registry()
+    engine_params: list[click.Parameter] = []
+    seen: set[str] = set()
+    for cls in reg.engines.values():
+        for param in cls.cli_options:
+            if param.name not in seen:
+                seen.add(param.name or "")
+                engine_params.append(param)
+    engine_option_names = {p.name for p in engine_params if p.name}
+
+    @click.group(cls=DefaultRunGroup, help=CLI_HELP)
+    @click.version_option(__version__, prog_name="exo")
+    def cli() -> None:
+        pass
+
+    def run(**params: Any) -> None:
+        _serve(params, engine_option_names)
+
+    cli.add_command(click.Command("run", callback=run, params=[*_run_options(), *engine_params], help=RUN_HELP))
+    cli.add_command(_plugins_command())
+    cli.add_command(_models_command())
+    pm.hook.register_commands(cli=cli)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    from exo_core.log import configure_logging
+    from exo_core.plugins import load_plugins
+
+    fmt = os.environ.get("EXO_LOG_FORMAT", "console")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--log-format" in args:  # global, read before click so plugin loading logs right
+        i = args.index("--log-format")
+        if i + 1 < len(args):
+            fmt = args[i + 1]
+            del args[i : i + 2]
+    configure_logging(fmt, os.environ.get("EXO_LOG_LEVEL", "info"))
+    load_plugins()
+    build_cli().main(args=args, prog_name="exo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Text in, text out: the one generation path behind the API and `exo run --prompt`.
+
+It renders the chat template, tokenizes, checks the context, runs the node's token stream,
+decodes it without splitting characters, and applies stop strings (never emitting them, even
+when they arrive split over several tokens) and `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from exo_core.models import ModelCard
+from exo_core.node import GeneratedToken, GenerationRequest, Node
+from exo_core.sampling import SamplingParams
+from exo_core.tokenizer import Tokenizer, load_tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+@dataclass
+class TextRequest:
+    model: ModelCard
+    messages: list[dict[str, Any]] | None = None  # chat
+    prompt: str | None = None  # plain completion
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class PreparedRequest:
+    text_request: TextRequest
+    tokenizer: Tokenizer
+    prompt_tokens: list[int]
+    max_tokens: int
+
+
+@dataclass
+class TextChunk:
+    """New text and the tokens that produced it; the last chunk has a finish reason."""
+
+    text: str
+    tokens: list[GeneratedToken]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Generator:
+    """Runs text requests on a node."""
+
+    def __init__(self, node: Node, *, max_context: int | None = None) -> None:
+        self.node = node
+        self.max_context = max_context
+
+    def context_length(self, card: ModelCard) -> int:
+        limits = [c for c in (card.context_length, self.max_context) if c]
+        return min(limits) if limits else 4096
+
+    def prepare(self, req: TextRequest) -> PreparedRequest:
+        tokenizer = load_tokenizer(req.model)
+        if req.messages is not None:
+            prompt_tokens = tokenizer.encode_chat(req.messages)
+        else:
+            prompt_tokens = tokenizer.encode(req.prompt or "")
+        if not prompt_tokens:
+            raise ValueError("the prompt is empty")
+        ctx = self.context_length(req.model)
+        room = ctx - len(prompt_tokens)
+        if room <= 0:
+            raise ContextLengthError(
+                f"this model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{len(prompt_tokens)} tokens"
+            )
+        if req.max_tokens is not None and req.max_tokens > room:
+            raise ContextLengthError(
+                f"this model's maximum context length is {ctx} tokens; the prompt has "
+                f"{len(prompt_tokens)} tokens and max_tokens asks for {req.max_tokens} more"
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else room
+        return PreparedRequest(req, tokenizer, prompt_tokens, max_tokens)
+
+    async def stream(self, prepared: PreparedRequest, usage: Usage | None = None) -> AsyncIterator[TextChunk]:
+        """Text chunks as tokens arrive; closing it early stops the generation everywhere."""
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = len(prepared.prompt_tokens)
+        req = prepared.text_request
+        tokenizer = prepared.tokenizer
+        request = GenerationRequest(
+            model=req.model,
+            prompt_tokens=prepared.prompt_tokens,
+            sampling=req.sampling,
+            max_tokens=prepared.max_tokens,
+            eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
+            messages=req.messages,
+        )
+        decoder = tokenizer.stream_decoder()
+        stops = StopMatcher(req.stop)
+        pending: list[GeneratedToken] = []
+        start = time.perf_counter()
+        tokens = self.node.generate(request)
+        async with contextlib.aclosing(tokens):
+            async for tok in tokens:
+                if usage.first_token_s is None:
+                    usage.first_token_s = time.perf_counter() - start
+                usage.completion_tokens += 1
+                usage.elapsed_s = time.perf_counter() - start
+                pending.append(tok)
+                is_eos = tok.finish_reason == "stop" and tok.token in tokenizer.eos_token_ids
+                piece = "" if is_eos else decoder.push(tok.token)
+                if tok.finish_reason is not None and not is_eos:
+                    piece += decoder.flush()
+                text, stopped = stops.feed(piece)
+                if stopped:
+                    yield TextChunk(text, pending, "stop")
+                    return
+                if tok.finish_reason is not None:
+                    yield TextChunk(text + stops.flush(), pending, tok.finish_reason)
+                    return
+                if text:
+                    yield TextChunk(text, pending)
+                    pending = []
+
+
+class StopMatcher:
+    """Cuts text at the first stop string, holding back any tail that could start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), 0, -1):
+                if buf.endswith(stop[:k]):
+                    keep = max(keep, k)
+                    break
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held

@@ -1,0 +1,1 @@
+"""Peers: the gRPC node service and discovery."""

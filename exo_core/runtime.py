@@ -1,0 +1,204 @@
+"""Assembling a running node: engine, peers server, discovery, frontends (used by `exo run` and tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from exo_core import files
+from exo_core.engine import InferenceEngine
+from exo_core.generate import Generator
+from exo_core.models import DEFAULT_MODEL_ID, ModelCard, find_card
+from exo_core.node import Node
+from exo_core.plugins import Registry, registry
+from exo_core.topology import DeviceCapabilities, device_capabilities
+
+log = structlog.get_logger("exo.runtime")
+
+
+class ConfigError(ValueError):
+    """A setting the user chose cannot work; the message names the choices."""
+
+
+@dataclass
+class NodeConfig:
+    """Everything `exo run` can set."""
+
+    model: str | None = None
+    engine: str | None = None
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    node_id: str | None = None
+    node_host: str = "0.0.0.0"
+    node_port: int | None = None  # gRPC; None = pick a free one
+    advertise_address: str | None = None
+    api_host: str = "0.0.0.0"
+    api_port: int = 52415
+    api_key: str | None = None
+    frontends: tuple[str, ...] | None = None  # None = all registered
+    discovery: str = "udp"
+    discovery_config_path: str | None = None
+    discovery_options: dict[str, Any] = field(default_factory=dict)
+    cluster_secret: str | None = None
+    partitioner: str = "ring-memory-weighted"
+    wait_for_peers: int = 0
+    max_context: int | None = None
+    step_timeout: float = 120.0
+    capabilities: DeviceCapabilities | None = None
+
+
+def choose_engine(reg: Registry, name: str | None) -> type[InferenceEngine]:
+    """The engine class by name, or the default for this machine (highest priority available)."""
+    if name:
+        cls = reg.engines.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(reg.engines))}")
+        ok, reason = cls.available()
+        if not ok:
+            raise ConfigError(f"engine {name!r} cannot run here: {reason}")
+        return cls
+    ranked = sorted(reg.engines.values(), key=lambda c: (-c.default_priority(), c.name))
+    for cls in ranked:
+        if cls.default_priority() >= 0 and cls.available()[0]:
+            return cls
+    raise ConfigError("no engine can run here")
+
+
+def choose_model(reg: Registry, model_id: str | None) -> ModelCard:
+    try:
+        return find_card(reg.models, model_id or DEFAULT_MODEL_ID)
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def persistent_node_id() -> str:
+    """A UUID kept under EXO_HOME, so a node keeps its identity across restarts."""
+    path = files.exo_home() / "node_id"
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+        if existing:
+            return existing
+    except OSError:
+        pass
+    node_id = str(uuid.uuid4())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(node_id, encoding="utf-8")
+    os.replace(tmp, path)
+    return node_id
+
+
+class Runtime:
+    """A started node with its servers; `async with Runtime(config) as rt:` in tests."""
+
+    def __init__(self, config: NodeConfig, reg: Registry | None = None) -> None:
+        self.config = config
+        self.registry = reg or registry()
+        self.engine_cls = choose_engine(self.registry, config.engine)
+        self.default_model = choose_model(self.registry, config.model)
+        self.node: Node | None = None
+        self.generator: Generator | None = None
+        self.frontends: list[Any] = []
+        self.discovery: Any = None
+        self.server: Any = None
+
+    @property
+    def served_models(self) -> dict[str, ModelCard]:
+        return {cid: c for cid, c in self.registry.models.items() if self.engine_cls.can_serve(c)}
+
+    async def start(self) -> None:
+        cfg = self.config
+        partitioner = self.registry.partitioners.get(cfg.partitioner)
+        if partitioner is None:
+            raise ConfigError(
+                f"unknown partitioner {cfg.partitioner!r}; choose one of: "
+                f"{', '.join(sorted(self.registry.partitioners))}"
+            )
+        engine = self.engine_cls(cfg.engine_options)
+        node_id = cfg.node_id or persistent_node_id()
+        self.node = Node(
+            node_id,
+            engine,
+            dict(self.registry.models),
+            capabilities=cfg.capabilities or device_capabilities(),
+            partitioner=partitioner,
+            step_timeout=cfg.step_timeout,
+        )
+        self.node.set_served_models(sorted(self.served_models))
+        self.generator = Generator(self.node, max_context=cfg.max_context)
+        await self.node.start()
+        await self._start_networking()
+        for name, frontend_cls in self._frontend_classes():
+            frontend = frontend_cls(self)
+            await frontend.start()
+            self.frontends.append(frontend)
+            log.info("frontend started", frontend=name)
+        if cfg.wait_for_peers:
+            await self.wait_for_peers(cfg.wait_for_peers)
+
+    async def _start_networking(self) -> None:
+        """The peer server and discovery (a single node without them still serves)."""
+        cfg = self.config
+        try:
+            from exo_core.networking import server as peer_server
+        except ImportError:
+            peer_server = None
+        if peer_server is not None and hasattr(peer_server, "start_peer_server"):
+            self.server = await peer_server.start_peer_server(self.node, self)
+        if cfg.discovery in ("", "none"):
+            return
+        discovery_cls = self.registry.discovery.get(cfg.discovery)
+        if discovery_cls is None:
+            raise ConfigError(
+                f"unknown discovery module {cfg.discovery!r}; choose one of: "
+                f"{', '.join(sorted([*self.registry.discovery, 'none']))}"
+            )
+        self.discovery = discovery_cls(self)
+        await self.discovery.start()
+
+    def _frontend_classes(self) -> list[tuple[str, Any]]:
+        wanted = self.config.frontends
+        items = sorted(self.registry.frontends.items())
+        if wanted is None:
+            return items
+        return [(n, c) for n, c in items if n in wanted]
+
+    async def wait_for_peers(self, count: int, timeout: float | None = None) -> None:
+        assert self.node is not None
+        log.info("waiting for peers", wanted=count)
+        async with asyncio.timeout(timeout):
+            while len(self.node.peers) < count:
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        for frontend in reversed(self.frontends):
+            with contextlib.suppress(Exception):
+                await frontend.stop()
+        self.frontends.clear()
+        if self.discovery is not None:
+            with contextlib.suppress(Exception):
+                await self.discovery.stop()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await self.server.stop(0.5)
+        if self.node is not None:
+            await self.node.stop()
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def write_file_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
