@@ -53,26 +53,83 @@ def _run_options() -> list[click.Parameter]:
         opt(["--prompt"], help="Answer this prompt, print it, and exit."),
         opt(["--run-model"], metavar="MODEL", help="Old form of `exo run MODEL --prompt ...`."),
         opt(["--max-tokens"], type=int, default=None, help="With --prompt: most tokens to generate."),
-        opt(["--temperature"], type=float, default=0.0, show_default=True, help="With --prompt: sampling temperature."),
+        opt(
+            ["--temperature"],
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="With --prompt: sampling temperature.",
+        ),
         opt(["--api-host"], default="0.0.0.0", show_default=True, help="Address the API listens on."),
-        opt(["--api-port", "--chatgpt-api-port", "api_port"], type=int, default=52415, show_default=True, help="API port."),
+        opt(
+            ["--api-port", "--chatgpt-api-port", "api_port"],
+            type=int,
+            default=52415,
+            show_default=True,
+            help="API port.",
+        ),
         opt(["--api-key"], envvar="EXO_API_KEY", help="Require this bearer key on the API (or EXO_API_KEY)."),
         opt(["--node-id"], help="This node's id (default: a UUID kept in EXO_HOME)."),
-        opt(["--node-host"], default="0.0.0.0", show_default=True, help="Address the peer (gRPC) server listens on."),
+        opt(
+            ["--node-host"],
+            default="0.0.0.0",
+            show_default=True,
+            help="Address the peer (gRPC) server listens on.",
+        ),
         opt(["--node-port"], type=int, default=None, help="Peer (gRPC) port (default: a free port)."),
-        opt(["--discovery-module"], default="udp", show_default=True, help="Peer discovery: udp, manual, tailscale, none."),
+        opt(
+            ["--discovery-module"],
+            default="udp",
+            show_default=True,
+            help="Peer discovery: udp, manual, tailscale, none.",
+        ),
         opt(["--discovery-config-path"], type=click.Path(), help="Peers file for --discovery-module manual."),
-        opt(["--discovery-timeout"], type=float, default=30.0, show_default=True, help="Seconds before a silent peer is dropped."),
+        opt(
+            ["--discovery-timeout"],
+            type=float,
+            default=30.0,
+            show_default=True,
+            help="Seconds before a silent peer is dropped.",
+        ),
         opt(["--broadcast-port"], type=int, default=5678, show_default=True, help="UDP discovery port."),
-        opt(["--interface-type-filter"], default=None, help="UDP discovery: only these interface types (comma-separated: ethernet,wifi,thunderbolt,vpn,container,loopback)."),
+        opt(
+            ["--interface-type-filter"],
+            default=None,
+            help="UDP discovery: only these interface types (comma-separated: ethernet,wifi,thunderbolt,vpn,container,loopback).",
+        ),
         opt(["--node-id-filter"], default=None, help="Only accept peers with these ids (comma-separated)."),
-        opt(["--cluster-secret"], envvar="EXO_CLUSTER_SECRET", help="Shared secret every peer must prove (or EXO_CLUSTER_SECRET)."),
-        opt(["--wait-for-peers"], type=int, default=0, show_default=True, help="Wait for this many peers before serving."),
-        opt(["--partitioner"], default="ring-memory-weighted", show_default=True, help="Partitioning strategy."),
+        opt(
+            ["--cluster-secret"],
+            envvar="EXO_CLUSTER_SECRET",
+            help="Shared secret every peer must prove (or EXO_CLUSTER_SECRET).",
+        ),
+        opt(
+            ["--wait-for-peers"],
+            type=int,
+            default=0,
+            show_default=True,
+            help="Wait for this many peers before serving.",
+        ),
+        opt(
+            ["--partitioner"],
+            default="ring-memory-weighted",
+            show_default=True,
+            help="Partitioning strategy.",
+        ),
         opt(["--max-context"], type=int, default=None, help="Cap the context per request (tokens)."),
-        opt(["--step-timeout"], type=float, default=120.0, show_default=True, help="Seconds a stage may take before it is re-planned around."),
+        opt(
+            ["--step-timeout"],
+            type=float,
+            default=120.0,
+            show_default=True,
+            help="Seconds a stage may take before it is re-planned around.",
+        ),
         opt(["--models-seed-dir"], type=click.Path(), help="Look for model files here before downloading."),
-        opt(["--disable-tui"], is_flag=True, help="Accepted for compatibility (exo has no TUI; logs go to stderr)."),
+        opt(
+            ["--disable-tui"],
+            is_flag=True,
+            help="Accepted for compatibility (exo has no TUI; logs go to stderr).",
+        ),
     ]
 
 
@@ -184,7 +241,9 @@ def _plugins_command() -> click.Command:
         table = Table("name", "version", "kind", "hooks", "status")
         for r in records:
             status = f"[red]error: {r.error}[/red]" if r.error else "ok"
-            table.add_row(r.name, r.version or "-", "built-in" if r.builtin else "plugin", ", ".join(r.hooks), status)
+            table.add_row(
+                r.name, r.version or "-", "built-in" if r.builtin else "plugin", ", ".join(r.hooks), status
+            )
         Console(width=160).print(table)
 
     return plugins
@@ -237,7 +296,9 @@ def build_cli() -> click.Group:
     def run(**params: Any) -> None:
         _serve(params, engine_option_names)
 
-    cli.add_command(click.Command("run", callback=run, params=[*_run_options(), *engine_params], help=RUN_HELP))
+    cli.add_command(
+        click.Command("run", callback=run, params=[*_run_options(), *engine_params], help=RUN_HELP)
+    )
     cli.add_command(_plugins_command())
     cli.add_command(_models_command())
     pm.hook.register_commands(cli=cli)

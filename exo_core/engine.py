@@ -109,5 +109,5 @@ class InferenceEngine(ABC):
         """Most positions one request may hold in the loaded model, when known."""
         return None
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to free by default
         """Free everything (called when the node stops)."""

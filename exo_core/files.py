@@ -126,9 +126,7 @@ def local_snapshot(repo_or_dir: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(repo_or_dir, cache_dir=models_dir() / "hub", local_files_only=True)
-        )
+        return Path(snapshot_download(repo_or_dir, cache_dir=models_dir() / "hub", local_files_only=True))
     except Exception:  # not in the cache (or hub library missing)
         return None
 

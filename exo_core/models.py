@@ -40,8 +40,7 @@ class ModelCard:
         """This card plus the sources another plugin registered for the same id."""
         if other.n_layers != self.n_layers:
             raise ValueError(
-                f"model card {self.id!r} registered twice with {self.n_layers} and "
-                f"{other.n_layers} layers"
+                f"model card {self.id!r} registered twice with {self.n_layers} and {other.n_layers} layers"
             )
         return replace(
             self,

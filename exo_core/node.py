@@ -321,9 +321,7 @@ class Node:
                 if event.step != len(state.generated):
                     continue  # a duplicate after a replay
                 state.generated.append(event.token)
-                yield GeneratedToken(
-                    event.token, event.logprob, event.top_logprobs, event.finish_reason
-                )
+                yield GeneratedToken(event.token, event.logprob, event.top_logprobs, event.finish_reason)
                 if event.finish_reason is not None:
                     return
         finally:
@@ -359,9 +357,7 @@ class Node:
         try:
             await self.client_for(first).send_step(msg)
         except PeerUnavailable as exc:
-            state.events.put_nowait(
-                StageFailure(request.request_id, state.attempt, first, str(exc))
-            )
+            state.events.put_nowait(StageFailure(request.request_id, state.attempt, first, str(exc)))
 
     def _forget_plan(self, state: _OriginState) -> None:
         for stage in state.plan:
@@ -398,9 +394,7 @@ class Node:
         if known is None or known.attempt < msg.attempt:
             if known is not None:
                 await self.engine.release(f"{msg.request_id}#{known.attempt}")
-            known = self._stage_requests[msg.request_id] = _StageRequest(
-                msg.attempt, list(msg.replayed)
-            )
+            known = self._stage_requests[msg.request_id] = _StageRequest(msg.attempt, list(msg.replayed))
         known.last_seen = time.monotonic()
         await self.start()
         self._work.put_nowait(msg)
@@ -444,9 +438,7 @@ class Node:
             if card is None:
                 raise EngineError(f"this node has no model card for {shard.model_id}")
             await self.engine.load(shard, card)
-            inputs = [
-                StageInput(m.cache_key, m.tokens, m.hidden, m.messages, m.sampling) for m in group
-            ]
+            inputs = [StageInput(m.cache_key, m.tokens, m.hidden, m.messages, m.sampling) for m in group]
             outputs = await self.engine.forward_batch(shard, inputs)
         except Exception as exc:
             log.exception("engine failed", shard=str(shard))
@@ -495,9 +487,7 @@ class Node:
             finish = "stop"
         elif msg.step + 1 >= msg.max_tokens:
             finish = "length"
-        token_msg = TokenMessage(
-            msg.request_id, msg.attempt, msg.step, sampled_token, logprob, top, finish
-        )
+        token_msg = TokenMessage(msg.request_id, msg.attempt, msg.step, sampled_token, logprob, top, finish)
         try:
             await self.client_for(msg.origin).send_token(token_msg)
         except Exception:

@@ -29,9 +29,7 @@ class NoPlanError(RuntimeError):
     """No node can serve the model right now."""
 
 
-def ring_memory_weighted(
-    nodes: Sequence[NodeInfo], model_id: str, n_layers: int
-) -> list[PlanStage]:
+def ring_memory_weighted(nodes: Sequence[NodeInfo], model_id: str, n_layers: int) -> list[PlanStage]:
     """Layers split over nodes in proportion to memory (largest first, then by id).
 
     Every node gets at least one layer while layers remain; no empty shards, no dropped

@@ -7,7 +7,6 @@ import contextlib
 import os
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -120,7 +119,7 @@ class Runtime:
                 f"unknown partitioner {cfg.partitioner!r}; choose one of: "
                 f"{', '.join(sorted(self.registry.partitioners))}"
             )
-        engine = self.engine_cls(cfg.engine_options)
+        engine = self.engine_cls({**cfg.engine_options, "max_context": cfg.max_context})
         node_id = cfg.node_id or persistent_node_id()
         self.node = Node(
             node_id,
@@ -196,9 +195,3 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def write_file_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -18,9 +18,7 @@ class Shard:
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
         if not 0 <= self.start_layer <= self.end_layer < self.n_layers:
-            raise ValueError(
-                f"invalid shard {self.start_layer}..{self.end_layer} of {self.n_layers} layers"
-            )
+            raise ValueError(f"invalid shard {self.start_layer}..{self.end_layer} of {self.n_layers} layers")
 
     @classmethod
     def whole(cls, model_id: str, n_layers: int) -> Shard:

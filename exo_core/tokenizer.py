@@ -196,10 +196,14 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("llama-bpe", "llama3", "smaug-bpe"):
         split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     if pre == "qwen2":
         split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     # smollm / starcoder / gpt2 style: digits split one by one, then GPT-2's byte-level regex.
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
@@ -272,7 +276,11 @@ def load_tokenizer(card: ModelCard) -> Tokenizer:
     from exo_core import files
 
     if card.tokenizer:
-        path = Path(card.tokenizer) if Path(card.tokenizer).is_absolute() else files.local_snapshot_any(card.tokenizer)
+        path = (
+            Path(card.tokenizer)
+            if Path(card.tokenizer).is_absolute()
+            else files.local_snapshot_any(card.tokenizer)
+        )
         if path is None:
             raise TokenizerError(
                 f"model {card.id!r}: tokenizer {card.tokenizer!r} is not on this node; download it "

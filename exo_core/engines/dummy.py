@@ -77,7 +77,7 @@ class DummyEngine(InferenceEngine):
         if item.tokens is not None:
             ids = [int(t) for t in item.tokens]
         elif item.hidden is not None:
-            ids = [int(round(float(v))) for v in item.hidden[:, 0]]
+            ids = [round(float(v)) for v in item.hidden[:, 0]]
         else:
             raise ValueError("dummy engine: a step needs tokens or hidden states")
         history = self.caches.setdefault(item.request_id, [])
