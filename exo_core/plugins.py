@@ -72,7 +72,6 @@ def load_plugins() -> None:
             continue
         version = ep.dist.version if ep.dist is not None else None
         _register(ep.name, ep.value, version, builtin=False, entry_point=ep)
-    pm.check_pending()
     if os.environ.get("EXO_TRACE_PLUGINS"):
         pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
         pm.enable_tracing()
@@ -93,6 +92,12 @@ def _register(
         pm.register(module, name=name)
     except Exception as exc:  # a broken plugin must never take exo down
         record.error = f"{type(exc).__name__}: {exc}"
+        return
+    try:
+        pm.check_pending()  # a misspelled hook name: loud in `exo plugins`, not fatal
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(module, name=name)
+        record.error = f"PluginValidationError: {exc}"
         return
     record.hooks = sorted(impl.__name__ for impl in _hook_functions(module))
 

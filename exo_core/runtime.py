@@ -132,6 +132,13 @@ class Runtime:
         self.node.set_served_models(sorted(self.served_models))
         self.generator = Generator(self.node, max_context=cfg.max_context)
         await self.node.start()
+        log.info(
+            "node started",
+            node_id=node_id,
+            engine=self.engine_cls.name,
+            model=self.default_model.id,
+            models=len(self.served_models),
+        )
         await self._start_networking()
         for name, frontend_cls in self._frontend_classes():
             frontend = frontend_cls(self)

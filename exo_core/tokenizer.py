@@ -247,19 +247,12 @@ def from_hf_directory(path: Path) -> Tokenizer:
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file (tensor data is not read)."""
-    import gguf
+    from exo_core.gguf_meta import read_gguf_metadata as read
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/IndexError on truncated files
+        return read(path)
+    except (OSError, ValueError) as exc:
         raise TokenizerError(f"{path}: not a readable GGUF file ({exc})") from exc
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        try:
-            meta[key] = fld.contents()
-        except Exception:  # fields the reader cannot convert are not needed here
-            continue
-    return meta
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,0 +1,130 @@
+"""The `exo` command line, run as a user runs it (a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exo_core.engines.dummy import DUMMY_ANSWER
+
+ROOT = Path(__file__).resolve().parents[1]
+EXO = [sys.executable, "-m", "exo_core"]
+
+
+def exo(*args, env=None, timeout=120):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*EXO, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def test_plugins_json_lists_core_and_the_four_plugins():
+    out = exo("plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    records = {r["name"]: r for r in json.loads(out.stdout)}
+    assert {"dummy", "tinygrad", "mlx", "rkllm", "tailscale"} <= set(records)
+    assert all(r["error"] is None for r in records.values())
+
+
+def test_plugins_table():
+    out = exo("plugins")
+    assert out.returncode == 0
+    assert "tinygrad" in out.stdout and "register_engines" in out.stdout
+
+
+def test_disable_plugins_env_omits_plugin():
+    out = exo("plugins", "--json", env={"EXO_DISABLE_PLUGINS": "tinygrad"})
+    names = {r["name"] for r in json.loads(out.stdout)}
+    assert "tinygrad" not in names and "mlx" in names
+
+
+def test_models_lists_cards_and_embedded_file():
+    out = exo("models", "--json")
+    assert out.returncode == 0, out.stderr
+    cards = {c["id"]: c for c in json.loads(out.stdout)}
+    assert cards["smollm2-135m"]["present"]["gguf"] is True
+    assert cards["llama-3.2-1b"]["n_layers"] == 16
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "--engine", "nope"], "unknown engine 'nope'; choose one of: "),
+        (["--inference-engine", "nope"], "unknown engine 'nope'"),
+        (["run", "no-such-model", "--engine", "dummy"], "unknown model 'no-such-model'; choose one of: "),
+        (["--run-model", "no-such-model", "--engine", "dummy"], "unknown model 'no-such-model'"),
+    ],
+)
+def test_unknown_engine_or_model_is_a_one_line_error(args, needle):
+    out = exo(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_prompt_prints_answer_and_exits():
+    out = exo("run", "--engine", "dummy", "--prompt", "Hi")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DUMMY_ANSWER
+
+
+def test_old_flags_still_work():
+    # What existing deployments type: plain `exo`, --inference-engine, --run-model, --disable-tui.
+    out = exo(
+        "--inference-engine",
+        "dummy",
+        "--run-model",
+        "smollm2-135m",
+        "--disable-tui",
+        "--chatgpt-api-port",
+        "0",
+        "--node-id",
+        "legacy",
+        "--discovery-module",
+        "udp",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DUMMY_ANSWER
+
+
+def test_json_logs():
+    out = exo(
+        "--log-format", "json", "run", "--engine", "dummy", "--prompt", "Hi", env={"EXO_LOG_LEVEL": "debug"}
+    )
+    assert out.returncode == 0, out.stderr
+    log_lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert log_lines and all(json.loads(line)["event"] for line in log_lines)
+
+
+def test_help_mentions_the_commands():
+    out = exo("--help")
+    assert out.returncode == 0
+    for word in ("run", "plugins", "models"):
+        assert word in out.stdout
+
+
+@pytest.fixture
+def hello_plugin():
+    """Install the outside example plugin into this environment, as a third-party author would."""
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    fixture = ROOT / "tests" / "fixtures" / "exo-hello-plugin"
+    subprocess.run([*pip, str(fixture)], check=True, capture_output=True, timeout=300)
+    yield
+    subprocess.run(
+        [sys.executable, "-m", "pip", "uninstall", "-q", "-y", "exo-hello-plugin"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_outside_plugin_extends_exo(hello_plugin):
+    listed = {r["name"]: r for r in json.loads(exo("plugins", "--json").stdout)}
+    assert listed["hello"]["version"] == "0.0.1"
+    assert listed["hello"]["hooks"] == ["register_commands", "register_models"]
+    assert exo("hello").stdout.strip() == "hello from exo-hello-plugin"
+    models = {c["id"] for c in json.loads(exo("models", "--json").stdout)}
+    assert "hello-smol" in models

@@ -1,0 +1,155 @@
+"""The plugin loader: built-ins and entry points through the same hooks; broken plugins are skipped."""
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from exo_core import plugins
+from exo_core.engines.dummy import DummyEngine
+from exo_core.hookspecs import hookimpl
+
+
+def make_dist(root, name, module_source, *, module="exo_fake_plugin"):
+    """An installed distribution (dist-info + module) that importlib.metadata finds on sys.path."""
+    (root / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = root / f"{module}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[exo]\n{name} = {module}\n")
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    plugins.reset_for_tests()
+    yield monkeypatch
+    plugins.reset_for_tests()
+    for mod in [m for m in sys.modules if m.startswith("exo_fake")]:
+        del sys.modules[mod]
+    importlib.invalidate_caches()
+
+
+def test_builtins_and_installed_plugins_are_listed(fresh_plugins):
+    names = {r.name: r for r in plugins.plugin_records()}
+    for builtin in ("dummy", "builtin_models", "partitioning", "discovery_builtin", "frontend"):
+        assert names[builtin].builtin and names[builtin].error is None
+    for plugin in ("tinygrad", "mlx", "rkllm", "tailscale"):
+        assert not names[plugin].builtin and names[plugin].version
+    assert names["dummy"].hooks == ["register_engines"]
+
+
+def test_loading_is_idempotent(fresh_plugins):
+    plugins.load_plugins()
+    before = len(plugins.pm.get_plugins())
+    plugins.load_plugins()
+    assert len(plugins.pm.get_plugins()) == before
+    assert plugins.registry() is plugins.registry()
+
+
+def test_disable_plugins_env(fresh_plugins):
+    fresh_plugins.setenv("EXO_DISABLE_PLUGINS", "tinygrad, dummy")
+    names = {r.name for r in plugins.plugin_records()}
+    assert "tinygrad" not in names and "dummy" not in names
+    assert "mlx" in names
+    assert "dummy" not in plugins.registry().engines
+
+
+def test_broken_plugin_is_recorded_and_skipped(fresh_plugins, tmp_path):
+    make_dist(tmp_path, "broken", "raise RuntimeError('this plugin is broken on purpose')\n")
+    fresh_plugins.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    records = {r.name: r for r in plugins.plugin_records()}
+    assert "broken on purpose" in records["broken"].error
+    assert records["broken"].version == "0.3"
+    assert "dummy" in plugins.registry().engines  # the rest still works
+
+
+def test_misspelled_hook_fails_loudly(fresh_plugins, tmp_path):
+    make_dist(
+        tmp_path,
+        "typo",
+        """
+        from exo_core.hookspecs import hookimpl
+
+        @hookimpl
+        def register_engine(register):
+            pass
+        """,
+        module="exo_fake_typo",
+    )
+    fresh_plugins.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    records = {r.name: r for r in plugins.plugin_records()}
+    assert "register_engine" in records["typo"].error
+    assert "typo" not in {name for name, _ in plugins.pm.list_name_plugin()}
+
+
+def test_hooks_register_through_callbacks(fresh_plugins):
+    import click
+
+    from exo_core.models import EMBEDDED, ModelCard
+
+    class Other(DummyEngine):
+        name = "other"
+
+    class Plugin:
+        @hookimpl
+        def register_engines(self, register):
+            register(Other)
+
+        @hookimpl
+        def register_discovery(self, register):
+            register("carrier-pigeon", object)
+
+        @hookimpl
+        def register_partitioners(self, register):
+            register("everything-on-me", lambda nodes, model_id, n_layers: [])
+
+        @hookimpl
+        def register_frontends(self, register):
+            register("gopher", object)
+
+        @hookimpl
+        def register_models(self, register):
+            register(ModelCard("smollm2-135m", "again", 30, {"rkllm": "Folder"}))
+            register(ModelCard("tiny", "Tiny", 2, {"gguf": EMBEDDED}))
+
+        @hookimpl
+        def register_commands(self, cli):
+            cli.add_command(click.Command("ping", callback=lambda: click.echo("pong")))
+
+    plugins.load_plugins()
+    plugins.pm.register(Plugin(), name="inline")
+    reg = plugins.registry()
+    assert reg.engines["other"] is Other and "dummy" in reg.engines
+    assert reg.discovery["carrier-pigeon"] is object
+    assert {"ring-memory-weighted", "everything-on-me"} <= set(reg.partitioners)
+    assert reg.frontends["gopher"] is object
+    assert reg.models["tiny"].n_layers == 2
+    # A second registration of a card adds sources instead of replacing the card.
+    assert reg.models["smollm2-135m"].sources["rkllm"] == "Folder"
+    assert reg.models["smollm2-135m"].sources["gguf"] == EMBEDDED
+
+    from click.testing import CliRunner
+
+    from exo_core.cli import build_cli
+
+    assert CliRunner().invoke(build_cli(), ["ping"]).output == "pong\n"
+
+
+def test_every_hook_has_a_test():
+    """Like datasette's check: each hook in hookspecs.py is exercised by some test."""
+    from pathlib import Path
+
+    from exo_core import hookspecs
+
+    hooks = {n for n in dir(hookspecs) if n.startswith("register_")}
+    assert len(hooks) == 6
+    tests = Path(__file__).parent
+    plugin_tests = tests.parent / "plugins"
+    text = "".join(p.read_text() for d in (tests, plugin_tests) for p in d.rglob("*.py"))
+    untested = sorted(
+        h for h in hooks if f"def {h}(" not in text.replace("def " + h + "(self", "def " + h + "(")
+    )
+    assert not untested, f"hooks without a test implementation: {untested}"
