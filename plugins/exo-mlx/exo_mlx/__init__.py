@@ -1,8 +1,10 @@
-"""exo-mlx: a Llama-family engine on MLX. mlx is imported lazily."""
+"""exo-mlx: a Llama-family engine on MLX. mlx is imported lazily, never by this module."""
 
 from exo_core.hookspecs import hookimpl
 
 
 @hookimpl
 def register_engines(register):
-    pass  # the engine lands with its own issue
+    from exo_mlx.engine import MLXEngine
+
+    register(MLXEngine)

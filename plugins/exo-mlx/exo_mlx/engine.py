@@ -1,0 +1,273 @@
+"""The exo engine on MLX: one loaded shard, a KV cache per request, compute on one worker thread.
+
+mlx is imported only inside the worker thread (and by `available()`), never when the plugin
+is imported, so `exo plugins` stays light. All MLX work runs on a single dedicated thread:
+the asyncio loop stays free while a step computes, and MLX's streams are per thread, so
+arrays made at load time stay usable by every later step.
+
+Hidden states leave and enter this engine as float32 numpy arrays [T, hidden]; see the
+README for why float32 is the wire type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+import numpy as np
+
+from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
+from exo_core.models import ModelCard
+from exo_core.shard import Shard
+
+if TYPE_CHECKING:
+    from exo_mlx.model import KVCache, ShardModel
+
+T = TypeVar("T")
+
+# Source kinds in the order this engine prefers them when several are on the node:
+# mlx-community repos are already in MLX's quantised layout; GGUF Q4_0/Q4_1/Q8_0 load
+# quantised too; dense safetensors take the most memory.
+SOURCE_PREFERENCE = ("mlx", "gguf", "safetensors")
+# Memory left free when a cache grows; below this the request fails instead of swapping.
+MEMORY_HEADROOM = 256 << 20
+
+
+@functools.cache
+def mlx_status() -> tuple[bool, str]:
+    """Whether MLX imports and runs here (cached; no subprocess)."""
+    if importlib.util.find_spec("mlx") is None:
+        hint = "pip install mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]'"
+        return False, f"mlx is not installed ({hint})"
+    try:
+        import mlx.core as mx
+
+        mx.eval(mx.array([1.0]) + 1)
+    except Exception as exc:  # a missing backend library, an unsupported CPU, ...
+        return False, f"mlx is installed but does not run here: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+class MLXEngine(InferenceEngine):
+    """Llama-family models on MLX: any contiguous layer range, GGUF or safetensors weights."""
+
+    name = "mlx"
+    supports_sharding = True
+    source_kinds = ("gguf", "safetensors", "mlx")
+    cli_options = (
+        click.Option(
+            ["--mlx-dtype"],
+            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+            default="auto",
+            show_default=True,
+            help="MLX engine: activation dtype (auto: float16 on a GPU, float32 on the CPU).",
+        ),
+    )
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return mlx_status()
+
+    @classmethod
+    def default_priority(cls) -> int:
+        # The default on Apple silicon; on Linux MLX runs only its slow CPU build, so the
+        # tinygrad engine stays the default there.
+        return 90 if is_apple_silicon() else 5
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-mlx")
+        self._shard: Shard | None = None
+        self._model: ShardModel | None = None
+        self._caches: dict[str, KVCache] = {}
+        self._limit: int | None = None
+        self.source: str | None = None  # where the loaded weights came from
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # ---- loading ------------------------------------------------------------------------
+
+    async def load(self, shard: Shard, model: ModelCard) -> None:
+        if shard == self._shard:
+            return
+        await self._run(self._load, shard, model)
+
+    def _load(self, shard: Shard, card: ModelCard) -> None:
+        import mlx.core as mx
+
+        from exo_mlx import loader
+
+        if shard.n_layers != card.n_layers or shard.model_id != card.id:
+            raise EngineError(
+                f"shard {shard} does not belong to model card {card.id} ({card.n_layers} layers)"
+            )
+        kind, path = self._find_source(card, shard)
+        # Free the previous shard and its caches before reading the next one.
+        self._model, self._shard = None, None
+        self._caches.clear()
+        mx.clear_cache()
+        dtype = self._dtype()
+        if kind == "gguf":
+            model = loader.load_gguf(path, shard, dtype)
+        else:
+            model = loader.load_safetensors(path, shard, dtype)
+        limits = [int(x) for x in (self.options.get("max_context"),) if x]
+        self._limit = limits[0] if limits else model.config.context_length or card.context_length or 4096
+        self._model, self._shard, self.source = model, shard, str(path)
+
+    def _dtype(self):
+        import mlx.core as mx
+
+        wanted = self.options.get("mlx_dtype") or "auto"
+        if wanted == "auto":
+            return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+        return getattr(mx, wanted)
+
+    def _find_source(self, card: ModelCard, shard: Shard) -> tuple[str, Path]:
+        """The card's source to load: one already on this node, else one downloaded now."""
+        from exo_core import files
+
+        kinds = [k for k in SOURCE_PREFERENCE if k in card.sources]
+        if not kinds:
+            raise EngineError(f"model {card.id!r} has no source the mlx engine loads ({self.source_kinds})")
+        for kind in kinds:
+            found = files.local_gguf(card) if kind == "gguf" else files.local_snapshot(card.sources[kind])
+            if found is not None:
+                return kind, Path(found)
+        kind = kinds[0]
+        source = card.sources[kind]
+        if kind == "gguf" and (source == "embedded" or Path(source).is_absolute()):
+            raise EngineError(f"mlx engine cannot load {source}: the file does not exist")
+        try:
+            if kind == "gguf":
+                return kind, files.gguf_path(card)
+            from exo_mlx.download import download_shard_files
+
+            return kind, download_shard_files(source, shard)
+        except Exception as exc:
+            raise EngineError(f"mlx engine cannot fetch {card.id} from {source}: {exc}") from exc
+
+    def context_length(self) -> int | None:
+        return self._limit
+
+    # ---- compute ------------------------------------------------------------------------
+
+    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
+        return (await self.forward_batch(shard, [item]))[0]
+
+    async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
+        if shard != self._shard or self._model is None:
+            raise EngineError(f"mlx engine: shard {shard} is not loaded (loaded: {self._shard})")
+        return await self._run(self._forward_batch, list(items))
+
+    def _forward_batch(self, items: list[StageInput]) -> list[StageOutput]:
+        outputs: dict[int, StageOutput] = {}
+        # Single-token steps of different requests share one pass (one read of the weights);
+        # prompts, and a request that appears twice, run on their own.
+        decode, seen = [], set()
+        for i, item in enumerate(items):
+            if item.length == 1 and item.request_id not in seen:
+                decode.append(i)
+                seen.add(item.request_id)
+        if len(decode) > 1:
+            for i, out in zip(decode, self._run_pass([items[i] for i in decode]), strict=True):
+                outputs[i] = out
+        for i, item in enumerate(items):
+            if i not in outputs:
+                outputs[i] = self._run_pass([item])[0]
+        return [outputs[i] for i in range(len(items))]
+
+    def _run_pass(self, items: list[StageInput]) -> list[StageOutput]:
+        import mlx.core as mx
+
+        model, shard = self._model, self._shard
+        assert model is not None and shard is not None
+        length = items[0].length
+        if length == 0:
+            raise EngineError("mlx engine: a step needs at least one token or hidden state")
+        if shard.is_first:
+            if any(it.tokens is None for it in items):
+                raise EngineError(f"mlx engine: stage {shard} is the first stage and takes token ids")
+            inputs = mx.array(np.stack([np.asarray(it.tokens, dtype=np.int32) for it in items]))
+        else:
+            hidden = [it.hidden for it in items]
+            if any(h is None or h.ndim != 2 or h.shape[1] != model.config.hidden_size for h in hidden):
+                raise EngineError(
+                    f"mlx engine: stage {shard} takes hidden states [T, {model.config.hidden_size}]"
+                )
+            inputs = mx.array(np.stack([np.asarray(h, dtype=np.float32) for h in hidden]))
+        caches = [self._cache_for(it.request_id, length) for it in items]
+        result = model(inputs, caches)
+        mx.eval(result, *(a for c in caches for a in (*c.keys, *c.values) if a is not None))
+        out = np.array(result.astype(mx.float32), copy=True)
+        if shard.is_last:
+            return [StageOutput(logits=row) for row in out]
+        return [StageOutput(hidden=h) for h in out]
+
+    def _cache_for(self, request_id: str, new_positions: int) -> KVCache:
+        model, limit = self._model, self._limit
+        assert model is not None and limit is not None
+        cache = self._caches.get(request_id)
+        if cache is None:
+            cache = self._caches[request_id] = model.new_cache(limit)
+        if cache.offset + new_positions > limit:
+            raise EngineError(
+                f"request {request_id} would hold {cache.offset + new_positions} positions; this node "
+                f"keeps at most {limit} per request (--max-context)"
+            )
+        self._check_memory(cache, cache.offset + new_positions)
+        return cache
+
+    def _check_memory(self, cache: KVCache, positions: int) -> None:
+        """Fail the request, rather than swap, when its cache must grow and memory is short."""
+        import psutil
+
+        first = cache.keys[0] if cache.keys else None
+        if first is not None and positions <= first.shape[2]:
+            return  # fits in what is allocated
+        model = self._model
+        assert model is not None
+        c = model.config
+        capacity = -(-positions // cache.step) * cache.step
+        need = 2 * len(model.blocks) * c.n_kv_heads * c.head_dim * model.dtype.size * capacity
+        if need > psutil.virtual_memory().available - MEMORY_HEADROOM:
+            raise EngineError(
+                f"not enough free memory for a KV cache of {positions} positions "
+                f"({need >> 20} MB); finish or cancel other requests, or lower --max-context"
+            )
+
+    # ---- freeing ------------------------------------------------------------------------
+
+    async def release(self, request_id: str) -> None:
+        await self._run(self._release, request_id)
+
+    def _release(self, request_id: str) -> None:
+        if self._caches.pop(request_id, None) is not None and not self._caches:
+            import mlx.core as mx
+
+            mx.clear_cache()  # give the freed cache buffers back to the system
+
+    def cache_count(self) -> int:
+        """Requests holding a cache here (for tests and metrics)."""
+        return len(self._caches)
+
+    async def close(self) -> None:
+        def drop() -> None:
+            self._caches.clear()
+            self._model, self._shard = None, None
+
+        await self._run(drop)
+        self._worker.shutdown(wait=False)
