@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,6 @@ def _sample_random(x: np.ndarray, params: SamplingParams, step: int) -> int:
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    seed = params.seed if params.seed is not None else np.random.SeedSequence().entropy
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, step])
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, step])
     return int(order[rng.choice(len(order), p=probs)])
