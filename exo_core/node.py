@@ -7,6 +7,16 @@ travels in every step message, so no node has to agree on a global partition fir
 stage fails, the origin re-plans without it and replays prompt + tokens so far under a new
 attempt number; stale messages of an old attempt are dropped.
 
+How a failure is noticed: an RPC to a stage fails or times out (the sender reports it to the
+origin), discovery drops a node (`remove_peer`), or the origin, waiting more than
+`liveness_interval` for a token, pings the stages of the plan and one is unreachable (at once)
+or silent for `liveness_timeout`. A request that makes no progress for `step_timeout` is
+replayed. When no plan is left the client gets a `GenerationError`, never a hang.
+
+Releases carry the attempt they free (`up_to_attempt`), so a late release of an abandoned
+attempt never frees the replay; a released request leaves a tombstone that drops its late
+steps, so nothing keeps circling the ring after the origin lets go.
+
 Every stage funnels its work through one engine worker that batches the steps waiting at
 that moment into one `forward_batch`, so concurrent requests share a read of the weights.
 """
@@ -18,7 +28,8 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -48,6 +59,7 @@ class StepMessage:
     max_tokens: int
     eos_token_ids: tuple[int, ...]
     step: int  # tokens generated before this step
+    start_pos: int = 0  # positions already in this request's caches (of this attempt)
     tokens: np.ndarray | None = None
     hidden: np.ndarray | None = None
     messages: list[dict[str, Any]] | None = None
@@ -61,6 +73,15 @@ class StepMessage:
     @property
     def cache_key(self) -> str:
         return f"{self.request_id}#{self.attempt}"
+
+    @property
+    def length(self) -> int:
+        """How many new positions this step adds."""
+        if self.tokens is not None:
+            return int(self.tokens.shape[0])
+        if self.hidden is not None:
+            return int(self.hidden.shape[0])
+        return 0
 
 
 @dataclass
@@ -88,16 +109,28 @@ class StageFailure:
 
 
 class PeerClient(Protocol):
-    """How a node talks to another (gRPC in networking/, direct calls for itself)."""
+    """How a node talks to another (gRPC in networking/, direct calls for itself).
+
+    Every method raises `PeerUnavailable` when the peer cannot be reached in time.
+    """
 
     async def send_step(self, msg: StepMessage) -> None: ...
-    async def send_token(self, msg: TokenMessage) -> None: ...
+
+    async def send_token(self, msg: TokenMessage) -> bool:
+        """Deliver to the origin; False when the origin no longer runs that request attempt."""
+        ...
+
     async def report_failure(self, failure: StageFailure) -> None: ...
-    async def release(self, request_id: str) -> None: ...
+    async def release(self, request_id: str, up_to_attempt: int) -> None: ...
+    async def health(self) -> None: ...
 
 
 class PeerUnavailable(ConnectionError):
     """A peer could not be reached (raised by PeerClient implementations)."""
+
+
+class PeerTimeout(PeerUnavailable):
+    """A peer did not answer within the call's deadline (it may only be busy)."""
 
 
 @dataclass
@@ -134,6 +167,8 @@ class _OriginState:
     generated: list[int] = field(default_factory=list)
     excluded: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)  # nodes that may hold caches for it
+    progress_at: float = field(default_factory=time.monotonic)  # last token or (re)start
+    silent_since: dict[str, float] = field(default_factory=dict)  # node -> first missed ping
 
 
 @dataclass
@@ -142,6 +177,7 @@ class _StageRequest:
 
     attempt: int
     generated: list[int] = field(default_factory=list)
+    positions: int = 0  # positions queued into this stage's cache so far
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -166,6 +202,8 @@ class Node:
         port: int = 0,
         step_timeout: float = 120.0,
         max_replans: int = 8,
+        liveness_interval: float = 1.0,
+        liveness_timeout: float = 10.0,
     ) -> None:
         self.node_id = node_id
         self.engine = engine
@@ -176,9 +214,12 @@ class Node:
         self.port = port
         self.step_timeout = step_timeout
         self.max_replans = max_replans
+        self.liveness_interval = liveness_interval
+        self.liveness_timeout = liveness_timeout
         self.peers: dict[str, Peer] = {}
         self._origins: dict[str, _OriginState] = {}
         self._stage_requests: dict[str, _StageRequest] = {}
+        self._released: OrderedDict[str, tuple[int, float]] = OrderedDict()  # tombstones
         self._work: asyncio.Queue[StepMessage] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -187,6 +228,7 @@ class Node:
         self.active_requests = 0
         self._inflight: dict[str, int] = {}  # node id -> this origin's requests planned on it
         self.on_token: list[Callable[[], None]] = []  # metrics hooks
+        self.on_peers_changed: list[Callable[[], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -222,7 +264,13 @@ class Node:
         self._served_models = tuple(model_ids)
 
     def add_peer(self, info: NodeInfo, client: PeerClient) -> None:
+        if info.node_id == self.node_id:
+            raise ValueError("a node is not its own peer")
+        is_new = info.node_id not in self.peers
         self.peers[info.node_id] = Peer(info, client)
+        if is_new:
+            log.info("peer added", peer=info.node_id, address=f"{info.address}:{info.port}")
+            self._peers_changed()
 
     def update_peer_info(self, info: NodeInfo) -> None:
         if info.node_id in self.peers:
@@ -238,6 +286,11 @@ class Node:
                 state.events.put_nowait(
                     StageFailure(state.request.request_id, state.attempt, node_id, reason)
                 )
+        self._peers_changed()
+
+    def _peers_changed(self) -> None:
+        for callback in self.on_peers_changed:
+            callback()
 
     def cluster(self) -> list[NodeInfo]:
         return [self.info(), *(p.info for p in self.peers.values())]
@@ -252,7 +305,7 @@ class Node:
 
     # ---- planning --------------------------------------------------------------------------
 
-    def make_plan(self, card: ModelCard, exclude: set[str] = frozenset()) -> tuple[PlanStage, ...]:
+    def make_plan(self, card: ModelCard, exclude: Set[str] = frozenset()) -> tuple[PlanStage, ...]:
         """Stages for a request: whole-model nodes get one-stage plans, the rest are partitioned."""
         candidates = [
             n for n in self.cluster() if n.node_id not in exclude and (not n.models or card.id in n.models)
@@ -286,6 +339,8 @@ class Node:
         Closing the iterator early (client gone, stop string) releases every stage's cache.
         """
         await self.start()
+        if request.request_id in self._origins:
+            raise GenerationError(f"request id {request.request_id} is already running")
         state = _OriginState(request, asyncio.Queue())
         self._origins[request.request_id] = state
         self.active_requests += 1
@@ -294,10 +349,12 @@ class Node:
             await self._start_attempt(state)
             while True:
                 try:
-                    event = await asyncio.wait_for(state.events.get(), self.step_timeout)
+                    event = await asyncio.wait_for(state.events.get(), self.liveness_interval)
                 except TimeoutError:
-                    stuck = state.plan[0].node_id if state.plan else "?"
-                    event = StageFailure(request.request_id, state.attempt, stuck, "step timed out")
+                    failure = await self._check_stages(state)
+                    if failure is None:
+                        continue
+                    event = failure
                 if event.attempt != state.attempt:
                     continue  # from an attempt already abandoned
                 if isinstance(event, StageFailure):
@@ -307,12 +364,15 @@ class Node:
                         request=request.request_id,
                         node=event.node_id,
                         reason=event.reason,
+                        generated=len(state.generated),
                     )
                     if replans > self.max_replans:
-                        raise GenerationError(f"generation failed: {event.reason}")
-                    if event.node_id != self.node_id:
+                        raise GenerationError(
+                            f"generation failed after {self.max_replans} re-plans: {event.reason}"
+                        )
+                    if event.node_id and event.node_id != self.node_id:
                         state.excluded.add(event.node_id)
-                    await self._release_attempt(state)
+                    self._release_attempt(state)
                     state.attempt += 1
                     await self._start_attempt(state)
                     continue
@@ -320,7 +380,11 @@ class Node:
                     raise GenerationError(event.error)
                 if event.step != len(state.generated):
                     continue  # a duplicate after a replay
+                state.progress_at = time.monotonic()
+                state.silent_since.clear()
                 state.generated.append(event.token)
+                for callback in self.on_token:
+                    callback()
                 yield GeneratedToken(event.token, event.logprob, event.top_logprobs, event.finish_reason)
                 if event.finish_reason is not None:
                     return
@@ -334,7 +398,11 @@ class Node:
         try:
             state.plan = self.make_plan(request.model, state.excluded)
         except NoPlanError as exc:
-            raise GenerationError(str(exc)) from exc
+            raise GenerationError(
+                f"{exc} (nodes lost: {', '.join(sorted(state.excluded)) or 'none'})"
+            ) from exc
+        state.progress_at = time.monotonic()
+        state.silent_since.clear()
         state.touched.update(stage.node_id for stage in state.plan)
         for stage in state.plan:
             self._inflight[stage.node_id] = self._inflight.get(stage.node_id, 0) + 1
@@ -349,6 +417,7 @@ class Node:
             max_tokens=request.max_tokens,
             eos_token_ids=request.eos_token_ids,
             step=len(state.generated),
+            start_pos=0,
             tokens=tokens,
             messages=request.messages,
             replayed=tuple(state.generated),
@@ -359,24 +428,52 @@ class Node:
         except PeerUnavailable as exc:
             state.events.put_nowait(StageFailure(request.request_id, state.attempt, first, str(exc)))
 
+    async def _check_stages(self, state: _OriginState) -> StageFailure | None:
+        """No token for a while: ping the plan's stages; a failure when one is gone."""
+        rid, attempt = state.request.request_id, state.attempt
+        now = time.monotonic()
+        if now - state.progress_at > self.step_timeout:
+            return StageFailure(rid, attempt, "", f"no progress for {self.step_timeout:.0f} s")
+        remote = [s.node_id for s in state.plan if s.node_id != self.node_id]
+
+        async def ping(node_id: str) -> StageFailure | None:
+            try:
+                await self.client_for(node_id).health()
+            except PeerTimeout as exc:
+                first = state.silent_since.setdefault(node_id, now)
+                if now - first >= self.liveness_timeout:
+                    return StageFailure(rid, attempt, node_id, f"silent for {now - first:.1f} s ({exc})")
+                return None
+            except PeerUnavailable as exc:
+                return StageFailure(rid, attempt, node_id, str(exc))
+            state.silent_since.pop(node_id, None)
+            return None
+
+        results = await asyncio.gather(*(ping(n) for n in remote))
+        return next((r for r in results if r is not None), None)
+
     def _forget_plan(self, state: _OriginState) -> None:
         for stage in state.plan:
             self._inflight[stage.node_id] = self._inflight.get(stage.node_id, 1) - 1
         state.plan = ()
 
-    async def _release_attempt(self, state: _OriginState) -> None:
+    def _release_attempt(self, state: _OriginState) -> None:
+        """Free the abandoned attempt's caches, in the background (a dead node may not answer)."""
         nodes = {s.node_id for s in state.plan}
         self._forget_plan(state)
-        self._release_on(state.request.request_id, nodes)
+        self._spawn(self._release_on(state.request.request_id, state.attempt, nodes))
 
     async def _release_all(self, state: _OriginState) -> None:
+        """Free every cache of the request: here at once, on the peers in the background."""
         self._forget_plan(state)
-        await self._release_on(state.request.request_id, state.touched | {self.node_id})
+        rid = state.request.request_id
+        await self.release(rid, state.attempt)
+        self._spawn(self._release_on(rid, state.attempt, state.touched - {self.node_id}))
 
-    async def _release_on(self, request_id: str, node_ids: set[str]) -> None:
+    async def _release_on(self, request_id: str, up_to_attempt: int, node_ids: Set[str]) -> None:
         async def one(node_id: str) -> None:
             try:
-                await self.client_for(node_id).release(request_id)
+                await self.client_for(node_id).release(request_id, up_to_attempt)
             except Exception as exc:  # a dead peer holds no cache worth freeing
                 log.debug("release failed", peer=node_id, error=str(exc))
 
@@ -388,6 +485,9 @@ class Node:
         """A step for this node's stage: queue it for the engine worker."""
         if msg.stage.node_id != self.node_id:
             raise ValueError(f"step for stage {msg.stage_index} is addressed to {msg.stage.node_id}")
+        tomb = self._released.get(msg.request_id)
+        if tomb is not None and msg.attempt <= tomb[0]:
+            return  # the origin already let go of this attempt
         known = self._stage_requests.get(msg.request_id)
         if known is not None and known.attempt > msg.attempt:
             return  # stale
@@ -395,25 +495,61 @@ class Node:
             if known is not None:
                 await self.engine.release(f"{msg.request_id}#{known.attempt}")
             known = self._stage_requests[msg.request_id] = _StageRequest(msg.attempt, list(msg.replayed))
+        if msg.start_pos != known.positions:
+            # This stage lost (or never had) the request's cache, e.g. it restarted: the origin
+            # must replay from scratch.
+            self._stage_requests.pop(msg.request_id, None)
+            await self.engine.release(msg.cache_key)
+            self._spawn(
+                self._report(
+                    msg,
+                    StageFailure(
+                        msg.request_id,
+                        msg.attempt,
+                        self.node_id,
+                        f"stage {msg.stage_index} on {self.node_id} expected position "
+                        f"{known.positions}, got {msg.start_pos}",
+                    ),
+                )
+            )
+            return
+        known.positions += msg.length
         known.last_seen = time.monotonic()
         await self.start()
         self._work.put_nowait(msg)
 
-    async def receive_token(self, msg: TokenMessage) -> None:
+    async def receive_token(self, msg: TokenMessage) -> bool:
+        """A token for a request this node is the origin of; False when it is no longer wanted."""
         state = self._origins.get(msg.request_id)
-        if state is not None:
-            state.events.put_nowait(msg)
+        if state is None or msg.attempt < state.attempt:
+            return False
+        state.events.put_nowait(msg)
+        return True
 
     async def receive_failure(self, failure: StageFailure) -> None:
         state = self._origins.get(failure.request_id)
         if state is not None:
             state.events.put_nowait(failure)
 
-    async def release(self, request_id: str) -> None:
-        """Free this node's cache for a request (every attempt)."""
-        known = self._stage_requests.pop(request_id, None)
-        if known is not None:
+    async def release(self, request_id: str, up_to_attempt: int | None = None) -> None:
+        """Free this node's cache for a request (attempts up to `up_to_attempt`, default all)."""
+        known = self._stage_requests.get(request_id)
+        if up_to_attempt is None:
+            up_to_attempt = known.attempt if known is not None else 0
+        if known is not None and known.attempt <= up_to_attempt:
+            del self._stage_requests[request_id]
             await self.engine.release(f"{request_id}#{known.attempt}")
+        self._bury(request_id, up_to_attempt)
+
+    def _bury(self, request_id: str, attempt: int) -> None:
+        now = time.monotonic()
+        previous = self._released.pop(request_id, None)
+        self._released[request_id] = (max(attempt, previous[0] if previous else attempt), now)
+        while self._released:
+            oldest_id, (_, at) = next(iter(self._released.items()))
+            if now - at < TOMBSTONE_S and len(self._released) <= MAX_TOMBSTONES:
+                break
+            del self._released[oldest_id]
 
     # ---- the engine worker -----------------------------------------------------------------
 
@@ -454,6 +590,8 @@ class Node:
         task.add_done_callback(self._background.discard)
 
     async def _after_forward(self, msg: StepMessage, out: StageOutput) -> None:
+        if not self._is_current(msg):
+            return  # released while we computed
         if msg.stage_index + 1 < len(msg.plan):
             if out.hidden is None:
                 await self._send_error(msg, f"{self.engine.name} returned no hidden states")
@@ -470,9 +608,7 @@ class Node:
         await self._finish_step(msg, out)
 
     async def _finish_step(self, msg: StepMessage, out: StageOutput) -> None:
-        known = self._stage_requests.get(msg.request_id)
-        if known is None or known.attempt != msg.attempt:
-            return  # released while we computed
+        known = self._stage_requests[msg.request_id]
         if out.token is not None:
             sampled_token, logprob, top = out.token, None, ()
         elif out.logits is not None:
@@ -488,44 +624,57 @@ class Node:
         elif msg.step + 1 >= msg.max_tokens:
             finish = "length"
         token_msg = TokenMessage(msg.request_id, msg.attempt, msg.step, sampled_token, logprob, top, finish)
-        try:
-            await self.client_for(msg.origin).send_token(token_msg)
-        except Exception:
-            log.warning("origin unreachable; dropping request", request=msg.request_id)
-            await self.release(msg.request_id)
-            return
         if finish is not None:
+            await self._deliver(msg, token_msg)
             return
         nxt = replace(
             msg,
             stage_index=0,
             step=msg.step + 1,
+            start_pos=msg.start_pos + msg.length,
             tokens=np.asarray([sampled_token], dtype=np.int64),
             hidden=None,
             messages=None,
             replayed=(),
         )
-        await self._forward_to(nxt)
+        # The token to the origin and the next step to stage 0 go out together: the ring does
+        # not wait for the origin's acknowledgement.
+        await asyncio.gather(self._deliver(msg, token_msg), self._forward_to(nxt))
+
+    async def _deliver(self, msg: StepMessage, token_msg: TokenMessage) -> None:
+        try:
+            wanted = await self.client_for(msg.origin).send_token(token_msg)
+        except PeerUnavailable as exc:
+            log.warning("origin unreachable; dropping request", request=msg.request_id, error=str(exc))
+            wanted = False
+        if not wanted:
+            await self.release(msg.request_id, msg.attempt)
 
     async def _forward_to(self, msg: StepMessage) -> None:
         target = msg.stage.node_id
         try:
             await self.client_for(target).send_step(msg)
-        except Exception as exc:
-            failure = StageFailure(msg.request_id, msg.attempt, target, _error_text(exc))
-            try:
-                await self.client_for(msg.origin).report_failure(failure)
-            except Exception:
-                log.warning("origin unreachable; dropping request", request=msg.request_id)
-                await self.release(msg.request_id)
+        except PeerUnavailable as exc:
+            await self._report(msg, StageFailure(msg.request_id, msg.attempt, target, _error_text(exc)))
+
+    async def _report(self, msg: StepMessage, failure: StageFailure) -> None:
+        try:
+            await self.client_for(msg.origin).report_failure(failure)
+        except PeerUnavailable:
+            log.warning("origin unreachable; dropping request", request=msg.request_id)
+            await self.release(msg.request_id, msg.attempt)
 
     async def _send_error(self, msg: StepMessage, error: str) -> None:
         token_msg = TokenMessage(msg.request_id, msg.attempt, msg.step, error=error)
         try:
             await self.client_for(msg.origin).send_token(token_msg)
-        except Exception:
+        except PeerUnavailable:
             log.warning("origin unreachable", request=msg.request_id)
-        await self.release(msg.request_id)
+        await self.release(msg.request_id, msg.attempt)
+
+
+TOMBSTONE_S = 300.0
+MAX_TOMBSTONES = 10_000
 
 
 def _shard_key(msg: StepMessage) -> tuple:
@@ -547,11 +696,14 @@ class _LocalPeer:
     async def send_step(self, msg: StepMessage) -> None:
         await self._node.receive_step(msg)
 
-    async def send_token(self, msg: TokenMessage) -> None:
-        await self._node.receive_token(msg)
+    async def send_token(self, msg: TokenMessage) -> bool:
+        return await self._node.receive_token(msg)
 
     async def report_failure(self, failure: StageFailure) -> None:
         await self._node.receive_failure(failure)
 
-    async def release(self, request_id: str) -> None:
-        await self._node.release(request_id)
+    async def release(self, request_id: str, up_to_attempt: int) -> None:
+        await self._node.release(request_id, up_to_attempt)
+
+    async def health(self) -> None:
+        return None

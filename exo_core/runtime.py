@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class NodeConfig:
     wait_for_peers: int = 0
     max_context: int | None = None
     step_timeout: float = 120.0
+    rpc_timeout: float = 10.0  # deadline of every peer RPC but health checks
     capabilities: DeviceCapabilities | None = None
 
 
@@ -106,6 +108,7 @@ class Runtime:
         self.frontends: list[Any] = []
         self.discovery: Any = None
         self.server: Any = None
+        self.cluster_auth: Any = None  # networking.auth.ClusterAuth when a cluster secret is set
 
     @property
     def served_models(self) -> dict[str, ModelCard]:
@@ -149,22 +152,41 @@ class Runtime:
             await self.wait_for_peers(cfg.wait_for_peers)
 
     async def _start_networking(self) -> None:
-        """The peer server and discovery (a single node without them still serves)."""
+        """The peer server and discovery (a single node without them still serves).
+
+        With `--discovery-module none` and no `--node-port` the node serves alone and opens no
+        peer port. A manual peers file that lists this node gives its port when none is set.
+        """
         cfg = self.config
-        try:
-            from exo_core.networking import server as peer_server
-        except ImportError:
-            peer_server = None
-        if peer_server is not None and hasattr(peer_server, "start_peer_server"):
-            self.server = await peer_server.start_peer_server(self.node, self)
-        if cfg.discovery in ("", "none"):
+        assert self.node is not None
+        if cfg.discovery in ("", "none") and cfg.node_port is None:
             return
-        discovery_cls = self.registry.discovery.get(cfg.discovery)
+        discovery_cls = None
+        if cfg.discovery not in ("", "none"):
+            discovery_cls = self.registry.discovery.get(cfg.discovery)
+            if discovery_cls is None:
+                raise ConfigError(
+                    f"unknown discovery module {cfg.discovery!r}; choose one of: "
+                    f"{', '.join(sorted([*self.registry.discovery, 'none']))}"
+                )
+        from exo_core.networking import server as peer_server
+        from exo_core.networking.auth import ClusterAuth
+
+        if cfg.cluster_secret:
+            self.cluster_auth = ClusterAuth(cfg.cluster_secret)
+        if cfg.node_port is None and cfg.discovery == "manual":
+            from exo_core.networking.manual import own_entry
+
+            path = cfg.discovery_options.get("config_path") or cfg.discovery_config_path
+            entry = own_entry(path, self.node.node_id) if path else None
+            if entry is not None:
+                cfg.node_port = entry.port
+        try:
+            self.server = await peer_server.start_peer_server(self.node, self)
+        except peer_server.PeerServerError as exc:
+            raise ConfigError(str(exc)) from None
         if discovery_cls is None:
-            raise ConfigError(
-                f"unknown discovery module {cfg.discovery!r}; choose one of: "
-                f"{', '.join(sorted([*self.registry.discovery, 'none']))}"
-            )
+            return
         self.discovery = discovery_cls(self)
         await self.discovery.start()
 
@@ -176,11 +198,17 @@ class Runtime:
         return [(n, c) for n, c in items if n in wanted]
 
     async def wait_for_peers(self, count: int, timeout: float | None = None) -> None:
+        """Return once `count` peers are verified (before the API starts serving)."""
         assert self.node is not None
-        log.info("waiting for peers", wanted=count)
+        log.info("waiting for peers", wanted=count, have=len(self.node.peers))
+        last_log = time.monotonic()
         async with asyncio.timeout(timeout):
             while len(self.node.peers) < count:
                 await asyncio.sleep(0.1)
+                if time.monotonic() - last_log > 10:
+                    last_log = time.monotonic()
+                    log.info("still waiting for peers", wanted=count, have=sorted(self.node.peers))
+        log.info("peers ready", peers=sorted(self.node.peers))
 
     async def stop(self) -> None:
         for frontend in reversed(self.frontends):

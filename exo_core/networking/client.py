@@ -1,0 +1,108 @@
+"""The gRPC side of PeerClient: one channel per peer, a deadline on every call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from exo_core.networking import wire
+from exo_core.networking.auth import ClusterAuth
+from exo_core.networking.generated import node_service_pb2 as pb
+from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
+from exo_core.node import PeerTimeout, PeerUnavailable, StageFailure, StepMessage, TokenMessage
+from exo_core.topology import NodeInfo
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_http_proxy", 0),  # peers are on the LAN; never route them through a proxy
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+def grpc_target(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class GrpcPeerClient:
+    """Talks to one peer's node service. Every failure becomes `PeerUnavailable` (or `PeerTimeout`)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        port: int,
+        *,
+        own_id: str = "",
+        auth: ClusterAuth | None = None,
+        call_timeout: float = 10.0,
+        health_timeout: float = 1.0,
+    ) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.port = port
+        self.target = grpc_target(address, port)
+        self.own_id = own_id
+        self.call_timeout = call_timeout
+        self.health_timeout = health_timeout
+        self._auth = auth
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.NodeServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"GrpcPeerClient({self.node_id}@{self.target})"
+
+    async def _call(self, name: str, request: Any, timeout: float) -> Any:
+        method = getattr(self._stub, name)
+        metadata = (
+            self._auth.metadata(f"/exo.node.v1.NodeService/{name}", self.own_id) if self._auth else None
+        )
+        try:
+            return await method(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            text = f"{self.node_id} at {self.target}: {name}: {exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise PeerTimeout(text) from None
+            raise PeerUnavailable(text) from None
+
+    # ---- PeerClient ----------------------------------------------------------------------------
+
+    async def send_step(self, msg: StepMessage) -> None:
+        await self._call("SendStep", wire.step_to_pb(msg), self.call_timeout)
+
+    async def send_token(self, msg: TokenMessage) -> bool:
+        reply = await self._call("SendToken", wire.token_to_pb(msg), self.call_timeout)
+        return bool(reply.wanted)
+
+    async def report_failure(self, failure: StageFailure) -> None:
+        await self._call("ReportFailure", wire.failure_to_pb(failure), self.call_timeout)
+
+    async def release(self, request_id: str, up_to_attempt: int) -> None:
+        request = pb.ReleaseRequest(request_id=request_id, up_to_attempt=up_to_attempt)
+        await self._call("Release", request, self.call_timeout)
+
+    async def health(self) -> None:
+        """Raises unless the peer answers in time and is the node we think it is."""
+        reply = await self._call("Health", pb.HealthRequest(), self.health_timeout)
+        if not reply.ok:
+            raise PeerUnavailable(f"{self.node_id} at {self.target} reports it is not healthy")
+        if self.node_id and reply.node_id != self.node_id:
+            raise PeerUnavailable(f"{self.target} is node {reply.node_id}, not {self.node_id}")
+
+    # ---- discovery -----------------------------------------------------------------------------
+
+    async def node_info(self) -> NodeInfo:
+        reply = await self._call("GetNodeInfo", pb.NodeInfoRequest(), self.call_timeout)
+        return wire.node_info_from_pb(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()

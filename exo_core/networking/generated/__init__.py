@@ -1,0 +1,1 @@
+"""Code generated from node_service.proto by `make proto`; do not edit."""

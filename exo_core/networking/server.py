@@ -1,0 +1,131 @@
+"""The gRPC node service: receives steps, tokens, failures and releases for the local node."""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+import structlog
+
+from exo_core.networking import wire
+from exo_core.networking.auth import AuthInterceptor, ClusterAuth
+from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
+from exo_core.networking.generated import node_service_pb2 as pb
+from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
+from exo_core.node import Node
+
+if TYPE_CHECKING:
+    from exo_core.runtime import Runtime
+
+log = structlog.get_logger("exo.peers")
+
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),  # a busy --node-port is an error, not a shared port
+)
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    """Turns RPCs into calls on the node; malformed messages are refused with INVALID_ARGUMENT."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def SendStep(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepReply:
+        try:
+            msg = wire.step_from_pb(request)
+        except wire.WireError as exc:
+            await _refuse(context, f"malformed step: {exc}")
+        if msg.stage.node_id != self.node.node_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stage {msg.stage_index} of this plan is {msg.stage.node_id}, not {self.node.node_id}",
+            )
+        await self.node.receive_step(msg)
+        return pb.StepReply()
+
+    async def SendToken(self, request: pb.TokenRequest, context: grpc.aio.ServicerContext) -> pb.TokenReply:
+        try:
+            msg = wire.token_from_pb(request)
+        except wire.WireError as exc:
+            await _refuse(context, f"malformed token: {exc}")
+        return pb.TokenReply(wanted=await self.node.receive_token(msg))
+
+    async def ReportFailure(
+        self, request: pb.FailureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FailureReply:
+        await self.node.receive_failure(wire.failure_from_pb(request))
+        return pb.FailureReply()
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
+        await self.node.release(request.request_id, request.up_to_attempt)
+        return pb.ReleaseReply()
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(ok=True, node_id=self.node.node_id)
+
+    async def GetNodeInfo(
+        self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeInfo:
+        return wire.node_info_to_pb(self.node.info())
+
+
+async def _refuse(context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
+    log.warning("refused peer message", peer=context.peer(), reason=reason)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+    raise AssertionError("unreachable: abort raises")
+
+
+class PeerServerError(OSError):
+    """The peer server could not listen where it was asked to."""
+
+
+async def serve(
+    node: Node, host: str = "0.0.0.0", port: int = 0, auth: ClusterAuth | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Start the node service on host:port (0 = a free port); returns the server and its port."""
+    interceptors = [AuthInterceptor(auth)] if auth is not None else []
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
+    try:
+        bound = server.add_insecure_port(grpc_target(host, port))
+    except RuntimeError as exc:
+        bound, error = 0, exc
+    else:
+        error = None
+    if not bound:
+        raise PeerServerError(
+            f"cannot listen for peers on {grpc_target(host, port)} ({error or 'address in use?'}); "
+            "choose another --node-port or --node-host"
+        )
+    await server.start()
+    return server, bound
+
+
+async def start_peer_server(node: Node, runtime: Runtime) -> grpc.aio.Server:
+    """Called by the runtime: serve the node service and tell the node where it is reachable."""
+    cfg = runtime.config
+    server, port = await serve(node, cfg.node_host, cfg.node_port or 0, runtime.cluster_auth)
+    node.port = port
+    node.address = cfg.advertise_address or advertised_address(cfg.node_host)
+    log.info(
+        "peer server listening",
+        node=node.node_id,
+        address=grpc_target(cfg.node_host, port),
+        secret=runtime.cluster_auth is not None,
+    )
+    return server
+
+
+def advertised_address(host: str) -> str:
+    """The address peers should use for this node: the bound host, or the best-ranked interface."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    from exo_core.networking.interfaces import ranked_interfaces
+
+    for iface in ranked_interfaces():
+        if iface.kind != "loopback":
+            return iface.address
+    return socket.gethostbyname("localhost")

@@ -1,0 +1,262 @@
+"""Conversions between the node's messages and the protobuf messages of node_service.proto.
+
+Tensors cross as raw bytes + dtype + shape; a message whose byte count disagrees with its
+shape, or whose dtype or rank is not what the field holds, is refused with `WireError`.
+Hidden states always travel as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from exo_core.networking.generated import node_service_pb2 as pb
+from exo_core.node import StageFailure, StepMessage, TokenMessage
+from exo_core.partitioning import PlanStage
+from exo_core.sampling import SamplingParams
+from exo_core.shard import Shard
+from exo_core.topology import DeviceCapabilities, NodeInfo
+
+# What each tensor field may hold: dtype and rank.
+TOKENS_DTYPE, TOKENS_RANK = np.dtype(np.int64), 1
+HIDDEN_DTYPE, HIDDEN_RANK = np.dtype(np.float32), 2
+MAX_TENSOR_BYTES = 1 << 30
+
+
+class WireError(ValueError):
+    """A message from a peer is malformed; the RPC is refused with INVALID_ARGUMENT."""
+
+
+# ---- tensors ---------------------------------------------------------------------------------
+
+
+def tensor_to_pb(array: np.ndarray, dtype: np.dtype) -> pb.Tensor:
+    array = np.ascontiguousarray(array, dtype=dtype)
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return pb.Tensor(data=little.tobytes(), dtype=array.dtype.name, shape=list(array.shape))
+
+
+def tensor_from_pb(msg: pb.Tensor, dtype: np.dtype, rank: int, field: str) -> np.ndarray:
+    if msg.dtype != dtype.name:
+        raise WireError(f"{field}: dtype {msg.dtype!r}, expected {dtype.name}")
+    shape = tuple(int(d) for d in msg.shape)
+    if len(shape) != rank:
+        raise WireError(f"{field}: shape {list(shape)} has rank {len(shape)}, expected {rank}")
+    if any(d < 0 for d in shape):
+        raise WireError(f"{field}: negative dimension in shape {list(shape)}")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected > MAX_TENSOR_BYTES:
+        raise WireError(f"{field}: shape {list(shape)} is too large")
+    if len(msg.data) != expected:
+        raise WireError(
+            f"{field}: {len(msg.data)} bytes for shape {list(shape)} {dtype.name} (expected {expected})"
+        )
+    return np.frombuffer(msg.data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+
+
+# ---- plans and sampling ------------------------------------------------------------------------
+
+
+def shard_to_pb(shard: Shard) -> pb.Shard:
+    return pb.Shard(
+        model_id=shard.model_id,
+        start_layer=shard.start_layer,
+        end_layer=shard.end_layer,
+        n_layers=shard.n_layers,
+    )
+
+
+def shard_from_pb(msg: pb.Shard) -> Shard:
+    try:
+        return Shard(msg.model_id, msg.start_layer, msg.end_layer, msg.n_layers)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.top_logprobs is not None:
+        msg.top_logprobs = params.top_logprobs
+    return msg
+
+
+def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        top_logprobs=msg.top_logprobs if msg.HasField("top_logprobs") else None,
+    )
+
+
+# ---- steps, tokens, failures -----------------------------------------------------------------
+
+
+def step_to_pb(step: StepMessage) -> pb.StepRequest:
+    msg = pb.StepRequest(
+        request_id=step.request_id,
+        attempt=step.attempt,
+        origin=step.origin,
+        plan=[pb.PlanStage(node_id=s.node_id, shard=shard_to_pb(s.shard)) for s in step.plan],
+        stage_index=step.stage_index,
+        sampling=sampling_to_pb(step.sampling),
+        max_tokens=step.max_tokens,
+        eos_token_ids=step.eos_token_ids,
+        step=step.step,
+        start_pos=step.start_pos,
+        replayed=step.replayed,
+    )
+    if step.tokens is not None:
+        msg.tokens.CopyFrom(tensor_to_pb(step.tokens, TOKENS_DTYPE))
+    if step.hidden is not None:
+        msg.hidden.CopyFrom(tensor_to_pb(step.hidden, HIDDEN_DTYPE))
+    if step.messages is not None:
+        msg.messages_json = json.dumps(step.messages, ensure_ascii=False)
+    return msg
+
+
+def step_from_pb(msg: pb.StepRequest) -> StepMessage:
+    """A step from a peer, checked: a plan, a stage in it, exactly one well-formed input."""
+    if not msg.request_id:
+        raise WireError("step without a request id")
+    plan = tuple(PlanStage(s.node_id, shard_from_pb(s.shard)) for s in msg.plan)
+    if not plan:
+        raise WireError("step without a plan")
+    if not 0 <= msg.stage_index < len(plan):
+        raise WireError(f"stage index {msg.stage_index} outside a plan of {len(plan)} stages")
+    has_tokens, has_hidden = msg.HasField("tokens"), msg.HasField("hidden")
+    if has_tokens == has_hidden:
+        raise WireError("a step carries either tokens or hidden states")
+    tokens = tensor_from_pb(msg.tokens, TOKENS_DTYPE, TOKENS_RANK, "tokens") if has_tokens else None
+    hidden = tensor_from_pb(msg.hidden, HIDDEN_DTYPE, HIDDEN_RANK, "hidden") if has_hidden else None
+    messages: list[dict[str, Any]] | None = None
+    if msg.messages_json:
+        try:
+            messages = json.loads(msg.messages_json)
+        except ValueError as exc:
+            raise WireError(f"messages_json: {exc}") from None
+        if not isinstance(messages, list):
+            raise WireError("messages_json must hold a list of messages")
+    if msg.step < 0 or msg.start_pos < 0 or msg.attempt < 0:
+        raise WireError("negative step, position or attempt")
+    return StepMessage(
+        request_id=msg.request_id,
+        attempt=msg.attempt,
+        origin=msg.origin,
+        plan=plan,
+        stage_index=msg.stage_index,
+        sampling=sampling_from_pb(msg.sampling),
+        max_tokens=msg.max_tokens,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        step=msg.step,
+        start_pos=msg.start_pos,
+        tokens=tokens,
+        hidden=hidden,
+        messages=messages,
+        replayed=tuple(msg.replayed),
+    )
+
+
+def token_to_pb(token: TokenMessage) -> pb.TokenRequest:
+    msg = pb.TokenRequest(
+        request_id=token.request_id,
+        attempt=token.attempt,
+        step=token.step,
+        token=token.token,
+        top_logprobs=[pb.TokenTopLogprob(token=t, logprob=lp) for t, lp in token.top_logprobs],
+        finish_reason=token.finish_reason or "",
+        error=token.error or "",
+    )
+    if token.logprob is not None:
+        msg.logprob = token.logprob
+    return msg
+
+
+def token_from_pb(msg: pb.TokenRequest) -> TokenMessage:
+    if msg.finish_reason not in ("", "stop", "length"):
+        raise WireError(f"unknown finish reason {msg.finish_reason!r}")
+    return TokenMessage(
+        request_id=msg.request_id,
+        attempt=msg.attempt,
+        step=msg.step,
+        token=msg.token,
+        logprob=msg.logprob if msg.HasField("logprob") else None,
+        top_logprobs=tuple((t.token, t.logprob) for t in msg.top_logprobs),
+        finish_reason=msg.finish_reason or None,
+        error=msg.error or None,
+    )
+
+
+def failure_to_pb(failure: StageFailure) -> pb.FailureRequest:
+    return pb.FailureRequest(
+        request_id=failure.request_id,
+        attempt=failure.attempt,
+        node_id=failure.node_id,
+        reason=failure.reason,
+    )
+
+
+def failure_from_pb(msg: pb.FailureRequest) -> StageFailure:
+    return StageFailure(msg.request_id, msg.attempt, msg.node_id, msg.reason)
+
+
+# ---- node info -------------------------------------------------------------------------------
+
+
+def capabilities_to_pb(caps: DeviceCapabilities) -> pb.DeviceCapabilities:
+    flops = caps.flops
+    return pb.DeviceCapabilities(
+        model=caps.model,
+        chip=caps.chip,
+        memory=caps.memory,
+        flops=pb.Flops(fp32=flops.get("fp32", 0.0), fp16=flops.get("fp16", 0.0), int8=flops.get("int8", 0.0)),
+    )
+
+
+def capabilities_from_pb(msg: pb.DeviceCapabilities) -> DeviceCapabilities:
+    return DeviceCapabilities(
+        model=msg.model or "Unknown",
+        chip=msg.chip or "Unknown",
+        memory=msg.memory,
+        flops={"fp32": msg.flops.fp32, "fp16": msg.flops.fp16, "int8": msg.flops.int8},
+    )
+
+
+def node_info_to_pb(info: NodeInfo) -> pb.NodeInfo:
+    return pb.NodeInfo(
+        node_id=info.node_id,
+        address=info.address,
+        port=info.port,
+        capabilities=capabilities_to_pb(info.capabilities),
+        engine=info.engine,
+        supports_sharding=info.supports_sharding,
+        models=list(info.models),
+        active_requests=info.active_requests,
+    )
+
+
+def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
+    return NodeInfo(
+        node_id=msg.node_id,
+        address=msg.address,
+        port=msg.port,
+        capabilities=capabilities_from_pb(msg.capabilities),
+        engine=msg.engine,
+        supports_sharding=msg.supports_sharding,
+        models=tuple(msg.models),
+        active_requests=msg.active_requests,
+    )
