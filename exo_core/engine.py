@@ -36,6 +36,10 @@ class StageInput:
     hidden: np.ndarray | None = None
     messages: list[dict[str, Any]] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # For engines that hand whole requests to a server: the request's token budget, and how
+    # many of `tokens` an earlier attempt already generated (a replay after a failure).
+    max_tokens: int | None = None
+    replayed: int = 0
 
     @property
     def length(self) -> int:
@@ -65,6 +69,9 @@ class InferenceEngine(ABC):
     name: ClassVar[str]
     supports_sharding: ClassVar[bool] = True
     takes_messages: ClassVar[bool] = False
+    # Steps of different requests wait on separate things (e.g. a server's streams): the node
+    # runs each as its own task instead of one batch, so a queued request never holds up a running one.
+    concurrent_steps: ClassVar[bool] = False
     # Extra `exo run` options this engine reads (their values arrive in `options`).
     cli_options: ClassVar[Sequence[click.Option]] = ()
 

@@ -562,7 +562,11 @@ class Node:
             for shard, group in itertools.groupby(
                 sorted(live, key=lambda m: _shard_key(m)), key=lambda m: m.stage.shard
             ):
-                await self._run_group(shard, list(group))
+                if self.engine.concurrent_steps:
+                    for msg in group:
+                        self._spawn(self._run_group(shard, [msg]))
+                else:
+                    await self._run_group(shard, list(group))
 
     def _is_current(self, msg: StepMessage) -> bool:
         known = self._stage_requests.get(msg.request_id)
@@ -574,7 +578,18 @@ class Node:
             if card is None:
                 raise EngineError(f"this node has no model card for {shard.model_id}")
             await self.engine.load(shard, card)
-            inputs = [StageInput(m.cache_key, m.tokens, m.hidden, m.messages, m.sampling) for m in group]
+            inputs = [
+                StageInput(
+                    m.cache_key,
+                    m.tokens,
+                    m.hidden,
+                    m.messages,
+                    m.sampling,
+                    max_tokens=m.max_tokens,
+                    replayed=len(m.replayed),
+                )
+                for m in group
+            ]
             outputs = await self.engine.forward_batch(shard, inputs)
         except Exception as exc:
             log.exception("engine failed", shard=str(shard))
