@@ -264,7 +264,8 @@ def load_tokenizer(card: ModelCard) -> Tokenizer:
     """The tokenizer for a model card, from local files only (never downloads at this point).
 
     Order: the card's `tokenizer` (a local directory or a Hugging Face repo in the cache),
-    then its GGUF file's metadata, then its safetensors snapshot.
+    then its GGUF file's metadata, then its safetensors snapshot. (A plugin may name a
+    tokenizer repo on a shared card; when that repo is absent the card's own files still serve.)
     """
     from exo_core import files
 
@@ -274,12 +275,8 @@ def load_tokenizer(card: ModelCard) -> Tokenizer:
             if Path(card.tokenizer).is_absolute()
             else files.local_snapshot_any(card.tokenizer)
         )
-        if path is None:
-            raise TokenizerError(
-                f"model {card.id!r}: tokenizer {card.tokenizer!r} is not on this node; download it "
-                f"with `huggingface-cli download {card.tokenizer} tokenizer.json tokenizer_config.json`"
-            )
-        return _from_directory_cached(path)
+        if path is not None:
+            return _from_directory_cached(path)
     gguf_file = files.local_gguf(card)
     if gguf_file is not None:
         return from_gguf_file(gguf_file)
@@ -288,6 +285,11 @@ def load_tokenizer(card: ModelCard) -> Tokenizer:
             snap = files.local_snapshot(card.sources[kind])
             if snap is not None and (snap / "tokenizer.json").is_file():
                 return _from_directory_cached(snap)
+    if card.tokenizer:
+        raise TokenizerError(
+            f"model {card.id!r}: tokenizer {card.tokenizer!r} is not on this node; download it "
+            f"with `huggingface-cli download {card.tokenizer} tokenizer.json tokenizer_config.json`"
+        )
     raise TokenizerError(
         f"model {card.id!r}: no tokenizer on this node (its files are not downloaded: "
         f"sources {dict(card.sources)})"
