@@ -8,10 +8,13 @@ when they arrive split over several tokens) and `max_tokens`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tokenizers import decoders
 
 from exo_core.models import ModelCard
 from exo_core.node import GeneratedToken, GenerationRequest, Node
@@ -20,7 +23,14 @@ from exo_core.tokenizer import Tokenizer, load_tokenizer
 
 
 class ContextLengthError(ValueError):
-    """The prompt (plus the tokens asked for) does not fit the model's context."""
+    """The prompt (plus the tokens asked for) does not fit the model's context.
+
+    `param` names the request field to shorten: the prompt ("messages"/"prompt") or "max_tokens".
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -75,6 +85,7 @@ class Generator:
 
     def prepare(self, req: TextRequest) -> PreparedRequest:
         tokenizer = load_tokenizer(req.model)
+        prompt_param = "messages" if req.messages is not None else "prompt"
         if req.messages is not None:
             prompt_tokens = tokenizer.encode_chat(req.messages)
         else:
@@ -86,12 +97,15 @@ class Generator:
         if room <= 0:
             raise ContextLengthError(
                 f"this model's maximum context length is {ctx} tokens, but the prompt has "
-                f"{len(prompt_tokens)} tokens"
+                f"{len(prompt_tokens)} tokens; shorten the {prompt_param}",
+                param=prompt_param,
             )
         if req.max_tokens is not None and req.max_tokens > room:
             raise ContextLengthError(
                 f"this model's maximum context length is {ctx} tokens; the prompt has "
-                f"{len(prompt_tokens)} tokens and max_tokens asks for {req.max_tokens} more"
+                f"{len(prompt_tokens)} tokens and max_tokens asks for {req.max_tokens} more; "
+                f"ask for at most {room}",
+                param="max_tokens",
             )
         max_tokens = req.max_tokens if req.max_tokens is not None else room
         return PreparedRequest(req, tokenizer, prompt_tokens, max_tokens)
@@ -136,6 +150,35 @@ class Generator:
                 if text:
                     yield TextChunk(text, pending)
                     pending = []
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """The bytes one token stands for (what logprobs report; a token may hold part of a character)."""
+    piece = tokenizer.hf.id_to_token(token)
+    if piece is None:
+        return b""
+    if isinstance(tokenizer.hf.decoder, decoders.ByteLevel):
+        table = _byte_level_alphabet()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return tokenizer.decode([token]).encode("utf-8")
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-printable-character table, inverted (character -> byte)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class StopMatcher:

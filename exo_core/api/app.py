@@ -1,0 +1,349 @@
+"""The API's aiohttp application: routes, the error and auth middlewares, and the small handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from exo_core import __version__, files
+from exo_core.api import protocol
+from exo_core.api.completions import CompletionRun
+from exo_core.api.metrics import CONTENT_TYPE, ApiMetrics
+from exo_core.api.protocol import APIError
+from exo_core.generate import ContextLengthError, Generator
+from exo_core.models import ModelCard, UnknownModelError, find_card
+from exo_core.node import GenerationError, Node
+from exo_core.partitioning import NoPlanError
+from exo_core.runtime import Runtime
+from exo_core.tokenizer import TokenizerError
+
+STATIC_DIR = Path(__file__).parent / "static"
+log = structlog.get_logger("exo.api")
+
+
+@dataclass
+class ApiState:
+    """What the handlers share: the runtime they serve and the app's metrics."""
+
+    runtime: Runtime
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    created: int = field(default_factory=protocol.now)
+    fingerprint: str = f"fp_exo_{__version__}"
+    log: Any = log
+
+    @property
+    def node(self) -> Node:
+        assert self.runtime.node is not None, "the runtime is not started"
+        return self.runtime.node
+
+    @property
+    def generator(self) -> Generator:
+        assert self.runtime.generator is not None, "the runtime is not started"
+        return self.runtime.generator
+
+    def find_model(self, model_id: str) -> ModelCard:
+        try:
+            return find_card(self.node.models, model_id)
+        except UnknownModelError as exc:
+            served = ", ".join(sorted(self.servers_by_model())) or "none"
+            raise APIError(
+                404,
+                f"The model {model_id!r} does not exist; models this cluster serves: {served}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            ) from exc
+
+    def check_servable(self, card: ModelCard) -> None:
+        try:
+            self.node.make_plan(card)
+        except NoPlanError as exc:
+            raise _no_node(str(exc)) from exc
+
+    def servers_by_model(self) -> dict[str, list[str]]:
+        """Model id -> ids of the nodes that can serve it now (a node listing no models serves any)."""
+        out: dict[str, list[str]] = {}
+        for info in self.node.cluster():
+            for model_id in info.models or tuple(self.node.models):
+                if model_id in self.node.models:
+                    out.setdefault(model_id, []).append(info.node_id)
+        return out
+
+    def api_error(self, exc: BaseException, endpoint: str) -> APIError:
+        """Map, count and log one failure."""
+        error = to_api_error(exc)
+        self.metrics.errors.labels(endpoint, error.type).inc()
+        if error.status >= 500 and not isinstance(exc, APIError | GenerationError | TokenizerError):
+            log.error("request failed", endpoint=endpoint, exc_info=exc)
+        else:
+            log.info("request refused", endpoint=endpoint, status=error.status, error=error.message)
+        return error
+
+
+STATE = web.AppKey("exo_api_state", ApiState)
+
+
+def _no_node(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="no_node_available")
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The one place exceptions become OpenAI-shaped errors with an HTTP status."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return APIError(
+            413,
+            f"The request body is larger than the limit of {protocol.MAX_BODY_BYTES} bytes",
+            code="request_too_large",
+        )
+    if isinstance(exc, web.HTTPException):
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return APIError(exc.status, exc.text or exc.reason, type=kind)
+    if isinstance(exc, ContextLengthError):
+        return protocol.invalid(str(exc), exc.param, "context_length_exceeded")
+    if isinstance(exc, NoPlanError) or (
+        isinstance(exc, GenerationError) and isinstance(exc.__cause__, NoPlanError)
+    ):
+        return _no_node(str(exc))
+    if isinstance(exc, TokenizerError):
+        return APIError(503, str(exc), type="server_error", code="model_not_available")
+    if isinstance(exc, GenerationError):
+        return APIError(500, str(exc), type="server_error", code="generation_failed")
+    return APIError(500, f"internal error ({type(exc).__name__}); see the node's log", type="server_error")
+
+
+def _endpoint(request: web.Request) -> str:
+    """The route's pattern (bounded label values for metrics), or 'unmatched'."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    state = request.app[STATE]
+    endpoint = _endpoint(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _error_response(state.api_error(exc, endpoint))
+    except Exception as exc:
+        response = _error_response(state.api_error(exc, endpoint))
+    state.metrics.requests.labels(endpoint, str(response.status)).inc()
+    return response
+
+
+def _error_response(error: APIError) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return web.json_response(error.body(), status=error.status, headers=headers)
+
+
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """With an API key set, /v1/* and /metrics need `Authorization: Bearer <key>`."""
+    key = request.app[STATE].runtime.config.api_key
+    if key and request.method != "OPTIONS" and _needs_key(request.path):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise APIError(
+                401,
+                "This node needs an API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+    return await handler(request)
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Let browser apps on other origins call the API (the key, when set, still guards it)."""
+    response.headers["Access-Control-Allow-Origin"] = "*"
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+        },
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > protocol.MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=protocol.MAX_BODY_BYTES, actual_size=request.content_length
+        )
+    raw = await request.read()
+    if not raw.strip():
+        raise protocol.invalid("The request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise protocol.invalid(f"The request body is not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise protocol.invalid(
+            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from exc
+
+
+# ---- handlers ----------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = protocol.parse_chat_request(await read_json(request))
+    return await _run(request, req, "/v1/chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = protocol.parse_completion_request(await read_json(request))
+    return await _run(request, req, "/v1/completions")
+
+
+async def _run(
+    request: web.Request, req: protocol.ChatRequest | protocol.CompletionRequest, endpoint: str
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    run = CompletionRun(state, req, endpoint)
+    log.info("generation", id=run.id, model=req.model, n=req.n, stream=req.stream, user=req.user)
+    return await run.respond(request)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    objects = await asyncio.to_thread(_model_objects, state)
+    return web.json_response({"object": "list", "data": objects})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    card = state.find_model(request.match_info["model_id"])
+    objects = await asyncio.to_thread(_model_objects, state, card.id)
+    if not objects:
+        raise APIError(
+            404,
+            f"The model {card.id!r} is known, but no node in this cluster can serve it now",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    return web.json_response(objects[0])
+
+
+def _model_objects(state: ApiState, only: str | None = None) -> list[dict[str, Any]]:
+    """The models the cluster can serve now, the default model first."""
+    servers = state.servers_by_model()
+    loaded = _loaded_model_ids(state.node)
+    default = state.runtime.default_model.id
+    out = []
+    for model_id in sorted(servers, key=lambda m: (m != default, m)):
+        if only is not None and model_id != only:
+            continue
+        card = state.node.models[model_id]
+        downloaded = any(files.files_present(card).values())
+        out.append(
+            protocol.model_object(
+                card, state.created, loaded=model_id in loaded, downloaded=downloaded, nodes=servers[model_id]
+            )
+        )
+    return out
+
+
+def _loaded_model_ids(node: Node) -> set[str]:
+    """Models this node's engine holds weights of (engines keep their loaded shard in `shard`)."""
+    shard = getattr(node.engine, "shard", None)
+    model_id = getattr(shard, "model_id", None)
+    return {model_id} if isinstance(model_id, str) else set()
+
+
+async def topology(request: web.Request) -> web.Response:
+    """Nodes, their capabilities, and the layers each would hold of a model (?model=, else the default)."""
+    state = request.app[STATE]
+    model_id = request.query.get("model")
+    card = state.find_model(model_id) if model_id else state.runtime.default_model
+    node = state.node
+    try:
+        plan = node.make_plan(card)
+        error = None
+    except NoPlanError as exc:
+        plan, error = (), str(exc)
+    shards = {stage.node_id: stage.shard.to_dict() for stage in plan}
+    nodes = [
+        {**info.to_dict(), "self": info.node_id == node.node_id, "shard": shards.get(info.node_id)}
+        for info in node.cluster()
+    ]
+    return web.json_response(
+        {
+            "node_id": node.node_id,
+            "model": card.id,
+            "nodes": nodes,
+            "plan": [stage.to_dict() for stage in plan],
+            "error": error,
+        }
+    )
+
+
+async def healthcheck(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    node = state.node
+    return web.json_response(
+        {
+            "status": "ok",
+            "node_id": node.node_id,
+            "peers": len(node.peers),
+            "engine": node.engine.name,
+            "version": __version__,
+            "uptime_s": round(time.time() - state.created, 1),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    response = web.Response(body=state.metrics.render())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def init(runtime: Runtime) -> web.Application:
+    """The API app for a started runtime."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=protocol.MAX_BODY_BYTES
+    )
+    app[STATE] = ApiState(runtime)
+    app.on_response_prepare.append(_cors_headers)
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.static("/static", STATIC_DIR),
+            web.get("/healthcheck", healthcheck),
+            web.get("/metrics", metrics),
+            web.get("/v1/models", list_models),
+            web.get("/v1/models/{model_id:.+}", get_model),
+            web.post("/v1/chat/completions", chat_completions),
+            web.post("/v1/completions", completions),
+            web.get("/v1/topology", topology),
+            web.route("OPTIONS", "/{tail:.*}", preflight),
+        ]
+    )
+    return app

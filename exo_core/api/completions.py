@@ -1,0 +1,327 @@
+"""Answering /v1/chat/completions and /v1/completions: choices run concurrently, streamed or whole.
+
+Every choice is one `Generator.stream` (the path `exo run --prompt` uses too), run in its own
+task; their chunks meet in one queue, in the order they are produced. A streamed response
+sends its headers only with the first chunk, so anything that fails before that (no node,
+an engine that cannot load) is an ordinary HTTP error; a failure after it is an SSE error
+event followed by `data: [DONE]`. When the client goes away the handler is cancelled, which
+cancels the choices' tasks and so closes their streams: every stage releases its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from exo_core.api import protocol
+from exo_core.api.protocol import APIError, ChatRequest, CompletionRequest, TokenLogprob
+from exo_core.generate import ContextLengthError, PreparedRequest, TextChunk, TextRequest, Usage, token_bytes
+from exo_core.models import ModelCard
+
+if TYPE_CHECKING:
+    from exo_core.api.app import ApiState
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell reverse proxies not to buffer the stream
+}
+_DONE = b"data: [DONE]\n\n"
+
+try:  # aiohttp >= 3.10 raises its own subclass when writing to a closed connection
+    from aiohttp import ClientConnectionResetError as _ResetError
+except ImportError:  # pragma: no cover
+    _ResetError = ConnectionResetError  # type: ignore[misc,assignment]
+_CLIENT_GONE = (ConnectionResetError, _ResetError)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+@dataclass
+class Choice:
+    """One generated answer of a response (index in `choices`), and what it has produced so far."""
+
+    index: int
+    prepared: PreparedRequest
+    usage: Usage = field(default_factory=Usage)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False  # a streamed chat choice sends its role once
+    has_first_token: bool = False
+    text_offset: int = 0  # legacy logprobs: characters of this choice's text so far
+
+
+class CompletionRun:
+    """One API call: validate against the cluster, prepare every choice, then run them."""
+
+    def __init__(self, state: ApiState, req: ChatRequest | CompletionRequest, endpoint: str) -> None:
+        self.state = state
+        self.req = req
+        self.endpoint = endpoint
+        self.is_chat = isinstance(req, ChatRequest)
+        self.id = protocol.new_id("chatcmpl" if self.is_chat else "cmpl")
+        self.created = protocol.now()
+        self.arrived = time.perf_counter()
+        self.choices: list[Choice] = []
+        self.card: ModelCard | None = None
+        self.want_logprobs = req.sampling.top_logprobs is not None
+
+    # ---- preparation ---------------------------------------------------------------------------
+
+    async def respond(self, request: web.Request) -> web.StreamResponse:
+        self.card = self.state.find_model(self.req.model)
+        self.state.check_servable(self.card)
+        self.choices = await asyncio.to_thread(self._prepare_all, self.card)
+        metrics = self.state.metrics
+        prompt_tokens = sum(len(c.prepared.prompt_tokens) for c in self._prompt_heads())
+        metrics.prompt_tokens.labels(self.card.id).inc(prompt_tokens)
+        metrics.active_requests.inc()
+        try:
+            if self.req.stream:
+                return await self._stream(request)
+            return web.json_response(await self._collect(), dumps=lambda o: _dumps(o).decode())
+        finally:
+            metrics.active_requests.dec()
+
+    def _prepare_all(self, card: ModelCard) -> list[Choice]:
+        """Tokenize each prompt once (in a thread: the first use of a model reads its tokenizer)."""
+        req = self.req
+        if isinstance(req, ChatRequest):
+            bases = [TextRequest(card, messages=req.messages, max_tokens=req.max_tokens, stop=req.stop)]
+        else:
+            bases = [
+                TextRequest(card, prompt=p, max_tokens=req.max_tokens, stop=req.stop) for p in req.prompts
+            ]
+        choices: list[Choice] = []
+        for base in bases:
+            try:
+                prepared = self.state.generator.prepare(base)
+            except ContextLengthError:
+                raise
+            except ValueError as exc:  # e.g. a prompt that tokenizes to nothing
+                raise protocol.invalid(str(exc), "messages" if self.is_chat else "prompt") from exc
+            for i in range(req.n):
+                text_req = TextRequest(**{**base.__dict__, "sampling": req.sampling_for_choice(i)})
+                one = PreparedRequest(
+                    text_req, prepared.tokenizer, prepared.prompt_tokens, prepared.max_tokens
+                )
+                choices.append(Choice(len(choices), one))
+        return choices
+
+    def _prompt_heads(self) -> list[Choice]:
+        """The first choice of each prompt (usage counts a prompt once however many choices it has)."""
+        return self.choices[:: self.req.n]
+
+    # ---- running the choices -------------------------------------------------------------------
+
+    async def _events(self) -> AsyncIterator[tuple[Choice, TextChunk]]:
+        """Chunks of every choice as they come; raises the first failure; closing it stops them all."""
+        queue: asyncio.Queue[tuple[Choice, TextChunk | BaseException | None]] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._drive(c, queue)) for c in self.choices]
+        try:
+            running = len(tasks)
+            while running:
+                choice, event = await queue.get()
+                if event is None:
+                    running -= 1
+                elif isinstance(event, BaseException):
+                    raise event
+                else:
+                    self._account(choice, event)
+                    yield choice, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drive(
+        self, choice: Choice, queue: asyncio.Queue[tuple[Choice, TextChunk | BaseException | None]]
+    ) -> None:
+        try:
+            async with contextlib.aclosing(
+                self.state.generator.stream(choice.prepared, choice.usage)
+            ) as chunks:
+                async for chunk in chunks:
+                    queue.put_nowait((choice, chunk))
+            queue.put_nowait((choice, None))
+        except Exception as exc:
+            queue.put_nowait((choice, exc))
+
+    def _account(self, choice: Choice, chunk: TextChunk) -> None:
+        assert self.card is not None
+        metrics = self.state.metrics
+        model = self.card.id
+        if not choice.has_first_token:
+            choice.has_first_token = True
+            metrics.time_to_first_token.labels(model).observe(time.perf_counter() - self.arrived)
+        metrics.completion_tokens.labels(model).inc(len(chunk.tokens))
+        if chunk.finish_reason is not None:
+            choice.finish_reason = chunk.finish_reason
+            usage = choice.usage
+            if usage.completion_tokens > 1 and usage.first_token_s is not None:
+                decode_s = usage.elapsed_s - usage.first_token_s
+                if decode_s > 0:
+                    metrics.tokens_per_second.labels(model).observe((usage.completion_tokens - 1) / decode_s)
+
+    def _token_logprobs(self, choice: Choice, chunk: TextChunk) -> list[TokenLogprob]:
+        if not self.want_logprobs:
+            return []
+        tokenizer = choice.prepared.tokenizer
+        out = []
+        for tok in chunk.tokens:
+            if tok.finish_reason == "stop" and tok.token in tokenizer.eos_token_ids:
+                continue  # the end-of-turn token is not part of the answer
+            if tok.logprob is None:
+                raise APIError(
+                    400,
+                    "logprobs are not available: the engine serving this model samples by itself",
+                    param="logprobs",
+                    code="unsupported_parameter",
+                )
+            top = tuple((token_bytes(tokenizer, t), lp) for t, lp in tok.top_logprobs)
+            out.append(TokenLogprob(token_bytes(tokenizer, tok.token), tok.logprob, top))
+        return out
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(c.usage.prompt_tokens for c in self._prompt_heads())
+        completion = sum(c.usage.completion_tokens for c in self.choices)
+        return protocol.usage_body(prompt, completion)
+
+    # ---- whole responses -------------------------------------------------------------------------
+
+    async def _collect(self) -> dict[str, Any]:
+        async with contextlib.aclosing(self._events()) as events:
+            async for choice, chunk in events:
+                choice.text.append(chunk.text)
+                choice.logprobs.extend(self._token_logprobs(choice, chunk))
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.is_chat else "text_completion",
+            "created": self.created,
+            "model": self._model_id,
+            "system_fingerprint": self.state.fingerprint,
+            "choices": [self._whole_choice(c) for c in self.choices],
+            "usage": self._usage(),
+        }
+
+    @property
+    def _model_id(self) -> str:
+        assert self.card is not None
+        return self.card.id
+
+    def _whole_choice(self, choice: Choice) -> dict[str, Any]:
+        text = "".join(choice.text)
+        if isinstance(self.req, ChatRequest):
+            return {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": protocol.chat_logprobs(choice.logprobs) if self.want_logprobs else None,
+                "finish_reason": choice.finish_reason,
+            }
+        prompt = self._echo(choice)
+        return {
+            "index": choice.index,
+            "text": prompt + text,
+            "logprobs": protocol.completion_logprobs(choice.logprobs, 0) if self.want_logprobs else None,
+            "finish_reason": choice.finish_reason,
+        }
+
+    def _echo(self, choice: Choice) -> str:
+        req = self.req
+        if isinstance(req, CompletionRequest) and req.echo:
+            return req.prompts[choice.index // req.n]
+        return ""
+
+    # ---- streamed responses ----------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        try:
+            async with contextlib.aclosing(self._events()) as events:
+                async for choice, chunk in events:
+                    frames = self._frames(choice, chunk)
+                    if response is None:
+                        response = web.StreamResponse(headers=SSE_HEADERS)
+                        await response.prepare(request)
+                    await response.write(frames)
+            if response is None:  # nothing was generated at all (cannot happen with n >= 1)
+                response = web.StreamResponse(headers=SSE_HEADERS)
+                await response.prepare(request)
+            if self.req.include_usage:
+                await response.write(sse(self._frame_base(choices=[], usage=self._usage())))
+            await response.write(_DONE)
+        except _CLIENT_GONE:
+            self.state.log.info("client went away", request=self.id)
+        except Exception as exc:
+            if response is None:
+                raise  # nothing sent yet: an ordinary HTTP error
+            error = self.state.api_error(exc, self.endpoint)
+            with contextlib.suppress(*_CLIENT_GONE):
+                await response.write(sse(error.body()) + _DONE)
+        assert response is not None
+        return response
+
+    def _frame_base(self, **extra: Any) -> dict[str, Any]:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.is_chat else "text_completion",
+            "created": self.created,
+            "model": self._model_id,
+            "system_fingerprint": self.state.fingerprint,
+            **extra,
+        }
+        if self.req.include_usage and "usage" not in body:
+            body["usage"] = None
+        return body
+
+    def _frames(self, choice: Choice, chunk: TextChunk) -> bytes:
+        """The SSE frames for one chunk: its text (with logprobs), then the finish when it ends."""
+        logprobs = self._token_logprobs(choice, chunk)
+        out = b""
+        if isinstance(self.req, ChatRequest):
+            delta: dict[str, Any] = {}
+            if not choice.started:
+                choice.started = True
+                delta["role"] = "assistant"
+            if chunk.text or logprobs or delta:
+                delta["content"] = chunk.text
+                lp = protocol.chat_logprobs(logprobs) if self.want_logprobs else None
+                out += sse(self._frame_base(choices=[self._chat_choice(choice, delta, lp, None)]))
+            if chunk.finish_reason is not None:
+                out += sse(
+                    self._frame_base(choices=[self._chat_choice(choice, {}, None, chunk.finish_reason)])
+                )
+            return out
+        text = chunk.text
+        if not choice.started:
+            choice.started = True
+            text = self._echo(choice) + text
+        if text or logprobs:
+            lp = protocol.completion_logprobs(logprobs, choice.text_offset) if self.want_logprobs else None
+            choice.text_offset += len(text)
+            out += sse(self._frame_base(choices=[self._text_choice(choice, text, lp, None)]))
+        if chunk.finish_reason is not None:
+            out += sse(self._frame_base(choices=[self._text_choice(choice, "", None, chunk.finish_reason)]))
+        return out
+
+    @staticmethod
+    def _chat_choice(choice: Choice, delta: dict, logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    @staticmethod
+    def _text_choice(choice: Choice, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
