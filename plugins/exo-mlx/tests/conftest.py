@@ -1,10 +1,15 @@
-"""Fixtures for the MLX engine's tests: the embedded 135M model and llama.cpp's answers for it."""
+"""Fixtures for the MLX engine's tests: the embedded 135M model and llama.cpp's answers for it.
+
+Helpers reach the tests through the `kit` fixture (exo runs its tests with
+--import-mode=importlib, where a test module cannot import conftest by name).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,3 +89,16 @@ async def greedy(stages, prompt: list[int], n: int = N_TOKENS, request_id: str =
         for engine, _ in stages:
             await engine.release(request_id)
     return tokens
+
+
+@pytest.fixture(scope="session")
+def kit() -> SimpleNamespace:
+    return SimpleNamespace(
+        N_TOKENS=N_TOKENS,
+        EOS=EOS,
+        shard_of=shard_of,
+        expected_answer=expected_answer,
+        loaded_engine=loaded_engine,
+        load_engine=load_engine,
+        greedy=greedy,
+    )

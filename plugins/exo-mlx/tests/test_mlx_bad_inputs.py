@@ -8,12 +8,12 @@ import shutil
 import gguf
 import numpy as np
 import pytest
-from conftest import shard_of
 from exo_mlx.engine import MLXEngine
 
 from exo_core.engine import EngineError
 from exo_core.files import embedded_gguf_path
 from exo_core.models import ModelCard
+from exo_core.shard import Shard
 
 
 def card_for(path, n_layers: int = 30, kind: str = "gguf") -> ModelCard:
@@ -24,7 +24,7 @@ async def load_error(card: ModelCard) -> str:
     engine = MLXEngine()
     try:
         with pytest.raises(EngineError) as info:
-            await engine.load(shard_of(card, 0, card.n_layers - 1), card)
+            await engine.load(Shard.whole(card.id, card.n_layers), card)
     finally:
         await engine.close()
     return str(info.value)

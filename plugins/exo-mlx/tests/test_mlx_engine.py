@@ -8,37 +8,36 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import expected_answer, greedy, load_engine, loaded_engine, shard_of
 
 from exo_core.engine import EngineError, StageInput
 from exo_core.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def whole(card):
-    engine = load_engine(card, 0, card.n_layers - 1)
-    yield engine, shard_of(card, 0, card.n_layers - 1)
+def whole(kit, card):
+    engine = kit.load_engine(card, 0, card.n_layers - 1)
+    yield engine, kit.shard_of(card, 0, card.n_layers - 1)
     asyncio.run(engine.close())
 
 
 @pytest.fixture(scope="module")
-def halves(card):
-    first, second = load_engine(card, 0, 14), load_engine(card, 15, 29)
-    yield [(first, shard_of(card, 0, 14)), (second, shard_of(card, 15, 29))]
+def halves(kit, card):
+    first, second = kit.load_engine(card, 0, 14), kit.load_engine(card, 15, 29)
+    yield [(first, kit.shard_of(card, 0, 14)), (second, kit.shard_of(card, 15, 29))]
     for engine in (first, second):
         asyncio.run(engine.close())
 
 
 @pytest.mark.parametrize("chat_index", [0, 1, 2])
-async def test_greedy_answer_equals_llamacpp(whole, card, reference, chat_index):
+async def test_greedy_answer_equals_llamacpp(kit, whole, card, reference, chat_index):
     chat = reference["greedy"][chat_index]
     prompt = load_tokenizer(card).encode_chat(chat["messages"])
     assert prompt == chat["prompt_ids"]
-    assert await greedy([whole], prompt) == expected_answer(chat)
+    assert await kit.greedy([whole], prompt) == kit.expected_answer(chat)
     assert whole[0].cache_count() == 0  # released
 
 
-async def test_half_shards_chained_equal_whole_model(whole, halves, reference):
+async def test_half_shards_chained_equal_whole_model(kit, whole, halves, reference):
     chat = reference["greedy"][1]
     prompt = np.asarray(chat["prompt_ids"])
     engine, shard = whole
@@ -51,11 +50,11 @@ async def test_half_shards_chained_equal_whole_model(whole, halves, reference):
     await first.release("h")
     await second.release("h")
     np.testing.assert_allclose(split_logits, whole_logits, atol=1e-3)
-    assert await greedy(halves, chat["prompt_ids"]) == expected_answer(chat)
+    assert await kit.greedy(halves, chat["prompt_ids"]) == kit.expected_answer(chat)
 
 
-async def test_middle_stage_keeps_only_its_layers(card, whole):
-    middle = await loaded_engine(card, 10, 19)
+async def test_middle_stage_keeps_only_its_layers(kit, card, whole):
+    middle = await kit.loaded_engine(card, 10, 19)
     try:
         model = middle._model
         assert model.embedding is None and model.head is None and model.norm is None
@@ -65,10 +64,10 @@ async def test_middle_stage_keeps_only_its_layers(card, whole):
         # ten of thirty blocks, no embedding: well under a third of the whole model
         assert middle_bytes < whole_bytes / 3
         with pytest.raises(EngineError, match="hidden states"):
-            await middle.forward(shard_of(card, 10, 19), StageInput("m", tokens=np.asarray([1, 2])))
+            await middle.forward(kit.shard_of(card, 10, 19), StageInput("m", tokens=np.asarray([1, 2])))
         with pytest.raises(EngineError, match="hidden states"):
             bad = np.zeros((2, 100), dtype=np.float32)
-            await middle.forward(shard_of(card, 10, 19), StageInput("m", hidden=bad))
+            await middle.forward(kit.shard_of(card, 10, 19), StageInput("m", hidden=bad))
     finally:
         await middle.close()
 
@@ -90,9 +89,9 @@ async def test_batched_decode_equals_one_at_a_time(whole):
     assert engine.cache_count() == 0
 
 
-async def test_cache_bounded_by_max_context(card):
-    engine = await loaded_engine(card, 0, card.n_layers - 1, max_context=8)
-    shard = shard_of(card, 0, card.n_layers - 1)
+async def test_cache_bounded_by_max_context(kit, card):
+    engine = await kit.loaded_engine(card, 0, card.n_layers - 1, max_context=8)
+    shard = kit.shard_of(card, 0, card.n_layers - 1)
     try:
         assert engine.context_length() == 8
         await engine.forward(shard, StageInput("r", tokens=np.arange(1, 7)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import expected_answer, greedy, load_engine, shard_of
 
 from exo_core.plugins import registry
 
@@ -29,26 +28,26 @@ def tinygrad_class():
     return tinygrad_engine_class()
 
 
-def load_tinygrad(cls, card, start: int, end: int):
+def load_tinygrad(kit, cls, card, start: int, end: int):
     engine = cls({"max_context": None})
 
     async def load():
-        await engine.load(shard_of(card, start, end), card)
+        await engine.load(kit.shard_of(card, start, end), card)
 
     asyncio.run(load())
     return engine
 
 
 @pytest.mark.parametrize("mlx_first", [True, False], ids=["mlx-then-tinygrad", "tinygrad-then-mlx"])
-def test_half_on_mlx_half_on_tinygrad_gives_one_node_answer(tinygrad_class, card, reference, mlx_first):
+def test_half_on_mlx_half_on_tinygrad_gives_one_node_answer(kit, tinygrad_class, card, reference, mlx_first):
     if mlx_first:
-        first, second = load_engine(card, 0, 14), load_tinygrad(tinygrad_class, card, 15, 29)
+        first, second = kit.load_engine(card, 0, 14), load_tinygrad(kit, tinygrad_class, card, 15, 29)
     else:
-        first, second = load_tinygrad(tinygrad_class, card, 0, 14), load_engine(card, 15, 29)
-    stages = [(first, shard_of(card, 0, 14)), (second, shard_of(card, 15, 29))]
+        first, second = load_tinygrad(kit, tinygrad_class, card, 0, 14), kit.load_engine(card, 15, 29)
+    stages = [(first, kit.shard_of(card, 0, 14)), (second, kit.shard_of(card, 15, 29))]
     chat = reference["greedy"][0]
     try:
-        assert asyncio.run(greedy(stages, chat["prompt_ids"])) == expected_answer(chat)
+        assert asyncio.run(kit.greedy(stages, chat["prompt_ids"])) == kit.expected_answer(chat)
     finally:
         for engine, _ in stages:
             asyncio.run(engine.close())

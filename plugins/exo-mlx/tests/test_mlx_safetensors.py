@@ -13,7 +13,6 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import expected_answer, greedy, load_engine, shard_of
 from exo_mlx.loader import BLOCK_TENSORS, GGUF, HF, TENSOR_NAMES
 
 from exo_core.files import embedded_gguf_path
@@ -83,15 +82,15 @@ def repos(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "mlx"])
-def test_repo_gives_llamacpp_answer(repos, reference, kind):
+def test_repo_gives_llamacpp_answer(kit, repos, reference, kind):
     card = ModelCard("smollm2-135m", "SmolLM2", N_LAYERS, {kind: str(repos[kind])})
-    engine = load_engine(card, 0, N_LAYERS - 1)
+    engine = kit.load_engine(card, 0, N_LAYERS - 1)
     try:
         model = engine._model
         assert model.blocks[0].attention.q.quantized == (kind == "mlx")
         assert not model.config.rope_traditional
         chat = reference["greedy"][1]
-        stages = [(engine, shard_of(card, 0, N_LAYERS - 1))]
-        assert asyncio.run(greedy(stages, chat["prompt_ids"])) == expected_answer(chat)
+        stages = [(engine, kit.shard_of(card, 0, N_LAYERS - 1))]
+        assert asyncio.run(kit.greedy(stages, chat["prompt_ids"])) == kit.expected_answer(chat)
     finally:
         asyncio.run(engine.close())
