@@ -42,8 +42,9 @@ def ring_memory_weighted(nodes: Sequence[NodeInfo], model_id: str, n_layers: int
     total = sum(weights)
     if total <= 0:
         weights, total = [1] * len(ordered), len(ordered)
-    # Cumulative rounding keeps the sum exact; then make sure every node has a layer.
-    bounds = [round(n_layers * sum(weights[: i + 1]) / total) for i in range(len(ordered))]
+    # Cumulative rounding (half up, in integers) keeps the sum exact and gives a tied layer to
+    # the larger node; then make sure every node has a layer.
+    bounds = [(2 * n_layers * sum(weights[: i + 1]) + total) // (2 * total) for i in range(len(ordered))]
     counts = [b - a for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
     for i, count in enumerate(counts):
         if count == 0:

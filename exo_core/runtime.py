@@ -143,13 +143,13 @@ class Runtime:
             models=len(self.served_models),
         )
         await self._start_networking()
+        if cfg.wait_for_peers:  # before serving: the API answers only once the cluster is there
+            await self.wait_for_peers(cfg.wait_for_peers)
         for name, frontend_cls in self._frontend_classes():
             frontend = frontend_cls(self)
             await frontend.start()
             self.frontends.append(frontend)
             log.info("frontend started", frontend=name)
-        if cfg.wait_for_peers:
-            await self.wait_for_peers(cfg.wait_for_peers)
 
     async def _start_networking(self) -> None:
         """The peer server and discovery (a single node without them still serves).

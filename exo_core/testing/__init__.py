@@ -1,0 +1,1 @@
+"""Test kits for exo and its plugins (real processes, real servers)."""
