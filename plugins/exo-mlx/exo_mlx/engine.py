@@ -124,6 +124,7 @@ class MLXEngine(InferenceEngine):
             model = loader.load_gguf(path, shard, dtype)
         else:
             model = loader.load_safetensors(path, shard, dtype)
+        mx.clear_cache()  # the buffers of the file's other tensors
         limits = [int(x) for x in (self.options.get("max_context"),) if x]
         self._limit = limits[0] if limits else model.config.context_length or card.context_length or 4096
         self._model, self._shard, self.source = model, shard, str(path)

@@ -235,7 +235,7 @@ class ShardModel:
 
     def arrays(self) -> list[mx.array]:
         arrays = [a for block in self.blocks for a in block.arrays()]
-        for part in (self.embedding, self.head):
+        for part in (self.embedding, self.head if self.head is not self.embedding else None):
             if part is not None:
                 arrays.extend(part.arrays())
         if self.norm is not None:
