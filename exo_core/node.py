@@ -606,7 +606,9 @@ class Node:
 
     async def _after_forward(self, msg: StepMessage, out: StageOutput) -> None:
         if not self._is_current(msg):
-            return  # released while we computed
+            # Released while we computed: the forward may have re-created the cache it freed.
+            await self.engine.release(msg.cache_key)
+            return
         if msg.stage_index + 1 < len(msg.plan):
             if out.hidden is None:
                 await self._send_error(msg, f"{self.engine.name} returned no hidden states")
