@@ -136,11 +136,26 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _error_response(state.api_error(exc, endpoint))
+        response = _error_response(state.api_error(_routing_error(request, exc), endpoint))
     except Exception as exc:
         response = _error_response(state.api_error(exc, endpoint))
     state.metrics.requests.labels(endpoint, str(response.status)).inc()
     return response
+
+
+def _routing_error(request: web.Request, exc: web.HTTPException) -> BaseException:
+    """Unknown paths and wrong methods, said in words a client author can act on."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return APIError(405, f"{request.method} is not allowed on {request.path}; use {allowed}")
+    if isinstance(exc, web.HTTPNotFound) and request.match_info.route.resource is None:
+        return APIError(
+            404,
+            f"There is no {request.path}: the API is under /v1 (/v1/chat/completions, /v1/completions, "
+            "/v1/models), the chat page at /",
+            type="not_found_error",
+        )
+    return exc
 
 
 def _error_response(error: APIError) -> web.Response:
@@ -156,7 +171,7 @@ def _needs_key(path: str) -> bool:
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """With an API key set, /v1/* and /metrics need `Authorization: Bearer <key>`."""
     key = request.app[STATE].runtime.config.api_key
-    if key and request.method != "OPTIONS" and _needs_key(request.path):
+    if key and _needs_key(request.path):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise APIError(
@@ -174,15 +189,19 @@ async def _cors_headers(request: web.Request, response: web.StreamResponse) -> N
     response.headers["Access-Control-Allow-Origin"] = "*"
 
 
-async def preflight(request: web.Request) -> web.Response:
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type",
-            "Access-Control-Max-Age": "600",
-        },
-    )
+@web.middleware
+async def preflight_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answer CORS preflights for every path (browsers send them without the API key)."""
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600",
+            },
+        )
+    return await handler(request)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -194,9 +213,11 @@ async def read_json(request: web.Request) -> Any:
     if not raw.strip():
         raise protocol.invalid("The request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise protocol.invalid(f"The request body is not UTF-8 text: {exc}") from exc
+        raise protocol.invalid(
+            f"The request body is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise protocol.invalid(
             f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
@@ -328,7 +349,8 @@ async def index(request: web.Request) -> web.FileResponse:
 def init(runtime: Runtime) -> web.Application:
     """The API app for a started runtime."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=protocol.MAX_BODY_BYTES
+        middlewares=[preflight_middleware, error_middleware, auth_middleware],
+        client_max_size=protocol.MAX_BODY_BYTES,
     )
     app[STATE] = ApiState(runtime)
     app.on_response_prepare.append(_cors_headers)
@@ -343,7 +365,6 @@ def init(runtime: Runtime) -> web.Application:
             web.post("/v1/chat/completions", chat_completions),
             web.post("/v1/completions", completions),
             web.get("/v1/topology", topology),
-            web.route("OPTIONS", "/{tail:.*}", preflight),
         ]
     )
     return app

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import threading
+import urllib.parse
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from exo_core.api.frontend import OpenAIFrontend
@@ -85,3 +89,49 @@ class BackgroundNode:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def connect(url: str, timeout: float = 30.0) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+
+
+def request(
+    method: str,
+    url: str,
+    *,
+    json_body: Any = None,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Reply:
+    """One blocking HTTP request with the standard library (no client dependency)."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    sent = dict(headers or {})
+    if json_body is not None:
+        content = json.dumps(json_body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    conn = connect(url, timeout)
+    try:
+        conn.request(method, path, body=content, headers=sent)
+        response = conn.getresponse()
+        return Reply(response.status, {k: v for k, v in response.getheaders()}, response.read())
+    finally:
+        conn.close()
