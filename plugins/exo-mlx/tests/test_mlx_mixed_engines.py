@@ -38,12 +38,9 @@ def load_tinygrad(kit, cls, card, start: int, end: int):
     return engine
 
 
-@pytest.mark.parametrize("mlx_first", [True, False], ids=["mlx-then-tinygrad", "tinygrad-then-mlx"])
-def test_half_on_mlx_half_on_tinygrad_gives_one_node_answer(kit, tinygrad_class, card, reference, mlx_first):
-    if mlx_first:
-        first, second = kit.load_engine(card, 0, 14), load_tinygrad(kit, tinygrad_class, card, 15, 29)
-    else:
-        first, second = load_tinygrad(kit, tinygrad_class, card, 0, 14), kit.load_engine(card, 15, 29)
+def test_half_on_mlx_half_on_tinygrad_gives_one_node_answer(kit, tinygrad_class, card, reference):
+    """In one process: MLX runs layers 0-14, tinygrad 15-29, hidden states handed over as numpy."""
+    first, second = kit.load_engine(card, 0, 14), load_tinygrad(kit, tinygrad_class, card, 15, 29)
     stages = [(first, kit.shard_of(card, 0, 14)), (second, kit.shard_of(card, 15, 29))]
     chat = reference["greedy"][0]
     try:
@@ -51,3 +48,30 @@ def test_half_on_mlx_half_on_tinygrad_gives_one_node_answer(kit, tinygrad_class,
     finally:
         for engine, _ in stages:
             asyncio.run(engine.close())
+
+
+@pytest.mark.parametrize("second_engine", ["mlx", "tinygrad"])
+def test_two_process_cluster_gives_one_node_answer(card, reference, tmp_path, kit, second_engine):
+    """Two `exo run` processes over gRPC: node a (mlx, layers 0-14), node b (15-29)."""
+    if second_engine == "tinygrad":
+        tinygrad_engine_class()
+    from exo_core.testing.cluster import Cluster
+    from exo_core.tokenizer import load_tokenizer
+
+    chat = reference["greedy"][0]
+    expected = [t for t in kit.expected_answer(chat) if t != kit.EOS]
+    with Cluster.manual(
+        ["a", "b"],
+        tmp=tmp_path,
+        engine="mlx",
+        per_node_args={"b": ["--engine", second_engine]},
+        timeout=180,
+    ) as cluster:
+        status, topology = cluster.get("a", "/v1/topology")
+        assert status == 200
+        layers = {
+            n["node_id"]: (n["shard"]["start_layer"], n["shard"]["end_layer"]) for n in topology["nodes"]
+        }
+        assert layers == {"a": (0, 14), "b": (15, 29)}, topology
+        text = cluster.chat("a", chat["messages"], max_tokens=kit.N_TOKENS)
+    assert text == load_tokenizer(card).decode(expected, skip_special=True)
