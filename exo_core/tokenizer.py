@@ -133,7 +133,12 @@ class StreamDecoder:
         self._emitted = len(text)
         # Keep the window short: once text is out, earlier ids never change it.
         if len(self._ids) > 8:
-            self._ids = self._ids[-4:]
+            # Never start the window inside a character: byte-fallback tokens (<0xNN>) are
+            # decoded as one run, so a run missing its lead byte would spoil the next character.
+            keep = 4
+            while keep < len(self._ids) and self._tokenizer.decode(self._ids[-keep:]).startswith("\ufffd"):
+                keep += 1
+            self._ids = self._ids[-keep:]
             self._emitted = len(self._tokenizer.decode(self._ids))
         return new
 
