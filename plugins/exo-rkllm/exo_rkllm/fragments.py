@@ -27,7 +27,8 @@ class FragmentEncoder:
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self._context = list(context)[-_CONTEXT:]  # ids already streamed (a replay continues them)
+        self._context: list[int] = []  # the last ids streamed (a replay continues earlier ones)
+        self._remember(list(context))
 
     def encode(self, fragment: str) -> list[int]:
         """The ids for the next fragment."""
@@ -36,8 +37,17 @@ class FragmentEncoder:
         ids = self.tokenizer.encode(fragment, add_bos=False)
         if not self._exact(ids, fragment):
             ids = self._in_context(fragment, ids)
-        self._context = (self._context + ids)[-_CONTEXT:]
+        self._remember(ids)
         return ids
+
+    def _remember(self, ids: list[int]) -> None:
+        """Keep the last few ids, never starting inside a character (a run of byte tokens
+        missing its lead byte would decode as replacement characters)."""
+        recent = (self._context + ids)[-4 * _CONTEXT :]
+        keep = min(_CONTEXT, len(recent))
+        while keep < len(recent) and self.tokenizer.decode(recent[-keep:]).startswith("\ufffd"):
+            keep += 1
+        self._context = recent[-keep:]
 
     def _decoded_after_context(self, ids: list[int]) -> str:
         before = self.tokenizer.decode(self._context)

@@ -12,6 +12,7 @@ import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA
 
 from exo_core.generate import TextRequest, Usage
+from exo_core.log import configure_logging
 from exo_core.models import ModelCard
 from exo_core.plugins import Registry, registry
 from exo_core.runtime import NodeConfig, Runtime
@@ -28,6 +29,13 @@ CONVERSATION = [
 ]
 
 _node_ids = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _plain_logs():
+    # exo's own console logging (plain tracebacks): structlog's default renders rich tracebacks,
+    # which take seconds for each engine error the node logs.
+    configure_logging("console", "warning")
 
 
 @pytest.fixture(autouse=True)
