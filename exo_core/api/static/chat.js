@@ -6,7 +6,7 @@ const ui = {
   model: $("model"), messages: $("messages"), empty: $("empty"), input: $("input"),
   send: $("send"), stop: $("stop"), stats: $("stats"), nodes: $("nodes"),
   planError: $("plan-error"), apiKey: $("api-key"), keyBox: $("key-box"), composer: $("composer"),
-  newChat: $("new-chat"), chat: $("chat"),
+  newChat: $("new-chat"), chat: $("chat"), temperature: $("temperature"),
 };
 
 const state = {
@@ -15,6 +15,13 @@ const state = {
 };
 
 ui.apiKey.value = localStorage.getItem("exo-api-key") || "";
+ui.temperature.value = localStorage.getItem("exo-temperature") || ui.temperature.value;
+ui.temperature.addEventListener("change", () => localStorage.setItem("exo-temperature", ui.temperature.value));
+
+function temperature() {
+  const value = Number.parseFloat(ui.temperature.value);
+  return Number.isFinite(value) ? Math.min(Math.max(value, 0), 2) : 0.7;
+}
 ui.apiKey.addEventListener("change", () => {
   localStorage.setItem("exo-api-key", ui.apiKey.value.trim());
   refresh();
@@ -196,7 +203,7 @@ async function send(text) {
         messages: state.history,
         stream: true,
         stream_options: { include_usage: true },
-        temperature: 0.7,
+        temperature: temperature(),
       }),
       signal: controller.signal,
     });
