@@ -217,6 +217,8 @@ class Node:
         self.liveness_interval = liveness_interval
         self.liveness_timeout = liveness_timeout
         self.peers: dict[str, Peer] = {}
+        # Clients of peers discovery dropped, kept a while so releases still reach them.
+        self._departed: OrderedDict[str, PeerClient] = OrderedDict()
         self._origins: dict[str, _OriginState] = {}
         self._stage_requests: dict[str, _StageRequest] = {}
         self._released: OrderedDict[str, tuple[int, float]] = OrderedDict()  # tombstones
@@ -235,6 +237,7 @@ class Node:
     async def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._engine_worker(), name="exo-engine-worker")
+            self._spawn(self._expire_idle_stage_requests())
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -278,8 +281,12 @@ class Node:
 
     def remove_peer(self, node_id: str, reason: str = "dropped by discovery") -> None:
         """Forget a peer; requests whose plan uses it are re-planned."""
-        if self.peers.pop(node_id, None) is None:
+        peer = self.peers.pop(node_id, None)
+        if peer is None:
             return
+        self._departed[node_id] = peer.client
+        while len(self._departed) > 64:
+            self._departed.popitem(last=False)
         log.info("peer removed", peer=node_id, reason=reason)
         for state in self._origins.values():
             if any(stage.node_id == node_id for stage in state.plan):
@@ -473,7 +480,9 @@ class Node:
     async def _release_on(self, request_id: str, up_to_attempt: int, node_ids: Set[str]) -> None:
         async def one(node_id: str) -> None:
             try:
-                await self.client_for(node_id).release(request_id, up_to_attempt)
+                departed = self._departed.get(node_id) if node_id not in self.peers else None
+                client = departed or self.client_for(node_id)
+                await client.release(request_id, up_to_attempt)
             except Exception as exc:  # a dead peer holds no cache worth freeing
                 log.debug("release failed", peer=node_id, error=str(exc))
 
@@ -540,6 +549,17 @@ class Node:
             del self._stage_requests[request_id]
             await self.engine.release(f"{request_id}#{known.attempt}")
         self._bury(request_id, up_to_attempt)
+
+    async def _expire_idle_stage_requests(self) -> None:
+        """Free stage caches whose origin went silent (it died, or dropped this node)."""
+        idle_after = max(2 * self.step_timeout, 60.0)
+        while True:
+            await asyncio.sleep(min(idle_after / 4, 30.0))
+            now = time.monotonic()
+            for request_id, known in list(self._stage_requests.items()):
+                if now - known.last_seen > idle_after:
+                    log.info("releasing an abandoned request", request=request_id)
+                    await self.release(request_id, known.attempt)
 
     def _bury(self, request_id: str, attempt: int) -> None:
         now = time.monotonic()

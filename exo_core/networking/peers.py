@@ -149,9 +149,15 @@ class PeerTracker:
         elif tracked.added:
             self.node.peers.pop(tracked.node_id, None)
         tracked.added = False
-        task = asyncio.get_running_loop().create_task(tracked.client.close())
-        self._checks.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(self._checks.discard)  # type: ignore[arg-type]
+        # Closed a little later: the node may still send releases through it.
+        task = asyncio.get_running_loop().create_task(self._close_later(tracked.client, 0 if quiet else 10))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    @staticmethod
+    async def _close_later(client: GrpcPeerClient, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await client.close()
 
     async def _loop(self) -> None:
         while True:

@@ -1,0 +1,184 @@
+"""Cluster behaviour with several nodes in one process over real gRPC on 127.0.0.1: the peers file
+is re-read, discovery drops re-plan in-flight requests, a lost cluster fails fast, secrets sign."""
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from exo_core.engines.dummy import DUMMY_ANSWER
+from exo_core.generate import TextRequest
+from exo_core.networking.auth import ClusterAuth
+from exo_core.networking.manual import PeersFileError, parse_peers_file
+from exo_core.node import GenerationError
+from exo_core.runtime import ConfigError, NodeConfig, Runtime
+from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
+
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, secret=None, timeout=5.0):
+    """Started runtimes for `ids`; the peers file lists `listed` (default: all of them)."""
+    ports = free_ports(len(ids))
+    specs = {nid: NodeSpec(nid, port, 0) for nid, port in zip(ids, ports, strict=True)}
+    path = write_peers_file(tmp_path / "peers.json", [specs[n] for n in (listed or ids)])
+    started = []
+    try:
+        for nid in ids:
+            rt = Runtime(
+                NodeConfig(
+                    engine="dummy",
+                    engine_options={"dummy_delay_ms": delay_ms},
+                    node_id=nid,
+                    node_host="127.0.0.1",
+                    node_port=specs[nid].node_port,
+                    discovery="manual",
+                    discovery_options={"config_path": str(path), "timeout": timeout},
+                    frontends=(),
+                    cluster_secret=secret,
+                )
+            )
+            await rt.start()
+            started.append(rt)
+        yield dict(zip(ids, started, strict=True)), specs, path
+    finally:
+        for rt in started:
+            await rt.stop()
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.05)
+
+
+async def chat(rt, max_tokens=None):
+    prepared = rt.generator.prepare(TextRequest(model=rt.default_model, messages=CHAT, max_tokens=max_tokens))
+    return "".join([c.text async for c in rt.generator.stream(prepared)])
+
+
+async def test_peers_file_is_re_read_when_it_changes(tmp_path):
+    async with runtimes(tmp_path, ["a", "b", "c"], listed=["a", "b"]) as (rts, specs, path):
+        await until(lambda: set(rts["a"].node.peers) == {"b"})
+        assert set(rts["c"].node.peers) == {"a", "b"}  # c's own file lists a and b
+        write_peers_file(path, [specs["a"], specs["b"], specs["c"]])
+        await until(lambda: set(rts["a"].node.peers) == {"b", "c"})
+        assert [s.node_id for s in rts["a"].node.make_plan(rts["a"].default_model)] == ["a", "b", "c"]
+        write_peers_file(path, [specs["a"], specs["c"]])
+        await until(lambda: set(rts["a"].node.peers) == {"c"})
+        assert await chat(rts["a"]) == DUMMY_ANSWER
+
+
+async def test_discovery_drop_mid_generation_replans_and_completes(tmp_path):
+    async with runtimes(tmp_path, ["a", "b"], delay_ms=30) as (rts, specs, path):
+        await until(lambda: set(rts["a"].node.peers) == {"b"})
+        a = rts["a"]
+        prepared = a.generator.prepare(TextRequest(model=a.default_model, messages=CHAT))
+        pieces = []
+        async for chunk in a.generator.stream(prepared):
+            pieces.append(chunk.text)
+            if len(pieces) == 3:
+                write_peers_file(path, [specs["a"]])  # b leaves the file: dropped, request re-planned
+        assert "".join(pieces) == DUMMY_ANSWER
+        assert set(a.node.peers) == set()
+        await until(lambda: not rts["b"].node.active_stage_requests())  # the replay released b
+
+
+async def test_no_plan_left_is_a_clear_error_within_seconds(tmp_path):
+    async with runtimes(tmp_path, ["a", "b"], delay_ms=30) as (rts, _specs, _path):
+        a = rts["a"]
+        a.node.set_served_models(["some-other-model"])  # a cannot run it itself
+        await until(lambda: set(a.node.peers) == {"b"})
+        prepared = a.generator.prepare(TextRequest(model=a.default_model, messages=CHAT))
+        started = None
+        with pytest.raises(GenerationError, match="no node in the cluster can serve smollm2-135m"):
+            async for _ in a.generator.stream(prepared):
+                if started is None:
+                    started = time.monotonic()
+                    await rts["b"].stop()  # b goes away mid-generation
+        assert time.monotonic() - started < 5
+
+
+async def test_step_timeout_replays_when_a_stage_never_answers(tmp_path):
+    async with runtimes(tmp_path, ["a", "b"]) as (rts, _specs, _path):
+        a, b = rts["a"], rts["b"]
+        await until(lambda: set(a.node.peers) == {"b"})
+        a.node.step_timeout = 0.5
+
+        async def swallow(msg):  # b accepts steps but never computes them
+            return None
+
+        b.node.receive_step = swallow
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="no progress"):
+            await chat(a)
+        assert time.monotonic() - started < 10  # max_replans x step_timeout, not forever
+
+
+async def test_same_secret_joins_and_caches_are_released(tmp_path):
+    async with runtimes(tmp_path, ["a", "b"], secret="s3cret") as (rts, _specs, _path):
+        await until(lambda: set(rts["a"].node.peers) == {"b"} and set(rts["b"].node.peers) == {"a"})
+        assert await chat(rts["b"]) == DUMMY_ANSWER
+        await until(lambda: not any(rt.node.engine.caches for rt in rts.values()))
+
+
+def test_rpc_proofs():
+    auth, other = ClusterAuth("s"), ClusterAuth("t")
+    method = "/exo.node.v1.NodeService/Health"
+    proof = auth.proof(method)
+    assert auth.check(proof, method) is None
+    assert auth.check(proof, method) == "replayed cluster secret proof"
+    assert other.check(other.proof(method), method) is None
+    assert auth.check(other.proof(method), method) == "wrong cluster secret"
+    assert auth.check(auth.proof("/exo.node.v1.NodeService/Release"), method) == "wrong cluster secret"
+    assert "no cluster secret" in auth.check(None, method)
+    assert "clock" in auth.check(auth.proof(method, now=time.time() - 3600), method)
+    with pytest.raises(ValueError):
+        ClusterAuth("")
+
+
+def test_announcement_signatures():
+    auth = ClusterAuth("s")
+    signed = auth.sign_announcement({"node_id": "x", "grpc_port": 1})
+    assert auth.check_announcement(signed) is None
+    assert "different cluster secret" in ClusterAuth("t").check_announcement(signed)
+    assert "unsigned" in auth.check_announcement({"node_id": "x"})
+    tampered = {**signed, "grpc_port": 2}
+    assert "different cluster secret" in auth.check_announcement(tampered)
+
+
+def test_peers_file_errors_say_what_to_fix():
+    ok = parse_peers_file('{"peers": {"a": {"address": "10.0.0.1", "port": 5000}}}')
+    assert ok["a"].port == 5000 and ok["a"].capabilities is None
+    for text, match in [
+        ("{", "not valid JSON"),
+        ('{"nodes": {}}', '"peers" object'),
+        ('{"peers": {"a": {"port": 5000}}}', "address"),
+        ('{"peers": {"a": {"address": "h", "port": "x"}}}', "port"),
+        ('{"peers": {"a": {"address": "h", "port": 70000}}}', "port"),
+        ('{"peers": {"a": {"address": "h", "port": 1, "device_capabilities": 3}}}', "device_capabilities"),
+    ]:
+        with pytest.raises(PeersFileError, match=match):
+            parse_peers_file(text)
+
+
+async def test_manual_discovery_without_a_file_is_a_config_error(tmp_path):
+    rt = Runtime(
+        NodeConfig(
+            engine="dummy",
+            node_id="a",
+            node_host="127.0.0.1",
+            discovery="manual",
+            discovery_options={"config_path": str(tmp_path / "missing.json")},
+            frontends=(),
+        )
+    )
+    with pytest.raises(ConfigError, match="does not exist"):
+        await rt.start()
+    await rt.stop()
