@@ -33,8 +33,11 @@ import datetime
 import hashlib
 import json
 import re
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -833,6 +836,35 @@ async def _serve(args: argparse.Namespace) -> None:
         await asyncio.Event().wait()
     finally:
         await server.stop()
+
+
+@contextlib.contextmanager
+def in_subprocess(*args: str, timeout: float = 30.0) -> Iterator[str]:
+    """The stand-in in its own process (its own event loop, like a board's server); yields its URL.
+
+    `args` are command-line options (`"--dialect", "upstream", ...`); the port is picked free.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exo_rkllm.fake_server", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(timeout)
+        if not ready or "listening on " not in ready[0]:
+            raise RuntimeError(f"the stand-in RKLLAMA server did not start: {ready}")
+        yield ready[0].rsplit(" ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

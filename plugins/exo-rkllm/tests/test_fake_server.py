@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
-from exo_rkllm.fake_server import FakeRKLLAMA, Fault, answer_pieces, fake_answer
+from exo_rkllm.fake_server import FakeRKLLAMA, Fault, answer_pieces, fake_answer, in_subprocess
 
 FAST = {"tokens_per_second": 500.0, "first_token_ms": 10.0}
 HI = [{"role": "user", "content": "héllo"}]
@@ -216,21 +214,11 @@ async def test_requests_and_faults_over_http(dialect):
 
 
 def test_runs_as_a_subprocess():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exo_rkllm.fake_server", "--dialect", "upstream", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line
-        url = line.rsplit(" ", 1)[1].strip()
+    with in_subprocess("--dialect", "upstream", "--tokens-per-second", "100") as url:
+        assert url.startswith("http://127.0.0.1:")
 
         async def probe():
             async with aiohttp.ClientSession() as http:
                 return await call(http, "GET", url + "/api/version")
 
         assert asyncio.run(probe())[0] == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
