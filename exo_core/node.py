@@ -122,7 +122,10 @@ class PeerClient(Protocol):
 
     async def report_failure(self, failure: StageFailure) -> None: ...
     async def release(self, request_id: str, up_to_attempt: int) -> None: ...
-    async def health(self) -> None: ...
+
+    async def health(self, request_id: str = "", attempt: int = 0) -> str:
+        """Liveness; with a request, this node's `request_state` of that attempt."""
+        ...
 
 
 class PeerUnavailable(ConnectionError):
@@ -445,7 +448,7 @@ class Node:
 
         async def ping(node_id: str) -> StageFailure | None:
             try:
-                await self.client_for(node_id).health()
+                held = await self.client_for(node_id).health(rid, attempt)
             except PeerTimeout as exc:
                 first = state.silent_since.setdefault(node_id, now)
                 if now - first >= self.liveness_timeout:
@@ -454,6 +457,8 @@ class Node:
             except PeerUnavailable as exc:
                 return StageFailure(rid, attempt, node_id, str(exc))
             state.silent_since.pop(node_id, None)
+            if held == RELEASED:  # it gave up on the request (e.g. could not reach us)
+                return StageFailure(rid, attempt, node_id, f"{node_id} dropped the request")
             return None
 
         results = await asyncio.gather(*(ping(n) for n in remote))
@@ -560,6 +565,16 @@ class Node:
                 if now - known.last_seen > idle_after:
                     log.info("releasing an abandoned request", request=request_id)
                     await self.release(request_id, known.attempt)
+
+    def request_state(self, request_id: str, attempt: int) -> str:
+        """ACTIVE, RELEASED or UNKNOWN: this node's stage of one attempt of a request."""
+        known = self._stage_requests.get(request_id)
+        if known is not None and known.attempt == attempt:
+            return ACTIVE
+        tomb = self._released.get(request_id)
+        if tomb is not None and tomb[0] >= attempt:
+            return RELEASED
+        return UNKNOWN
 
     def _bury(self, request_id: str, attempt: int) -> None:
         now = time.monotonic()
@@ -713,6 +728,9 @@ class Node:
 TOMBSTONE_S = 300.0
 MAX_TOMBSTONES = 10_000
 
+# Node.request_state values
+UNKNOWN, ACTIVE, RELEASED = "unknown", "active", "released"
+
 
 def _shard_key(msg: StepMessage) -> tuple:
     s = msg.stage.shard
@@ -742,5 +760,5 @@ class _LocalPeer:
     async def release(self, request_id: str, up_to_attempt: int) -> None:
         await self._node.release(request_id, up_to_attempt)
 
-    async def health(self) -> None:
-        return None
+    async def health(self, request_id: str = "", attempt: int = 0) -> str:
+        return self._node.request_state(request_id, attempt) if request_id else UNKNOWN

@@ -133,9 +133,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _log_refusal(self, peer: str, claimed: str, method: str, reason: str) -> None:
         now = time.monotonic()
-        if now - self._last_log.get(peer, -1e9) < 10:
-            return  # one line per caller every 10 s
+        if now - self._last_log.get(claimed, -1e9) < 60:
+            return  # one line per claimed node a minute
         if len(self._last_log) > 1000:
             self._last_log.clear()
-        self._last_log[peer] = now
+        self._last_log[claimed] = now
         log.warning("refused peer RPC", peer=peer, claimed_node=claimed, method=method, reason=reason)

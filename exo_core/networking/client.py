@@ -10,10 +10,20 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node import PeerTimeout, PeerUnavailable, StageFailure, StepMessage, TokenMessage
+from exo_core.node import (
+    ACTIVE,
+    RELEASED,
+    UNKNOWN,
+    PeerTimeout,
+    PeerUnavailable,
+    StageFailure,
+    StepMessage,
+    TokenMessage,
+)
 from exo_core.topology import NodeInfo
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+_STATES = {pb.REQUEST_ACTIVE: ACTIVE, pb.REQUEST_RELEASED: RELEASED, pb.REQUEST_UNKNOWN: UNKNOWN}
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -90,13 +100,16 @@ class GrpcPeerClient:
         request = pb.ReleaseRequest(request_id=request_id, up_to_attempt=up_to_attempt)
         await self._call("Release", request, self.call_timeout)
 
-    async def health(self) -> None:
-        """Raises unless the peer answers in time and is the node we think it is."""
-        reply = await self._call("Health", pb.HealthRequest(), self.health_timeout)
+    async def health(self, request_id: str = "", attempt: int = 0) -> str:
+        """Raises unless the peer answers in time as the node we think it is; with a request id,
+        returns the peer's state of that attempt (node.ACTIVE, RELEASED or UNKNOWN)."""
+        request = pb.HealthRequest(request_id=request_id, attempt=attempt)
+        reply = await self._call("Health", request, self.health_timeout)
         if not reply.ok:
             raise PeerUnavailable(f"{self.node_id} at {self.target} reports it is not healthy")
         if self.node_id and reply.node_id != self.node_id:
             raise PeerUnavailable(f"{self.target} is node {reply.node_id}, not {self.node_id}")
+        return _STATES.get(reply.request_state, UNKNOWN)
 
     # ---- discovery -----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from exo_core.networking.auth import AuthInterceptor, ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node import Node
+from exo_core.node import ACTIVE, RELEASED, UNKNOWN, Node
 
 if TYPE_CHECKING:
     from exo_core.runtime import Runtime
@@ -25,6 +25,9 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),  # a busy --node-port is an error, not a shared port
 )
+
+
+_STATES = {ACTIVE: pb.REQUEST_ACTIVE, RELEASED: pb.REQUEST_RELEASED, UNKNOWN: pb.REQUEST_UNKNOWN}
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
@@ -64,7 +67,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return pb.ReleaseReply()
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
-        return pb.HealthReply(ok=True, node_id=self.node.node_id)
+        state = pb.REQUEST_UNKNOWN
+        if request.request_id:
+            state = _STATES[self.node.request_state(request.request_id, request.attempt)]
+        return pb.HealthReply(ok=True, node_id=self.node.node_id, request_state=state)
 
     async def GetNodeInfo(
         self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext

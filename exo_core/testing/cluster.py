@@ -230,7 +230,29 @@ class Cluster:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
         return opener.open(req, timeout=timeout)
 
+    def _in_netns(self, node_id: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
+        """An HTTP request made from inside the node's network namespace (by a child process)."""
+        process = self.nodes[node_id]
+        code = (
+            "import json,sys,urllib.request,urllib.error\n"
+            "url,body,timeout=sys.argv[1],sys.argv[2],float(sys.argv[3])\n"
+            "data=body.encode() if body else None\n"
+            "req=urllib.request.Request(url,data=data,headers={'content-type':'application/json'} if data else {})\n"
+            "op=urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+            "try:\n r=op.open(req,timeout=timeout); print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n"
+        )
+        cmd = ["ip", "netns", "exec", str(process.spec.netns), sys.executable, "-c", code]
+        cmd += [process.url + path, json.dumps(body) if body is not None else "", str(timeout)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10, check=False)
+        if out.returncode != 0:
+            raise OSError(f"HTTP in namespace {process.spec.netns} failed: {out.stderr.strip()[-500:]}")
+        status, _, text = out.stdout.partition("\n")
+        return int(status), json.loads(text or "null")
+
     def get(self, node_id: str, path: str, timeout: float = 10) -> tuple[int, Any]:
+        if self.nodes[node_id].spec.netns:
+            return self._in_netns(node_id, path, None, timeout)
         try:
             with self._open(node_id, path, None, timeout) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
@@ -238,6 +260,8 @@ class Cluster:
             return exc.code, json.loads(exc.read() or b"null")
 
     def post(self, node_id: str, path: str, body: dict[str, Any], timeout: float = 120) -> tuple[int, Any]:
+        if self.nodes[node_id].spec.netns:
+            return self._in_netns(node_id, path, body, timeout)
         try:
             with self._open(node_id, path, body, timeout) as resp:
                 return resp.status, json.loads(resp.read())

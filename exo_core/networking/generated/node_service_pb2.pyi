@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RequestState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUEST_UNKNOWN: _ClassVar[RequestState]
+    REQUEST_ACTIVE: _ClassVar[RequestState]
+    REQUEST_RELEASED: _ClassVar[RequestState]
+REQUEST_UNKNOWN: RequestState
+REQUEST_ACTIVE: RequestState
+REQUEST_RELEASED: RequestState
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -153,16 +163,22 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("request_id", "attempt")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attempt: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("ok", "node_id")
+    __slots__ = ("ok", "node_id", "request_state")
     OK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_STATE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     node_id: str
-    def __init__(self, ok: _Optional[bool] = ..., node_id: _Optional[str] = ...) -> None: ...
+    request_state: RequestState
+    def __init__(self, ok: _Optional[bool] = ..., node_id: _Optional[str] = ..., request_state: _Optional[_Union[RequestState, str]] = ...) -> None: ...
 
 class Flops(_message.Message):
     __slots__ = ("fp32", "fp16", "int8")
