@@ -37,7 +37,7 @@ class DummyEngine(InferenceEngine):
             type=float,
             default=0.0,
             show_default=True,
-            help="Dummy engine: milliseconds of pretend compute per step.",
+            help="Dummy engine: milliseconds of pretend compute per step of the whole model.",
         ),
     )
 
@@ -70,7 +70,9 @@ class DummyEngine(InferenceEngine):
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)  # one "weight read" for the whole batch
+            # One "weight read" for the whole batch; a shard pays its share of the model's layers,
+            # so a pipeline costs what one node does (as a real engine's compute would).
+            await asyncio.sleep(self.delay_s * shard.layer_count / shard.n_layers)
         return [self._one(shard, item) for item in items]
 
     def _one(self, shard: Shard, item: StageInput) -> StageOutput:
