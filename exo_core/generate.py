@@ -78,13 +78,21 @@ class Generator:
     def __init__(self, node: Node, *, max_context: int | None = None) -> None:
         self.node = node
         self.max_context = max_context
+        self._tokenizers: dict[str, Tokenizer] = {}
+
+    def tokenizer(self, card: ModelCard) -> Tokenizer:
+        """The model's tokenizer, looked up once (finding its files costs milliseconds per call)."""
+        tokenizer = self._tokenizers.get(card.id)
+        if tokenizer is None:
+            tokenizer = self._tokenizers[card.id] = load_tokenizer(card)
+        return tokenizer
 
     def context_length(self, card: ModelCard) -> int:
         limits = [c for c in (card.context_length, self.max_context) if c]
         return min(limits) if limits else 4096
 
     def prepare(self, req: TextRequest) -> PreparedRequest:
-        tokenizer = load_tokenizer(req.model)
+        tokenizer = self.tokenizer(req.model)
         prompt_param = "messages" if req.messages is not None else "prompt"
         if req.messages is not None:
             prompt_tokens = tokenizer.encode_chat(req.messages)

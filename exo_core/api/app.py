@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,20 @@ class ApiState:
     created: int = field(default_factory=protocol.now)
     fingerprint: str = f"fp_exo_{__version__}"
     log: Any = log
+    warm_models: set[str] = field(default_factory=set)  # tokenizer loaded: prepare needs no thread
+
+    def is_warm(self, card: ModelCard) -> bool:
+        return card.id in self.warm_models
+
+    async def warm_up(self) -> None:
+        """Load the default model's tokenizer ahead of the first request (it reads the model file)."""
+        card = self.runtime.default_model
+        try:
+            await asyncio.to_thread(self.generator.tokenizer, card)
+        except Exception as exc:  # the first request will say what is wrong
+            log.info("tokenizer not loaded ahead", model=card.id, error=str(exc))
+            return
+        self.warm_models.add(card.id)
 
     @property
     def node(self) -> Node:
@@ -241,9 +257,7 @@ async def _run(
     request: web.Request, req: protocol.ChatRequest | protocol.CompletionRequest, endpoint: str
 ) -> web.StreamResponse:
     state = request.app[STATE]
-    run = CompletionRun(state, req, endpoint)
-    log.info("generation", id=run.id, model=req.model, n=req.n, stream=req.stream, user=req.user)
-    return await run.respond(request)
+    return await CompletionRun(state, req, endpoint).respond(request)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -346,6 +360,14 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def _warm_up(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[STATE].warm_up())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def init(runtime: Runtime) -> web.Application:
     """The API app for a started runtime."""
     app = web.Application(
@@ -353,6 +375,7 @@ def init(runtime: Runtime) -> web.Application:
         client_max_size=protocol.MAX_BODY_BYTES,
     )
     app[STATE] = ApiState(runtime)
+    app.cleanup_ctx.append(_warm_up)
     app.on_response_prepare.append(_cors_headers)
     app.add_routes(
         [
