@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tokenizers import decoders
 
@@ -118,7 +118,9 @@ class Generator:
         max_tokens = req.max_tokens if req.max_tokens is not None else room
         return PreparedRequest(req, tokenizer, prompt_tokens, max_tokens)
 
-    async def stream(self, prepared: PreparedRequest, usage: Usage | None = None) -> AsyncIterator[TextChunk]:
+    async def stream(
+        self, prepared: PreparedRequest, usage: Usage | None = None
+    ) -> AsyncGenerator[TextChunk, None]:
         """Text chunks as tokens arrive; closing it early stops the generation everywhere."""
         usage = usage if usage is not None else Usage()
         usage.prompt_tokens = len(prepared.prompt_tokens)
@@ -136,7 +138,8 @@ class Generator:
         stops = StopMatcher(req.stop)
         pending: list[GeneratedToken] = []
         start = time.perf_counter()
-        tokens = self.node.generate(request)
+        # Node.generate is an async generator; it is typed as an iterator.
+        tokens = cast(AsyncGenerator[GeneratedToken, None], self.node.generate(request))
         async with contextlib.aclosing(tokens):
             async for tok in tokens:
                 if usage.first_token_s is None:

@@ -269,6 +269,22 @@ def test_completion_logprobs(client, tokenizer, answer_ids):
     assert lp.text_offset[1] == len(lp.tokens[0])
 
 
+@pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
+def test_penalties_are_applied(client, field):
+    # The dummy answer ends with a second "."; a penalty of 2 on tokens already said makes the
+    # end of turn (the runner-up there) win instead.
+    out = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, **{field: 2.0})
+    assert out.choices[0].message.content == DUMMY_ANSWER[:-1]
+    assert out.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("cut", [{"extra_body": {"top_k": 1}}, {"top_p": 0.0}])
+def test_top_k_and_top_p_narrow_sampling(client, cut):
+    for seed in range(3):
+        out = client.chat.completions.create(model=MODEL, messages=HI, temperature=1, seed=seed, **cut)
+        assert out.choices[0].message.content == DUMMY_ANSWER  # only the likeliest token is left
+
+
 def test_user_field_is_accepted(client):
     out = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=2, user="alice")
     assert out.choices[0].finish_reason == "length"
@@ -413,6 +429,15 @@ def test_no_node_can_serve_is_503(client, server):
     assert client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1).choices
 
 
+def test_model_without_files_here_is_503(client):
+    # The dummy engine serves any card, but this node has no tokenizer for llama-3.2-1b.
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="llama-3.2-1b", messages=HI, stream=stream)
+        assert err.value.status_code == 503
+        assert err.value.code == "model_not_available"
+
+
 def test_failure_midway_is_an_error_event(client, server):
     node = server.runtime.node
     real_generate = node.generate
@@ -503,3 +528,4 @@ def test_disconnect_frees_caches(server, stream):
     assert server.frontend.app is not None
     metrics = request("GET", f"{server.url}/metrics").text
     assert "exo_api_active_requests 0.0" in metrics
+    assert 'exo_api_requests_total{endpoint="/v1/chat/completions",status="499"}' in metrics

@@ -149,6 +149,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     endpoint = _endpoint(request)
     try:
         response = await handler(request)
+    except asyncio.CancelledError:
+        state.metrics.requests.labels(endpoint, "499").inc()  # the client went away (nginx's code)
+        raise
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +159,7 @@ class CompletionRun:
 
     # ---- running the choices -------------------------------------------------------------------
 
-    async def _events(self) -> AsyncIterator[tuple[Choice, TextChunk]]:
+    async def _events(self) -> AsyncGenerator[tuple[Choice, TextChunk], None]:
         """Chunks of every choice as they come; raises the first failure; closing it stops them all."""
         queue: asyncio.Queue[tuple[Choice, TextChunk | BaseException | None]] = asyncio.Queue()
         tasks = [asyncio.create_task(self._drive(c, queue)) for c in self.choices]
