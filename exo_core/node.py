@@ -65,6 +65,8 @@ class StepMessage:
     messages: list[dict[str, Any]] | None = None
     # Tokens generated before this attempt (a replay); the last stage seeds its history with them.
     replayed: tuple[int, ...] = ()
+    # The token just sampled, riding along to stage 0 when stage 0 is the origin (saves an RPC).
+    deliver: TokenMessage | None = None
 
     @property
     def stage(self) -> PlanStage:
@@ -499,6 +501,9 @@ class Node:
         """A step for this node's stage: queue it for the engine worker."""
         if msg.stage.node_id != self.node_id:
             raise ValueError(f"step for stage {msg.stage_index} is addressed to {msg.stage.node_id}")
+        if msg.deliver is not None and not await self.receive_token(msg.deliver):
+            await self.release(msg.request_id, msg.attempt)  # the origin (this node) let go
+            return
         tomb = self._released.get(msg.request_id)
         if tomb is not None and msg.attempt <= tomb[0]:
             return  # the origin already let go of this attempt
@@ -654,6 +659,7 @@ class Node:
                 tokens=None,
                 hidden=out.hidden,
                 messages=None,
+                deliver=None,
             )
             await self._forward_to(nxt)
             return
@@ -688,7 +694,11 @@ class Node:
             hidden=None,
             messages=None,
             replayed=(),
+            deliver=None,
         )
+        if nxt.stage.node_id == msg.origin:
+            await self._forward_to(replace(nxt, deliver=token_msg))  # one message does both
+            return
         # The token to the origin and the next step to stage 0 go out together: the ring does
         # not wait for the origin's acknowledgement.
         await asyncio.gather(self._deliver(msg, token_msg), self._forward_to(nxt))

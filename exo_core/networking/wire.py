@@ -54,7 +54,8 @@ def tensor_from_pb(msg: pb.Tensor, dtype: np.dtype, rank: int, field: str) -> np
         raise WireError(
             f"{field}: {len(msg.data)} bytes for shape {list(shape)} {dtype.name} (expected {expected})"
         )
-    return np.frombuffer(msg.data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    # A writable, native-order copy: engines may work in place.
+    return np.frombuffer(msg.data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
 
 
 # ---- plans and sampling ------------------------------------------------------------------------
@@ -126,6 +127,8 @@ def step_to_pb(step: StepMessage) -> pb.StepRequest:
         msg.hidden.CopyFrom(tensor_to_pb(step.hidden, HIDDEN_DTYPE))
     if step.messages is not None:
         msg.messages_json = json.dumps(step.messages, ensure_ascii=False)
+    if step.deliver is not None:
+        msg.deliver.CopyFrom(token_to_pb(step.deliver))
     return msg
 
 
@@ -168,6 +171,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
         hidden=hidden,
         messages=messages,
         replayed=tuple(msg.replayed),
+        deliver=token_from_pb(msg.deliver) if msg.HasField("deliver") else None,
     )
 
 

@@ -130,6 +130,24 @@ class Cluster:
     nodes: dict[str, ExoProcess] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+    specs: dict[str, NodeSpec] = field(default_factory=dict)
+    peers_file: Path | None = None
+
+    def list_peers(self, node_ids: Sequence[str]) -> None:
+        """Rewrite the shared peers file to list exactly these nodes (nodes re-read it)."""
+        assert self.peers_file is not None
+        write_peers_file(self.peers_file, [self.specs[n] for n in node_ids])
+
+    def wait_members(self, node_id: str, members: set[str], timeout: float = 60.0) -> None:
+        """Until `node_id`'s /v1/topology shows exactly these nodes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, topo = self.get(node_id, "/v1/topology")
+            if status == 200 and {n["node_id"] for n in topo["nodes"]} == members:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node_id} sees {topo}, wanted {sorted(members)}")
+            time.sleep(0.2)
 
     @classmethod
     @contextlib.contextmanager
@@ -145,16 +163,23 @@ class Cluster:
         env: dict[str, str] | None = None,
         wait: bool = True,
         timeout: float = 120.0,
+        listed: Sequence[str] | None = None,
     ) -> Iterator[Cluster]:
-        """Nodes that find each other through one shared manual peers file."""
+        """Nodes that find each other through one shared manual peers file.
+
+        `listed` limits the file to some nodes at first (the others wait); `cluster.list_peers()`
+        rewrites it later. Nodes wait for every listed peer before serving.
+        """
         tmp.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 * len(node_ids))
         specs = [
             NodeSpec(nid, ports[2 * i], ports[2 * i + 1], memory=(memory[i] if memory else 1000))
             for i, nid in enumerate(node_ids)
         ]
-        peers_file = write_peers_file(tmp / "peers.json", specs)
-        cluster = cls()
+        peers_file = tmp / "peers.json"
+        cluster = cls(specs={s.node_id: s for s in specs}, peers_file=peers_file)
+        cluster.list_peers(listed or node_ids)
+        wanted = len(listed or node_ids) - 1
         try:
             for spec in specs:
                 args = [
@@ -175,7 +200,7 @@ class Cluster:
                     "--discovery-config-path",
                     str(peers_file),
                     "--wait-for-peers",
-                    str(len(specs) - 1),
+                    str(wanted if spec.node_id in (listed or node_ids) else 0),
                     *extra_args,
                     *((per_node_args or {}).get(spec.node_id, ())),
                 ]
@@ -230,7 +255,9 @@ class Cluster:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
         return opener.open(req, timeout=timeout)
 
-    def _in_netns(self, node_id: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
+    def _in_netns(
+        self, node_id: str, path: str, body: dict[str, Any] | None, timeout: float
+    ) -> tuple[int, Any]:
         """An HTTP request made from inside the node's network namespace (by a child process)."""
         process = self.nodes[node_id]
         code = (

@@ -65,7 +65,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "origin", "plan", "stage_index", "sampling", "max_tokens", "eos_token_ids", "step", "start_pos", "tokens", "hidden", "messages_json", "replayed")
+    __slots__ = ("request_id", "attempt", "origin", "plan", "stage_index", "sampling", "max_tokens", "eos_token_ids", "step", "start_pos", "tokens", "hidden", "messages_json", "replayed", "deliver")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class StepRequest(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DELIVER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     origin: str
@@ -94,7 +95,8 @@ class StepRequest(_message.Message):
     hidden: Tensor
     messages_json: str
     replayed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., origin: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., stage_index: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., messages_json: _Optional[str] = ..., replayed: _Optional[_Iterable[int]] = ...) -> None: ...
+    deliver: TokenRequest
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., origin: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., stage_index: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., messages_json: _Optional[str] = ..., replayed: _Optional[_Iterable[int]] = ..., deliver: _Optional[_Union[TokenRequest, _Mapping]] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ()

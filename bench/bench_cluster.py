@@ -1,0 +1,153 @@
+"""Cluster benchmark: decode speed over 1, 2 and 3 nodes on loopback, per-hop cost, concurrent
+streams over a 2-node pipeline, and the stall after a stage is killed.
+
+    .venv/bin/python bench/bench_cluster.py                 # real engine if installed, else dummy
+    .venv/bin/python bench/bench_cluster.py --engine dummy --dummy-delay-ms 20
+
+Three real `exo` processes (manual discovery, one shared peers file) are started once; the peers
+file is rewritten to make the cluster 1, 2, then 3 nodes, and every request goes to node `a`.
+All ratios are against the 1-node figure of the same run (the host is shared and noisy).
+Decode tok/s is measured between the first and the last streamed token of a greedy answer;
+the per-hop cost is (ms/token with N nodes - ms/token with 1 node) / N, a ring of N nodes
+having N hops per token. Aggregate tok/s counts every token of k simultaneous streams over the
+wall time from the first request to the last token. The stall is the gap from `kill -9` of
+stage 2 to the next token the client receives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from exo_core.testing.cluster import Cluster
+
+PROMPT = [{"role": "user", "content": "Write a short story about a robot."}]
+
+
+def pick_engine(name: str | None) -> str:
+    if name:
+        return name
+    from exo_core.plugins import registry
+
+    engines = registry().engines
+    for candidate in ("tinygrad", "mlx"):
+        if candidate in engines and engines[candidate].available()[0]:
+            return candidate
+    return "dummy"
+
+
+def stream_once(cluster: Cluster, node_id: str, max_tokens: int) -> tuple[list[float], float]:
+    """Arrival times of the tokens of one greedy stream, and when the request was sent."""
+    sent = time.monotonic()
+    arrivals = []
+    for at, event in cluster.stream_chat(node_id, PROMPT, max_tokens=max_tokens):
+        if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
+            arrivals.append(at)
+    return arrivals, sent
+
+
+def decode_tps(cluster: Cluster, max_tokens: int, rounds: int) -> float:
+    rates = []
+    for _ in range(rounds):
+        arrivals, _ = stream_once(cluster, "a", max_tokens)
+        if len(arrivals) >= 2:
+            rates.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
+    return statistics.median(rates)
+
+
+def aggregate_tps(cluster: Cluster, streams: int, max_tokens: int) -> float:
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda _: stream_once(cluster, "a", max_tokens), range(streams)))
+    start = min(sent for _, sent in results)
+    end = max(arrivals[-1] for arrivals, _ in results)
+    return sum(len(arrivals) for arrivals, _ in results) / (end - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--engine", help="engine for every node (default: tinygrad, else mlx, else dummy)")
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per measured stream")
+    parser.add_argument("--rounds", type=int, default=2, help="streams per decode figure (median)")
+    parser.add_argument("--dummy-delay-ms", type=float, default=20.0, help="dummy engine: ms per token")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    engine = pick_engine(args.engine)
+    extra = ["--dummy-delay-ms", str(args.dummy_delay_ms)] if engine == "dummy" else []
+    tokens = min(args.tokens, 16) if engine == "dummy" else args.tokens  # the dummy answer is 16 tokens
+    results: dict[str, float] = {}
+    print(f"engine: {engine}; {tokens} tokens per stream; requests to node a", flush=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Cluster.manual(
+            ["a", "b", "c"], tmp=Path(tmp), engine=engine, extra_args=extra, listed=["a"], timeout=300
+        ) as cluster,
+    ):
+        ms = {}
+        for members in (["a"], ["a", "b"], ["a", "b", "c"]):
+            n = len(members)
+            cluster.list_peers(members)
+            cluster.wait_members("a", set(members))
+            stream_once(cluster, "a", 4)  # warm-up: the new plan loads its shards
+            results[f"decode_tps_{n}"] = decode_tps(cluster, tokens, args.rounds)
+            ms[n] = 1000 / results[f"decode_tps_{n}"]
+            print(f"  {n} node(s): {results[f'decode_tps_{n}']:.1f} tok/s ({ms[n]:.1f} ms/token)", flush=True)
+        for n in (2, 3):
+            results[f"ratio_{n}_vs_1"] = results[f"decode_tps_{n}"] / results["decode_tps_1"]
+            results[f"per_hop_ms_{n}"] = (ms[n] - ms[1]) / n
+
+        cluster.list_peers(["a", "b"])
+        cluster.wait_members("a", {"a", "b"})
+        stream_once(cluster, "a", 4)
+        for k in (1, 2, 4):
+            results[f"aggregate_tps_{k}_streams"] = aggregate_tps(cluster, k, tokens)
+            print(
+                f"  2-node pipeline, {k} stream(s): {results[f'aggregate_tps_{k}_streams']:.1f} tok/s",
+                flush=True,
+            )
+        for k in (2, 4):
+            results[f"aggregate_ratio_{k}_vs_1"] = (
+                results[f"aggregate_tps_{k}_streams"] / results["aggregate_tps_1_streams"]
+            )
+
+        arrivals, killed_at = [], None
+        for at, event in cluster.stream_chat("a", PROMPT, max_tokens=tokens):
+            if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
+                arrivals.append(at)
+            if len(arrivals) == tokens // 3 and killed_at is None:
+                cluster.nodes["b"].kill()
+                killed_at = time.monotonic()
+        after = [t for t in arrivals if killed_at is not None and t > killed_at]
+        results["stall_after_kill_s"] = (after[0] - killed_at) if after and killed_at else float("nan")
+        results["tokens_after_kill"] = len(arrivals)
+
+    print()
+    print(f"| measure ({engine}, loopback, one run) | value | target |")
+    print("|---|---|---|")
+    for n in (1, 2, 3):
+        print(f"| decode, {n} node(s) | {results[f'decode_tps_{n}']:.1f} tok/s | |")
+    print(f"| 2 nodes vs 1 | {results['ratio_2_vs_1']:.2f}x | >= 0.9x |")
+    print(f"| 3 nodes vs 1 | {results['ratio_3_vs_1']:.2f}x | |")
+    print(f"| per-hop cost, 2 nodes | {results['per_hop_ms_2']:.2f} ms/token | < 1 ms |")
+    print(f"| per-hop cost, 3 nodes | {results['per_hop_ms_3']:.2f} ms/token | < 1 ms |")
+    for k in (1, 2, 4):
+        print(
+            f"| 2-node pipeline, {k} stream(s) | {results[f'aggregate_tps_{k}_streams']:.1f} tok/s aggregate | |"
+        )
+    print(f"| 4 streams vs 1 | {results['aggregate_ratio_4_vs_1']:.2f}x | >= 1.5x |")
+    print(f"| stall after kill -9 of stage 2 | {results['stall_after_kill_s']:.2f} s | < 3 s |")
+    print(f"| tokens streamed across the kill | {results['tokens_after_kill']:.0f} / {tokens} | all |")
+    if args.json:
+        args.json.write_text(json.dumps({"engine": engine, **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
