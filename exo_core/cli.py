@@ -195,6 +195,7 @@ async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature
     from exo_core.generate import TextRequest
     from exo_core.node import GenerationError
     from exo_core.sampling import SamplingParams
+    from exo_core.tokenizer import TokenizerError
 
     async with runtime:
         request = TextRequest(
@@ -208,7 +209,7 @@ async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature
             async for chunk in runtime.generator.stream(prepared):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
-        except (GenerationError, ValueError, OSError) as exc:
+        except (GenerationError, TokenizerError, ValueError, OSError) as exc:
             click.echo(f"\nexo: error: {exc}", err=True)
             return 1
         sys.stdout.write("\n")
