@@ -320,9 +320,10 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
 
 
 def _message(body: Any) -> str:
-    """The server's error message from `{"error"}`, `{"message"}`, Flask's HTML page, or raw text."""
+    """The server's error message from `{"error"}`, `{"message"}`, `{"detail"}` (the FastAPI
+    releases after 0.0.74), Flask's HTML page, or raw text."""
     if isinstance(body, dict):
-        for key in ("error", "message"):
+        for key in ("error", "message", "detail"):
             if body.get(key):
                 return str(body[key])
         return json.dumps(body, ensure_ascii=False)[:300]

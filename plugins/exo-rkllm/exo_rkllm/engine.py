@@ -103,8 +103,10 @@ class _Stream:
 
     model: _Model
     encoder: FragmentEncoder
-    skip: str = ""  # text an earlier attempt already delivered (a replay)
-    held: str = ""  # replayed text received while skipping
+    # A replay: the ids an earlier attempt already delivered, and what has come back so far.
+    skip: list[int] = field(default_factory=list)
+    held_ids: list[int] = field(default_factory=list)
+    held_text: str = ""
     ids: list[int] = field(default_factory=list)
     read: int = 0
     done: bool = False
@@ -114,18 +116,42 @@ class _Stream:
 
     def push(self, fragment: str) -> None:
         if self.skip:
-            self.held += fragment
-            if len(self.held) < len(self.skip):
-                if not self.skip.startswith(self.held):
-                    raise _diverged()
-                return
-            if not self.held.startswith(self.skip):
-                raise _diverged()
-            fragment, self.skip, self.held = self.held[len(self.skip) :], "", ""
-        ids = self.encoder.encode(fragment)
+            self._skip_replayed(fragment)
+            return
+        self._add(self.encoder.encode(fragment))
+
+    def _add(self, ids: list[int]) -> None:
         if ids:
             self.ids.extend(ids)
             self.wake.set()
+
+    def _skip_replayed(self, fragment: str) -> None:
+        """Drop the part of a replayed answer the client already has (it may end mid-character).
+
+        The answer is encoded exactly as the first time, so normally the first ids are the
+        delivered ones; if they were cut differently, the text decides.
+        """
+        tokenizer = self.model.tokenizer
+        self.held_text += fragment
+        self.held_ids += self.encoder.encode(fragment)
+        n = len(self.skip)
+        if len(self.held_ids) >= n and self.held_ids[:n] == self.skip:
+            rest, self.skip = self.held_ids[n:], []
+            self._add(rest)
+            return
+        delivered = tokenizer.decode(self.skip)
+        if "\ufffd" in delivered:
+            if len(self.held_ids) >= n:
+                raise _diverged()
+            return
+        if self.held_text.startswith(delivered):
+            # Same text, other token boundaries: go on from the delivered ids.
+            rest_text = self.held_text[len(delivered) :]
+            self.encoder = FragmentEncoder(tokenizer, context=self.skip)
+            self.skip = []
+            self._add(self.encoder.encode(rest_text))
+        elif not delivered.startswith(self.held_text):
+            raise _diverged()
 
     def finish(self, error: EngineError | None = None) -> None:
         if error is None and self.skip:
@@ -272,11 +298,9 @@ class RKLLMEngine(InferenceEngine):
         if messages is None:
             # A plain completion: RKLLAMA only chats, so the prompt text becomes one user turn.
             messages = [{"role": "user", "content": model.tokenizer.decode(prompt, skip_special=True)}]
-        stream = _Stream(
-            model,
-            FragmentEncoder(model.tokenizer, context=done_ids),
-            skip=model.tokenizer.decode(done_ids) if done_ids else "",
-        )
+        # A replay encodes its answer from the start, as the first attempt did, and skips the
+        # ids the client already has.
+        stream = _Stream(model, FragmentEncoder(model.tokenizer), skip=done_ids)
         self._streams[item.request_id] = stream
         options = sampling_options(item.sampling, item.max_tokens)
         stream.task = asyncio.create_task(

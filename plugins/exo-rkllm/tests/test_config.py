@@ -127,4 +127,8 @@ def test_error_messages_come_from_json_or_flasks_html_page():
     assert _message(FLASK_500).startswith(
         "500 Internal Server Error — The server encountered an internal error"
     )
+    assert (
+        _message({"detail": "Failed to load model 'X': init failed"})
+        == "Failed to load model 'X': init failed"
+    )
     assert _message("") == "(empty body)"
