@@ -239,13 +239,20 @@ def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype) -> ShardModel:
 
     freqs = None
     if "rope_freqs.weight" in arrays:
-        # Llama 3 long-context RoPE: llama.cpp divides each pair's angle by a stored factor;
-        # MLX takes the per-pair period instead, theta^(2i/d) * factor.
-        factors = arrays["rope_freqs.weight"].astype(mx.float32)
-        exponents = mx.arange(0, config.head_dim, 2, dtype=mx.float32) / config.head_dim
-        freqs = mx.power(config.rope_theta, exponents) * factors
+        factors = np.array(arrays["rope_freqs.weight"].astype(mx.float32))
+        freqs = mx.array(gguf_rope_periods(config.rope_theta, config.head_dim, factors))
     # Tensors of other shards are dropped with `arrays` when this returns.
     return _assemble(config, shard, GGUF, tensor, freqs, dtype)
+
+
+def gguf_rope_periods(theta: float, head_dim: int, factors: np.ndarray) -> np.ndarray:
+    """RoPE periods for MLX from GGUF's `rope_freqs` (Llama 3 long-context RoPE).
+
+    llama.cpp divides each pair's angle by a stored factor; `mx.fast.rope(freqs=...)` takes
+    each pair's period instead: theta^(2i/d) * factor.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    return (theta**exponents * factors).astype(np.float32)
 
 
 # ---- safetensors --------------------------------------------------------------------------
@@ -352,24 +359,29 @@ def _hf_config(cfg_file: Path, cfg: dict[str, Any]) -> LlamaConfig:
 
 
 def _hf_rope_freqs(cfg_file: Path, cfg: dict[str, Any], config: LlamaConfig) -> mx.array | None:
-    """Llama 3's long-context RoPE periods (transformers' `_compute_llama3_parameters`)."""
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) != "llama3":
         return None
+    try:
+        return mx.array(hf_llama3_periods(config.rope_theta, config.head_dim, scaling))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(cfg_file, f"rope_scaling of type llama3 lacks or garbles {exc}") from exc
+
+
+def hf_llama3_periods(theta: float, dims: int, scaling: dict[str, Any]) -> np.ndarray:
+    """RoPE periods for MLX from `rope_scaling` of type llama3 (transformers' llama3 rule)."""
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     original = float(scaling["original_max_position_embeddings"])
-    dims = config.head_dim
-    periods = config.rope_theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
-    wavelen = 2 * np.pi * periods
-    low_wavelen, high_wavelen = original / low, original / high
-    smooth = (original / wavelen - low) / (high - low)
-    # inverse frequency: 1/period scaled down for long wavelengths, blended in between
+    periods = theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
     inv = 1.0 / periods
-    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    wavelen = 2 * np.pi * periods
+    smooth = (original / wavelen - low) / (high - low)
+    # long wavelengths slowed down by `factor`, short ones kept, the ones between blended
+    scaled = np.where(wavelen > original / low, inv / factor, inv)
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
     scaled = np.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return mx.array((1.0 / scaled).astype(np.float32))
+    return (1.0 / scaled).astype(np.float32)
 
 
 # ---- assembling a shard -------------------------------------------------------------------
