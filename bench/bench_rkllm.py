@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,7 +197,7 @@ def _server_args(dialect: str, args: argparse.Namespace) -> list[str]:
 
 @contextlib.contextmanager
 def _cluster(nodes: list[str], urls: list[str], tmp: Path) -> Iterator[Cluster]:
-    per_node = {n: ["--rkllm-server", u] for n, u in zip(nodes, urls, strict=True)}
+    per_node: dict[str, Sequence[str]] = {n: ("--rkllm-server", u) for n, u in zip(nodes, urls, strict=True)}
     with Cluster.manual(nodes, tmp=tmp, engine="rkllm", per_node_args=per_node) as cluster:
         yield cluster
 

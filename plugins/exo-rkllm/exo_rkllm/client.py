@@ -13,7 +13,7 @@ import asyncio
 import html
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +144,7 @@ class RKLLAMAClient:
 
     async def generate(
         self, folder: str, messages: list[dict[str, Any]], options: dict[str, Any] | None = None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str]:
         """The answer's text fragments as the server streams them; waits its turn first.
 
         Closing the iterator (or cancelling its consumer) closes the HTTP stream, which ends
