@@ -1,0 +1,127 @@
+"""The real 135M model over real `exo` processes: greedy answers on 2 and 3 nodes are the ones a
+single node gives, for the reference chats; a stage killed mid-answer changes nothing but time.
+
+The engine is tinygrad when installed, else mlx (EXO_TEST_CLUSTER_ENGINE picks one); the tests
+skip when neither can run here. Three processes are started once and the shared peers file is
+rewritten to make the cluster 1, 2, then 3 nodes.
+"""
+
+import concurrent.futures
+import itertools
+import os
+import time
+
+import pytest
+
+from exo_core.plugins import registry
+from exo_core.testing.cluster import Cluster, stream_text
+
+
+def _engine():
+    wanted = os.environ.get("EXO_TEST_CLUSTER_ENGINE")
+    engines = registry().engines
+    for name in [wanted] if wanted else ["tinygrad", "mlx"]:
+        if name in engines and engines[name].available()[0]:
+            return name
+    return None
+
+
+ENGINE = _engine()
+pytestmark = [
+    pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed"),
+    pytest.mark.timeout(600),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real-cluster")
+    with Cluster.manual(["a", "b", "c"], tmp=tmp, engine=ENGINE, listed=["a"], timeout=300) as c:
+        yield c
+
+
+MAX_TOKENS = 16  # enough to show a divergence; the kill test streams 64
+
+
+def _tokens(chat):
+    return min(len(chat["completion_ids"]), MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def single_node_answers(cluster, reference):
+    """What one node answers (greedy) to each reference chat."""
+    cluster.list_peers(["a"])
+    cluster.wait_members("a", {"a"})
+    answers = [cluster.chat("a", chat["messages"], max_tokens=_tokens(chat)) for chat in reference["greedy"]]
+    for chat, answer in zip(reference["greedy"], answers, strict=True):
+        print(f"\n{ENGINE} 1 node: {answer!r} (llama.cpp: {chat['completion_text']!r})")
+    return answers
+
+
+def _layer_ranges(cluster, node_id):
+    _, topo = cluster.get(node_id, "/v1/topology")
+    return {n["node_id"]: (n["shard"]["start_layer"], n["shard"]["end_layer"]) for n in topo["nodes"]}
+
+
+def test_two_nodes_answer_like_one(cluster, reference, single_node_answers):
+    answers = single_node_answers
+    cluster.list_peers(["a", "b"])
+    cluster.wait_members("a", {"a", "b"})
+    cluster.wait_members("b", {"a", "b"})
+    for node_id in ("a", "b"):
+        assert _layer_ranges(cluster, node_id) == {"a": (0, 14), "b": (15, 29)}
+    for i, chat in enumerate(reference["greedy"]):
+        node_id = "ab"[i % 2]  # a request to any node works
+        assert cluster.chat(node_id, chat["messages"], max_tokens=_tokens(chat)) == answers[i]
+
+
+@pytest.mark.heavy
+def test_four_concurrent_requests_on_two_nodes(cluster, reference, single_node_answers):
+    answers = single_node_answers
+    cluster.list_peers(["a", "b"])
+    cluster.wait_members("a", {"a", "b"})
+    chats = [reference["greedy"][i % 2] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(
+            pool.map(
+                lambda ic: cluster.chat("ab"[ic[0] % 2], ic[1]["messages"], max_tokens=_tokens(ic[1])),
+                enumerate(chats),
+            )
+        )
+    assert got == [answers[i % 2] for i in range(4)]
+
+
+@pytest.mark.heavy
+def test_three_nodes_answer_like_one(cluster, reference, single_node_answers):
+    answers = single_node_answers
+    cluster.list_peers(["a", "b", "c"])
+    for node_id in "abc":
+        cluster.wait_members(node_id, {"a", "b", "c"})
+        assert _layer_ranges(cluster, node_id) == {"a": (0, 9), "b": (10, 19), "c": (20, 29)}
+    for i, chat in enumerate(reference["greedy"]):
+        assert cluster.chat("abc"[i], chat["messages"], max_tokens=_tokens(chat)) == answers[i]
+
+
+@pytest.mark.heavy
+def test_kill_a_stage_mid_answer_and_the_text_is_unchanged(cluster, reference):
+    """kill -9 stage 2 of a 64-token greedy answer: the stream completes with the same text."""
+    cluster.list_peers(["a"])
+    cluster.wait_members("a", {"a"})
+    story = cluster.chat("a", reference["greedy"][-1]["messages"], max_tokens=64)
+    cluster.list_peers(["a", "b", "c"])
+    cluster.wait_members("a", {"a", "b", "c"})
+    arrivals, events, killed_at = [], [], None
+    for at, event in cluster.stream_chat("a", reference["greedy"][-1]["messages"], max_tokens=64):
+        events.append(event)
+        arrivals.append(at)
+        if len(arrivals) == 16 and killed_at is None:
+            cluster.nodes["b"].kill()
+            killed_at = time.monotonic()
+    assert stream_text(events) == story
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    after = [t for t in arrivals if t > killed_at]
+    stall = after[0] - killed_at
+    print(
+        f"\n{ENGINE}: stall after kill -9 of stage 2: {stall:.2f} s (median gap {sorted(gaps)[len(gaps) // 2]:.3f} s)"
+    )
+    assert "stage failed; re-planning" in cluster.nodes["a"].log()
