@@ -10,6 +10,7 @@ from exo_core.api.protocol import MAX_BODY_BYTES
 from exo_core.api.testing import BackgroundNode, Reply, request
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.runtime import NodeConfig
+from exo_core.tokenizer import load_tokenizer
 
 MODEL = "smollm2-135m"
 HI = [{"role": "user", "content": "Hi!"}]
@@ -174,3 +175,30 @@ def test_server_keeps_serving_after_bad_input(http):
     response = http.post("/v1/chat/completions", json=chat(temperature=0))
     assert response.status == 200
     assert response.json()["choices"][0]["message"]["content"] == DUMMY_ANSWER
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [], "tool_choice": "none", "parallel_tool_calls": True},
+        {"response_format": {"type": "text"}, "modalities": ["text"]},
+        {"logit_bias": {}, "store": False, "metadata": None, "service_tier": "auto"},
+        {"stream": True, "stream_options": {"include_usage": False, "include_obfuscation": False}},
+        {"messages": [{"role": "developer", "content": "Be brief."}, *HI]},
+        {"messages": [{"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": []}, *HI]},
+        {"top_k": -1, "user": "bob", "safety_identifier": "hash"},
+    ],
+)
+def test_fields_that_ask_for_nothing_are_accepted(http, fields):
+    response = http.post("/v1/chat/completions", json=chat(temperature=0, **fields))
+    assert response.status == 200, response.text
+    assert DUMMY_ANSWER in response.text or "Hello" in response.text
+
+
+def test_developer_role_is_a_system_turn(http, server):
+    tokenizer = load_tokenizer(server.runtime.default_model)
+    body = chat(messages=[{"role": "developer", "content": "Be brief."}, *HI], max_tokens=1)
+    usage = http.post("/v1/chat/completions", json=body).json()["usage"]
+    assert usage["prompt_tokens"] == len(
+        tokenizer.encode_chat([{"role": "system", "content": "Be brief."}, *HI])
+    )
