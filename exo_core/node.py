@@ -667,6 +667,7 @@ class Node:
 
     async def _finish_step(self, msg: StepMessage, out: StageOutput) -> None:
         known = self._stage_requests[msg.request_id]
+        top: tuple[tuple[int, float], ...]
         if out.token is not None:
             sampled_token, logprob, top = out.token, None, ()
         elif out.logits is not None:

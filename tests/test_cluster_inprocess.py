@@ -110,6 +110,7 @@ async def test_step_timeout_replays_when_a_stage_never_answers(tmp_path):
         a, b = rts["a"], rts["b"]
         await until(lambda: set(a.node.peers) == {"b"})
         a.node.step_timeout = 0.5
+        a.node.max_replans = 2
 
         async def swallow(msg):  # b accepts steps but never computes them
             return None
@@ -118,7 +119,7 @@ async def test_step_timeout_replays_when_a_stage_never_answers(tmp_path):
         started = time.monotonic()
         with pytest.raises(GenerationError, match="no progress"):
             await chat(a)
-        assert time.monotonic() - started < 10  # max_replans x step_timeout, not forever
+        assert time.monotonic() - started < 5  # max_replans x step_timeout, not forever
 
 
 async def test_same_secret_joins_and_caches_are_released(tmp_path):

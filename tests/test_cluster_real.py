@@ -58,9 +58,15 @@ def single_node_answers(cluster, reference):
     return answers
 
 
-def _layer_ranges(cluster, node_id):
-    _, topo = cluster.get(node_id, "/v1/topology")
-    return {n["node_id"]: (n["shard"]["start_layer"], n["shard"]["end_layer"]) for n in topo["nodes"]}
+def _layer_ranges(cluster, node_id, expected, timeout=30.0):
+    """The layer ranges node_id's /v1/topology shows, once they are `expected` (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, topo = cluster.get(node_id, "/v1/topology")
+        ranges = {n["node_id"]: (n["shard"]["start_layer"], n["shard"]["end_layer"]) for n in topo["nodes"]}
+        if ranges == expected or time.monotonic() > deadline:
+            return ranges
+        time.sleep(0.2)  # every node re-reads the peers file within a second or so
 
 
 def test_two_nodes_answer_like_one(cluster, reference, single_node_answers):
@@ -69,7 +75,8 @@ def test_two_nodes_answer_like_one(cluster, reference, single_node_answers):
     cluster.wait_members("a", {"a", "b"})
     cluster.wait_members("b", {"a", "b"})
     for node_id in ("a", "b"):
-        assert _layer_ranges(cluster, node_id) == {"a": (0, 14), "b": (15, 29)}
+        expected = {"a": (0, 14), "b": (15, 29)}
+        assert _layer_ranges(cluster, node_id, expected) == expected
     for i, chat in enumerate(reference["greedy"]):
         node_id = "ab"[i % 2]  # a request to any node works
         assert cluster.chat(node_id, chat["messages"], max_tokens=_tokens(chat)) == answers[i]
@@ -97,7 +104,8 @@ def test_three_nodes_answer_like_one(cluster, reference, single_node_answers):
     cluster.list_peers(["a", "b", "c"])
     for node_id in "abc":
         cluster.wait_members(node_id, {"a", "b", "c"})
-        assert _layer_ranges(cluster, node_id) == {"a": (0, 9), "b": (10, 19), "c": (20, 29)}
+        expected = {"a": (0, 9), "b": (10, 19), "c": (20, 29)}
+        assert _layer_ranges(cluster, node_id, expected) == expected
     for i, chat in enumerate(reference["greedy"]):
         assert cluster.chat("abc"[i], chat["messages"], max_tokens=_tokens(chat)) == answers[i]
 

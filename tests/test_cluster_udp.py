@@ -109,7 +109,8 @@ def test_udp_discovery_between_network_namespaces(tmp_path):
             ns = f"exo-{tag}-{nid}"
             cluster.namespaces.append(ns)
             _ip("netns", "add", ns)
-            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"v{i}", "netns", bridge_ns)
+            veth = ["type", "veth", "peer", "name", f"v{i}", "netns", bridge_ns]
+            _ip("link", "add", "eth0", "netns", ns, *veth)
             _ip("-n", bridge_ns, "link", "set", f"v{i}", "master", "br0", "up")
             _ip("-n", ns, "addr", "add", f"10.213.{i}.1/20", "dev", "eth0")  # broadcast 10.213.15.255
             _ip("-n", ns, "link", "set", "eth0", "up")

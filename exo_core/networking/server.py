@@ -95,12 +95,11 @@ async def serve(
     interceptors = [AuthInterceptor(auth)] if auth is not None else []
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
+    error: RuntimeError | None = None
     try:
         bound = server.add_insecure_port(grpc_target(host, port))
     except RuntimeError as exc:
         bound, error = 0, exc
-    else:
-        error = None
     if not bound:
         raise PeerServerError(
             f"cannot listen for peers on {grpc_target(host, port)} ({error or 'address in use?'}); "

@@ -82,7 +82,16 @@ class UDPDiscovery:
         if hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # several nodes on one host
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        sock.bind(("", self.port))
+        try:
+            sock.bind(("", self.port))
+        except OSError as exc:
+            sock.close()
+            from exo_core.runtime import ConfigError
+
+            raise ConfigError(
+                f"cannot listen for UDP discovery on port {self.port} ({exc}); "
+                "choose another --broadcast-port or --discovery-module manual"
+            ) from None
         sock.setblocking(False)
         transport, _ = await loop.create_datagram_endpoint(lambda: _Receiver(self), sock=sock)
         self._transport = transport
