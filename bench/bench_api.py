@@ -1,6 +1,7 @@
 """What the HTTP API costs: a streaming client against the same generation called in-process.
 
     .venv/bin/python bench/bench_api.py                      # dummy engine, 5 ms per token
+    .venv/bin/python bench/bench_api.py --engine dummy       # ... waiting on an asyncio timer
     .venv/bin/python bench/bench_api.py --delay-ms 2 --rounds 50 --json
     .venv/bin/python bench/bench_api.py --engine tinygrad --max-tokens 64   # a real model, if installed
 
@@ -20,21 +21,28 @@ same client: the part of the overhead that is HTTP on this machine, not exo.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import multiprocessing
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from exo_core.api.testing import BackgroundNode, connect
+from exo_core.engine import StageInput, StageOutput
+from exo_core.engines.dummy import DummyEngine
 from exo_core.generate import TextRequest, Usage
+from exo_core.log import configure_logging
+from exo_core.plugins import registry
 from exo_core.runtime import NodeConfig
 from exo_core.sampling import SamplingParams
+from exo_core.shard import Shard
 
 MESSAGES = [{"role": "user", "content": "Tell me about distributed inference."}]
 TARGET_RATIO = 0.95
@@ -160,6 +168,23 @@ async def start_floor_server() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
+class ThreadedDummyEngine(DummyEngine):
+    """The dummy engine with its pretend compute on a worker thread, as real engines compute.
+
+    The plain dummy engine waits with `asyncio.sleep`, and the event loop's epoll timeout is
+    rounded up to whole milliseconds: when the API does its (overlapped) work for a token
+    during that wait, the wait ends up to 1 ms late. A thread that finishes wakes the loop at
+    once, as tinygrad's or MLX's would, so this measures the API and not that rounding.
+    """
+
+    name = "dummy-threaded"
+
+    async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
+        if self.delay_s:
+            await asyncio.to_thread(time.sleep, self.delay_s)
+        return [self._one(shard, item) for item in items]
+
+
 async def in_process(node: BackgroundNode, model_id: str, max_tokens: int | None) -> Sample:
     runtime = node.runtime
     assert runtime is not None and runtime.generator is not None
@@ -188,7 +213,12 @@ def rate(samples: list[Sample]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", default="dummy", help="engine to run (default: dummy)")
+    parser.add_argument(
+        "--engine",
+        default="dummy-threaded",
+        help="engine to run: dummy-threaded (default; the dummy engine waiting on a thread), dummy, "
+        "or a real one (tinygrad, mlx)",
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="dummy engine: pretend compute per token")
     parser.add_argument("--rounds", type=int, default=30)
@@ -198,7 +228,10 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args()
 
-    options = {"dummy_delay_ms": args.delay_ms} if args.engine == "dummy" else {}
+    configure_logging("console", "warning")
+    registry().engines[ThreadedDummyEngine.name] = ThreadedDummyEngine
+    is_dummy = args.engine.startswith("dummy")
+    options = {"dummy_delay_ms": args.delay_ms} if is_dummy else {}
     config = NodeConfig(
         model=args.model,
         engine=args.engine,
@@ -240,7 +273,7 @@ def main() -> int:
     result = {
         "engine": args.engine,
         "model": args.model,
-        "delay_ms": args.delay_ms if args.engine == "dummy" else None,
+        "delay_ms": args.delay_ms if is_dummy else None,
         "rounds": args.rounds,
         "tokens_per_answer": statistics.median(s.tokens for s in api),
         "api_tokens_per_s": round(rate(api), 2),

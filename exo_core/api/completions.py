@@ -80,6 +80,8 @@ class CompletionRun:
         self.choices: list[Choice] = []
         self.card: ModelCard | None = None
         self.want_logprobs = req.sampling.top_logprobs is not None
+        self._token_counter: Any = None  # the model's completion-token counter, looked up once
+        self._envelope: tuple[bytes, bytes] | None = None  # a chunk frame around its choice
 
     # ---- preparation ---------------------------------------------------------------------------
 
@@ -161,6 +163,14 @@ class CompletionRun:
 
     async def _events(self) -> AsyncGenerator[tuple[Choice, TextChunk], None]:
         """Chunks of every choice as they come; raises the first failure; closing it stops them all."""
+        if len(self.choices) == 1:  # the common case, without a task and a queue between
+            choice = self.choices[0]
+            stream = self.state.generator.stream(choice.prepared, choice.usage)
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    self._account(choice, chunk)
+                    yield choice, chunk
+            return
         queue: asyncio.Queue[tuple[Choice, TextChunk | BaseException | None]] = asyncio.Queue()
         tasks = [asyncio.create_task(self._drive(c, queue)) for c in self.choices]
         try:
@@ -199,7 +209,9 @@ class CompletionRun:
         if not choice.has_first_token:
             choice.has_first_token = True
             metrics.time_to_first_token.labels(model).observe(time.perf_counter() - self.arrived)
-        metrics.completion_tokens.labels(model).inc(len(chunk.tokens))
+        if self._token_counter is None:
+            self._token_counter = metrics.completion_tokens.labels(model)
+        self._token_counter.inc(len(chunk.tokens))
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason
             usage = choice.usage
@@ -331,11 +343,9 @@ class CompletionRun:
             if chunk.text or logprobs or delta:
                 delta["content"] = chunk.text
                 lp = protocol.chat_logprobs(logprobs) if self.want_logprobs else None
-                out += sse(self._frame_base(choices=[self._chat_choice(choice, delta, lp, None)]))
+                out += self._chunk_frame(self._chat_choice(choice, delta, lp, None))
             if chunk.finish_reason is not None:
-                out += sse(
-                    self._frame_base(choices=[self._chat_choice(choice, {}, None, chunk.finish_reason)])
-                )
+                out += self._chunk_frame(self._chat_choice(choice, {}, None, chunk.finish_reason))
             return out
         text = chunk.text
         if not choice.started:
@@ -344,10 +354,20 @@ class CompletionRun:
         if text or logprobs:
             lp = protocol.completion_logprobs(logprobs, choice.text_offset) if self.want_logprobs else None
             choice.text_offset += len(text)
-            out += sse(self._frame_base(choices=[self._text_choice(choice, text, lp, None)]))
+            out += self._chunk_frame(self._text_choice(choice, text, lp, None))
         if chunk.finish_reason is not None:
-            out += sse(self._frame_base(choices=[self._text_choice(choice, "", None, chunk.finish_reason)]))
+            out += self._chunk_frame(self._text_choice(choice, "", None, chunk.finish_reason))
         return out
+
+    def _chunk_frame(self, choice: dict[str, Any]) -> bytes:
+        """One SSE frame holding one choice; the envelope is the same for every frame, so it is
+        serialised once."""
+        if self._envelope is None:
+            empty = _dumps(self._frame_base(choices=[]))
+            cut = empty.index(b'"choices":[') + len(b'"choices":[')
+            self._envelope = (b"data: " + empty[:cut], empty[cut:] + b"\n\n")
+        head, tail = self._envelope
+        return head + _dumps(choice) + tail
 
     @staticmethod
     def _chat_choice(choice: Choice, delta: dict, logprobs: Any, finish: str | None) -> dict[str, Any]:
