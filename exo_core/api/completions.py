@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator
@@ -138,11 +139,11 @@ class CompletionRun:
             try:
                 prepared = self.state.generator.prepare(base)
             except ContextLengthError:
-                raise
+                raise  # a ValueError too, but with its own code
             except ValueError as exc:  # e.g. a prompt that tokenizes to nothing
                 raise protocol.invalid(str(exc), "messages" if self.is_chat else "prompt") from exc
             for i in range(req.n):
-                text_req = TextRequest(**{**base.__dict__, "sampling": req.sampling_for_choice(i)})
+                text_req = dataclasses.replace(base, sampling=req.sampling_for_choice(i))
                 one = PreparedRequest(
                     text_req, prepared.tokenizer, prepared.prompt_tokens, prepared.max_tokens
                 )
