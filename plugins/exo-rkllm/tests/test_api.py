@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from conftest import CONVERSATION, FAST
 from exo_rkllm.fake_server import FakeRKLLAMA, Fault, fake_answer
+from exo_rkllm.testing import CONVERSATION, FAST
 
 from exo_core.runtime import NodeConfig, Runtime
 

@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import pytest
-from conftest import CONVERSATION, FAST, Answer, chat, registry_with, rkllm_runtime
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
+from exo_rkllm.testing import CONVERSATION, FAST, Answer, chat, registry_with, rkllm_runtime
 
 from exo_core.models import ModelCard
 from exo_core.node import GenerationError

@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import FAST, chat, rkllm_runtime
 from exo_rkllm.fake_server import FakeRKLLAMA, Fault, fake_answer
+from exo_rkllm.testing import FAST, chat, rkllm_runtime
 
 from exo_core.node import GenerationError
 
