@@ -112,7 +112,7 @@ def test_hooks_register_through_callbacks(fresh_plugins):
 
         @hookimpl
         def register_models(self, register):
-            register(ModelCard("smollm2-135m", "again", 30, {"rkllm": "Folder"}))
+            register(ModelCard("smollm2-135m", "again", 30, {"mlx": "some/repo"}))
             register(ModelCard("tiny", "Tiny", 2, {"gguf": EMBEDDED}))
 
         @hookimpl
@@ -128,7 +128,7 @@ def test_hooks_register_through_callbacks(fresh_plugins):
     assert reg.frontends["gopher"] is object
     assert reg.models["tiny"].n_layers == 2
     # A second registration of a card adds sources instead of replacing the card.
-    assert reg.models["smollm2-135m"].sources["rkllm"] == "Folder"
+    assert reg.models["smollm2-135m"].sources["mlx"] == "some/repo"
     assert reg.models["smollm2-135m"].sources["gguf"] == EMBEDDED
 
     from click.testing import CliRunner
