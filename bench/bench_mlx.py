@@ -134,6 +134,12 @@ def measure_llamacpp(args) -> dict:
     )
     load_s = time.perf_counter() - started
     prompt = prompt_ids(args.prefill)
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        # Without logits_all, llama-cpp-python keeps no scores; read the context's last row.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     prefill, decode, answer = [], [], []
     for r in range(args.rounds + 1):
         llm.reset()
@@ -142,7 +148,7 @@ def measure_llamacpp(args) -> dict:
         t1 = time.perf_counter()
         tokens = []
         for _ in range(args.decode):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             tokens.append(token)
             llm.eval([token])
         t2 = time.perf_counter()
@@ -337,9 +343,16 @@ def print_table(results: dict[str, dict], args) -> None:
         )
     answers = {n: r["answer"] for n, r in measured.items()}
     if len(answers) > 1:
-        first = next(iter(answers.values()))
-        same = all(a == first for a in answers.values())
-        print(f"\ngreedy answers {'agree' if same else 'DIFFER'}: " + json.dumps(answers))
+        # The prompt is a chat prompt repeated to length, so near-ties can flip late tokens;
+        # correctness is the tests' job (llama.cpp's answers to real chats).
+        names = list(answers)
+        first = answers[names[0]]
+        for name in names[1:]:
+            same = next(
+                (i for i, (a, b) in enumerate(zip(first, answers[name], strict=False)) if a != b), None
+            )
+            agree = len(first) if same is None else same
+            print(f"greedy tokens {names[0]} vs {name}: first {agree} of {len(first)} agree")
 
 
 if __name__ == "__main__":
