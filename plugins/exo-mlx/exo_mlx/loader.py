@@ -3,8 +3,8 @@
 GGUF goes through `mx.load(path, return_metadata=True)`, which keeps Q4_0, Q4_1 and Q8_0
 tensors quantised as MLX affine triples (uint32 `weight`, float16 `scales` and `biases`,
 group size 32; the bit width follows from the shapes), so matmuls run `mx.quantized_matmul`.
-It expands Q2_K, Q4_K and Q6_K to float16; those are quantised again here (4 or 6 bits, group
-32) so a K-quant file does not take four times its size once loaded. The header is read
+It expands Q2_K, Q4_K and Q6_K to float16; those are quantised again here (8 bits, group 32)
+so a K-quant file takes about twice its size once loaded, not four times. The header is read
 first (architecture, tensor types), so a file this engine cannot use fails before its data is
 read.
 
@@ -61,7 +61,10 @@ GGML_TYPE_NAMES = {
 }  # fmt: skip
 GGML_QUANTISED = {2, 3, 8}  # Q4_0, Q4_1, Q8_0: mx.load keeps these quantised
 GGML_DENSE = {0, 1, 30}  # F32, F16, BF16 (mx.load reads BF16 as float16)
-GGML_REQUANTISE_BITS = {10: 4, 12: 4, 14: 6}  # Q2_K, Q4_K, Q6_K: expanded by mx.load, re-quantised
+# Q2_K, Q4_K, Q6_K: mx.load expands them to float16. Re-quantising with MLX's min/max affine
+# scheme at their own width would move values by up to half a step (their sub-block grids do
+# not line up with MLX groups), so they become 8-bit: within 1/510 of each group's range.
+GGML_REQUANTISE_BITS = {10: 8, 12: 8, 14: 8}
 GGUF_GROUP_SIZE = 32
 
 
