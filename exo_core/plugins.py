@@ -164,10 +164,8 @@ def registry() -> Registry:
 def reset_for_tests() -> None:
     """Forget everything loaded, so a test can load plugins again under another environment."""
     global _loaded, _registry
-    for name in list(_records):
-        plugin = pm.get_plugin(name)
-        if plugin is not None:
-            pm.unregister(plugin, name=name)
+    for name, plugin in list(pm.list_name_plugin()):
+        pm.unregister(plugin, name=name)
     _records.clear()
     _loaded = False
     _registry = None
