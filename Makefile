@@ -16,6 +16,7 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy exo_core
 	$(VENV)/bin/pytest tests plugins
 
 proto: setup
