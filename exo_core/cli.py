@@ -133,7 +133,7 @@ def _run_options() -> list[click.Parameter]:
     ]
 
 
-def _serve(params: dict[str, Any], engine_option_names: set[str]) -> None:
+def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_option_names: set[str]) -> None:
     from exo_core.runtime import ConfigError, NodeConfig, Runtime
 
     if params.get("run_model"):
@@ -149,6 +149,7 @@ def _serve(params: dict[str, Any], engine_option_names: set[str]) -> None:
         "broadcast_port": params.get("broadcast_port"),
         "interface_type_filter": _csv(params.get("interface_type_filter")),
         "node_id_filter": _csv(params.get("node_id_filter")),
+        **{k: v for k, v in params.items() if k in discovery_option_names},
     }
     prompt = params.get("prompt")
     config = NodeConfig(
@@ -276,18 +277,22 @@ def _models_command() -> click.Command:
 
 
 def build_cli() -> click.Group:
-    """The `exo` command group, with every loaded engine's extra `run` options."""
+    """The `exo` command group, with every loaded engine's and discovery module's `run` options."""
     from exo_core.plugins import pm, registry
 
     reg = registry()
-    engine_params: list[click.Parameter] = []
+    # Engines and discovery modules may carry their own `run` options (class attribute
+    # `cli_options`); their values reach them as engine_options / discovery_options.
+    plugin_params: list[click.Parameter] = []
+    names: dict[str, set[str]] = {"engine": set(), "discovery": set()}
     seen: set[str] = set()
-    for cls in reg.engines.values():
-        for param in cls.cli_options:
-            if param.name not in seen:
-                seen.add(param.name or "")
-                engine_params.append(param)
-    engine_option_names = {p.name for p in engine_params if p.name}
+    for kind, classes in (("engine", reg.engines.values()), ("discovery", reg.discovery.values())):
+        for cls in classes:
+            for param in getattr(cls, "cli_options", ()):
+                if param.name and param.name not in seen:
+                    seen.add(param.name)
+                    names[kind].add(param.name)
+                    plugin_params.append(param)
 
     @click.group(cls=DefaultRunGroup, help=CLI_HELP)
     @click.version_option(__version__, prog_name="exo")
@@ -295,10 +300,10 @@ def build_cli() -> click.Group:
         pass
 
     def run(**params: Any) -> None:
-        _serve(params, engine_option_names)
+        _serve(params, names["engine"], names["discovery"])
 
     cli.add_command(
-        click.Command("run", callback=run, params=[*_run_options(), *engine_params], help=RUN_HELP)
+        click.Command("run", callback=run, params=[*_run_options(), *plugin_params], help=RUN_HELP)
     )
     cli.add_command(_plugins_command())
     cli.add_command(_models_command())

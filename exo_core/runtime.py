@@ -115,6 +115,14 @@ class Runtime:
         return {cid: c for cid, c in self.registry.models.items() if self.engine_cls.can_serve(c)}
 
     async def start(self) -> None:
+        """Start everything; if any piece fails, what already started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         partitioner = self.registry.partitioners.get(cfg.partitioner)
         if partitioner is None:
@@ -215,12 +223,14 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await frontend.stop()
         self.frontends.clear()
-        if self.discovery is not None:
+        discovery, self.discovery = self.discovery, None
+        if discovery is not None:
             with contextlib.suppress(Exception):
-                await self.discovery.stop()
-        if self.server is not None:
+                await discovery.stop()
+        server, self.server = self.server, None
+        if server is not None:
             with contextlib.suppress(Exception):
-                await self.server.stop(0.5)
+                await server.stop(0.5)
         if self.node is not None:
             await self.node.stop()
 

@@ -5,4 +5,6 @@ from exo_core.hookspecs import hookimpl
 
 @hookimpl
 def register_discovery(register):
-    pass  # the discovery module lands with its own issue
+    from exo_discovery_tailscale.discovery import TailscaleDiscovery
+
+    register("tailscale", TailscaleDiscovery)

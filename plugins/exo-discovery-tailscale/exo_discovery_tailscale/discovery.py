@@ -1,0 +1,178 @@
+"""`tailscale` discovery: exo nodes find each other through the Tailscale API.
+
+Each node writes its node id, gRPC port and capabilities into its own device's posture
+attributes (`custom:exo_node_id`, `custom:exo_node_port`, `custom:exo_device_capability_*`,
+the names existing deployments use), then polls the tailnet's device list and offers every
+other device that publishes them, at its Tailscale IPv4 address, to the `PeerTracker` — which
+counts it only once its health RPC answers. Devices that leave the list, stop publishing, or
+are offline longer than `--discovery-timeout` are withdrawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import TYPE_CHECKING, Any
+
+import click
+import structlog
+
+from exo_discovery_tailscale.api import (
+    DEFAULT_API_URL,
+    TailscaleAPI,
+    TailscaleAPIError,
+    attributes_for,
+    encode_node_id,
+    parse_attributes,
+)
+
+if TYPE_CHECKING:
+    from exo_core.runtime import Runtime
+
+log = structlog.get_logger("exo.discovery.tailscale")
+
+
+async def own_device_id() -> str:
+    """This machine's Tailscale device id, from `tailscale status --json`."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "tailscale", "status", "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except FileNotFoundError:
+        raise TailscaleAPIError(
+            "the `tailscale` command is not installed; give --tailscale-device-id instead"
+        ) from None
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise TailscaleAPIError(f"`tailscale status --json` failed: {err.decode().strip()}")
+    try:
+        return str(json.loads(out)["Self"]["ID"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TailscaleAPIError(f"`tailscale status --json` gave no Self.ID ({exc})") from None
+
+
+class TailscaleDiscovery:
+    """Peers from the tailnet's device list and their exo posture attributes."""
+
+    name = "tailscale"
+    cli_options = (
+        click.Option(
+            ["--tailscale-api-key"],
+            envvar="TAILSCALE_API_KEY",
+            help="Tailscale discovery: an API access token (or TAILSCALE_API_KEY).",
+        ),
+        click.Option(
+            ["--tailnet-name"],
+            envvar="TAILSCALE_TAILNET",
+            default="-",
+            show_default=True,
+            help="Tailscale discovery: the tailnet ('-' is the API key's own).",
+        ),
+        click.Option(
+            ["--tailscale-api-url"],
+            envvar="TAILSCALE_API_URL",
+            default=DEFAULT_API_URL,
+            show_default=True,
+            help="Tailscale discovery: the API's base URL.",
+        ),
+        click.Option(
+            ["--tailscale-device-id"],
+            envvar="TAILSCALE_DEVICE_ID",
+            help="Tailscale discovery: this machine's device id (default: from `tailscale status --json`).",
+        ),
+        click.Option(
+            ["--tailscale-poll-interval"],
+            type=float,
+            default=5.0,
+            show_default=True,
+            help="Tailscale discovery: seconds between device list polls.",
+        ),
+    )
+
+    def __init__(self, runtime: Runtime) -> None:
+        from exo_core.networking.peers import PeerTracker
+        from exo_core.runtime import ConfigError
+
+        opts: dict[str, Any] = runtime.config.discovery_options
+        api_key = opts.get("tailscale_api_key")
+        if not api_key:
+            raise ConfigError(
+                "--discovery-module tailscale needs an API access token: --tailscale-api-key or "
+                "TAILSCALE_API_KEY (create one in the Tailscale admin console, Settings > Keys)"
+            )
+        assert runtime.node is not None
+        try:
+            encode_node_id(runtime.node.node_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.runtime = runtime
+        self.api = TailscaleAPI(
+            api_key, opts.get("tailnet_name") or "-", opts.get("tailscale_api_url") or DEFAULT_API_URL
+        )
+        self.device_id: str | None = opts.get("tailscale_device_id")
+        self.interval = float(opts.get("tailscale_poll_interval") or 5.0)
+        self.timeout = float(opts.get("timeout") or 30.0)
+        self.tracker = PeerTracker(runtime, timeout=self.timeout, node_id_filter=opts.get("node_id_filter"))
+        self._task: asyncio.Task[None] | None = None
+        self._published = False
+
+    async def start(self) -> None:
+        from exo_core.runtime import ConfigError
+
+        try:
+            if not self.device_id:
+                self.device_id = await own_device_id()
+            await self._publish()
+        except TailscaleAPIError as exc:
+            await self.api.close()
+            raise ConfigError(f"tailscale discovery: {exc}") from None
+        await self.tracker.start()
+        self._task = asyncio.create_task(self._poll_forever(), name="exo-tailscale-discovery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.tracker.stop()
+        await self.api.close()
+
+    async def _publish(self) -> None:
+        node = self.runtime.node
+        assert node is not None and self.device_id is not None
+        for key, value in attributes_for(node.node_id, node.port, node.capabilities).items():
+            await self.api.set_attribute(self.device_id, key, value)
+        log.info("published to tailscale", device=self.device_id, port=node.port)
+
+    async def _poll_forever(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.poll_once()
+                if failing:
+                    log.info("tailscale API answers again")
+                failing = False
+            except TailscaleAPIError as exc:
+                # Keep the peers we have; the tracker's health checks decide about them.
+                if not failing:
+                    log.warning("tailscale API failed; keeping current peers", error=str(exc))
+                failing = True
+            await asyncio.sleep(self.interval)
+
+    async def poll_once(self) -> None:
+        """One pass: list devices, read their exo attributes, offer and withdraw peers."""
+        devices = await self.api.devices()
+        seen: set[str] = set()
+        for device in devices:
+            if device.id == self.device_id or device.ipv4 is None:
+                continue
+            if not device.seen_within(self.timeout):
+                continue
+            attrs = parse_attributes(await self.api.attributes(device.id))
+            if attrs is None:
+                continue
+            seen.add(attrs.node_id)
+            self.tracker.offer(attrs.node_id, device.ipv4, attrs.port, capabilities=attrs.capabilities)
+        for node_id in self.tracker.known() - seen:
+            self.tracker.withdraw(node_id, "gone from the tailnet (or no longer running exo)")
