@@ -112,6 +112,14 @@ class InferenceEngine(ABC):
     async def release(self, request_id: str) -> None:
         """Free the request's cache (no error when it holds none)."""
 
+    def queued(self, request_id: str) -> bool:
+        """True while the request waits its turn (healthy, but making no progress yet).
+
+        The origin does not count time spent queued against `--step-timeout`; engines that
+        serve requests one after another (a whole-model server) say so here.
+        """
+        return False
+
     def context_length(self) -> int | None:
         """Most positions one request may hold in the loaded model, when known."""
         return None

@@ -220,6 +220,7 @@ class Node:
         self.step_timeout = step_timeout
         self.max_replans = max_replans
         self.liveness_interval = liveness_interval
+        self.replans_total = 0  # requests re-planned after a stage failed (all time)
         self.liveness_timeout = liveness_timeout
         self.peers: dict[str, Peer] = {}
         # Clients of peers discovery dropped, kept a while so releases still reach them.
@@ -371,6 +372,7 @@ class Node:
                     continue  # from an attempt already abandoned
                 if isinstance(event, StageFailure):
                     replans += 1
+                    self.replans_total += 1
                     log.warning(
                         "stage failed; re-planning",
                         request=request.request_id,
@@ -444,8 +446,6 @@ class Node:
         """No token for a while: ping the plan's stages; a failure when one is gone."""
         rid, attempt = state.request.request_id, state.attempt
         now = time.monotonic()
-        if now - state.progress_at > self.step_timeout:
-            return StageFailure(rid, attempt, "", f"no progress for {self.step_timeout:.0f} s")
         remote = [s.node_id for s in state.plan if s.node_id != self.node_id]
 
         async def ping(node_id: str) -> StageFailure | None:
@@ -459,12 +459,21 @@ class Node:
             except PeerUnavailable as exc:
                 return StageFailure(rid, attempt, node_id, str(exc))
             state.silent_since.pop(node_id, None)
+            if held == QUEUED:  # waiting its turn on a busy engine: healthy, not stuck
+                state.progress_at = time.monotonic()
             if held == RELEASED:  # it gave up on the request (e.g. could not reach us)
                 return StageFailure(rid, attempt, node_id, f"{node_id} dropped the request")
             return None
 
         results = await asyncio.gather(*(ping(n) for n in remote))
-        return next((r for r in results if r is not None), None)
+        failure = next((r for r in results if r is not None), None)
+        if failure is not None:
+            return failure
+        if any(s.node_id == self.node_id for s in state.plan) and self.request_state(rid, attempt) == QUEUED:
+            state.progress_at = time.monotonic()
+        if time.monotonic() - state.progress_at > self.step_timeout:
+            return StageFailure(rid, attempt, "", f"no progress for {self.step_timeout:.0f} s")
+        return None
 
     def _forget_plan(self, state: _OriginState) -> None:
         for stage in state.plan:
@@ -572,10 +581,11 @@ class Node:
                     await self.release(request_id, known.attempt)
 
     def request_state(self, request_id: str, attempt: int) -> str:
-        """ACTIVE, RELEASED or UNKNOWN: this node's stage of one attempt of a request."""
+        """ACTIVE, QUEUED (waiting its turn in the engine), RELEASED or UNKNOWN: this node's
+        stage of one attempt of a request."""
         known = self._stage_requests.get(request_id)
         if known is not None and known.attempt == attempt:
-            return ACTIVE
+            return QUEUED if self.engine.queued(f"{request_id}#{attempt}") else ACTIVE
         tomb = self._released.get(request_id)
         if tomb is not None and tomb[0] >= attempt:
             return RELEASED
@@ -740,7 +750,7 @@ TOMBSTONE_S = 300.0
 MAX_TOMBSTONES = 10_000
 
 # Node.request_state values
-UNKNOWN, ACTIVE, RELEASED = "unknown", "active", "released"
+UNKNOWN, ACTIVE, QUEUED, RELEASED = "unknown", "active", "queued", "released"
 
 
 def _shard_key(msg: StepMessage) -> tuple:

@@ -12,6 +12,7 @@ from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
 from exo_core.node import (
     ACTIVE,
+    QUEUED,
     RELEASED,
     UNKNOWN,
     PeerTimeout,
@@ -23,7 +24,12 @@ from exo_core.node import (
 from exo_core.topology import NodeInfo
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-_STATES = {pb.REQUEST_ACTIVE: ACTIVE, pb.REQUEST_RELEASED: RELEASED, pb.REQUEST_UNKNOWN: UNKNOWN}
+_STATES = {
+    pb.REQUEST_ACTIVE: ACTIVE,
+    pb.REQUEST_QUEUED: QUEUED,
+    pb.REQUEST_RELEASED: RELEASED,
+    pb.REQUEST_UNKNOWN: UNKNOWN,
+}
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -102,7 +108,7 @@ class GrpcPeerClient:
 
     async def health(self, request_id: str = "", attempt: int = 0) -> str:
         """Raises unless the peer answers in time as the node we think it is; with a request id,
-        returns the peer's state of that attempt (node.ACTIVE, RELEASED or UNKNOWN)."""
+        returns the peer's state of that attempt (node.ACTIVE, QUEUED, RELEASED or UNKNOWN)."""
         request = pb.HealthRequest(request_id=request_id, attempt=attempt)
         reply = await self._call("Health", request, self.health_timeout)
         if not reply.ok:

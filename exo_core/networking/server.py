@@ -13,7 +13,7 @@ from exo_core.networking.auth import AuthInterceptor, ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node import ACTIVE, RELEASED, UNKNOWN, Node
+from exo_core.node import ACTIVE, QUEUED, RELEASED, UNKNOWN, Node
 
 if TYPE_CHECKING:
     from exo_core.runtime import Runtime
@@ -27,7 +27,12 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-_STATES = {ACTIVE: pb.REQUEST_ACTIVE, RELEASED: pb.REQUEST_RELEASED, UNKNOWN: pb.REQUEST_UNKNOWN}
+_STATES = {
+    ACTIVE: pb.REQUEST_ACTIVE,
+    QUEUED: pb.REQUEST_QUEUED,
+    RELEASED: pb.REQUEST_RELEASED,
+    UNKNOWN: pb.REQUEST_UNKNOWN,
+}
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):

@@ -12,9 +12,11 @@ class RequestState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_UNKNOWN: _ClassVar[RequestState]
     REQUEST_ACTIVE: _ClassVar[RequestState]
     REQUEST_RELEASED: _ClassVar[RequestState]
+    REQUEST_QUEUED: _ClassVar[RequestState]
 REQUEST_UNKNOWN: RequestState
 REQUEST_ACTIVE: RequestState
 REQUEST_RELEASED: RequestState
+REQUEST_QUEUED: RequestState
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")

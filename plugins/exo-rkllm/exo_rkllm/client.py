@@ -13,7 +13,7 @@ import asyncio
 import html
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,14 +143,21 @@ class RKLLAMAClient:
     # ---- the generation --------------------------------------------------------------------
 
     async def generate(
-        self, folder: str, messages: list[dict[str, Any]], options: dict[str, Any] | None = None
+        self,
+        folder: str,
+        messages: list[dict[str, Any]],
+        options: dict[str, Any] | None = None,
+        on_turn: Callable[[], None] | None = None,
     ) -> AsyncGenerator[str]:
         """The answer's text fragments as the server streams them; waits its turn first.
 
-        Closing the iterator (or cancelling its consumer) closes the HTTP stream, which ends
-        the generation on the server and lets the next request in.
+        `on_turn` is called when the wait is over. Closing the iterator (or cancelling its
+        consumer) closes the HTTP stream, which ends the generation on the server and lets the
+        next request in.
         """
         async with self._lock:
+            if on_turn is not None:
+                on_turn()
             dialect = await self.dialect()
             if dialect == FORK:
                 await self._fork_switch_to(folder)

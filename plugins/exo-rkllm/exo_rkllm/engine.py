@@ -113,6 +113,7 @@ class _Stream:
     error: EngineError | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    queued: bool = True  # waiting for the server's previous answers to finish
 
     def push(self, fragment: str) -> None:
         if self.skip:
@@ -311,7 +312,10 @@ class RKLLMEngine(InferenceEngine):
     async def _produce(
         self, stream: _Stream, model: _Model, messages: list[dict[str, Any]], options: dict[str, Any]
     ) -> None:
-        fragments = self.client.generate(model.folder, messages, options)
+        def on_turn() -> None:
+            stream.queued = False
+
+        fragments = self.client.generate(model.folder, messages, options, on_turn)
         try:
             async for fragment in fragments:
                 stream.push(fragment)
@@ -323,6 +327,11 @@ class RKLLMEngine(InferenceEngine):
             stream.finish(RKLLAMAError(f"rkllm bridge failed reading {self.server_url}: {exc!r}"))
         finally:
             await fragments.aclose()
+
+    def queued(self, request_id: str) -> bool:
+        """True while the request waits for the server to finish the answers before it."""
+        stream = self._streams.get(request_id)
+        return stream is not None and stream.queued and not stream.done
 
     async def release(self, request_id: str) -> None:
         """Cancel the request's HTTP stream (freeing the server for the next) and drop its cache."""

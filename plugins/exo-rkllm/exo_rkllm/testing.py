@@ -34,9 +34,12 @@ def registry_with(*cards: ModelCard) -> Registry:
 
 
 @contextlib.asynccontextmanager
-async def rkllm_runtime(url: str, reg: Registry | None = None, **options: Any) -> AsyncIterator[Runtime]:
+async def rkllm_runtime(
+    url: str, reg: Registry | None = None, *, step_timeout: float = 120.0, **options: Any
+) -> AsyncIterator[Runtime]:
     """A single exo node whose rkllm engine talks to `url` (no API frontend, no discovery)."""
     config = NodeConfig(
+        step_timeout=step_timeout,
         engine="rkllm",
         engine_options={"rkllm_server": url, **options},
         discovery="none",

@@ -98,6 +98,24 @@ async def test_requests_on_one_server_queue_and_never_interleave(server):
     assert server.state.generations == 4
 
 
+async def test_waiting_in_the_queue_longer_than_the_step_timeout_is_not_a_failure(dialect):
+    # Real boards stream ~8 tok/s: a request behind a few long answers waits minutes. Time
+    # spent queued is not "no progress", so it is not re-planned (which would lose its turn).
+    async with (
+        FakeRKLLAMA(dialect=dialect, tokens_per_second=25, first_token_ms=20) as server,
+        rkllm_runtime(server.url, step_timeout=0.5) as runtime,
+    ):
+        questions = ["first in line", "second in line"]
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(chat(runtime, [{"role": "user", "content": q}]) for q in questions))
+        waited = time.perf_counter() - started
+        assert runtime.node.replans_total == 0
+    for question, answer in zip(questions, answers, strict=True):
+        assert answer.text == fake_answer([{"role": "user", "content": question}])
+    assert waited > 2 * 0.5 + 0.5  # the second one really queued past the step timeout
+    assert server.state.generations == 2  # and was never replayed
+
+
 async def test_a_queued_request_does_not_hold_up_the_running_one(dialect):
     async with (
         FakeRKLLAMA(dialect=dialect, tokens_per_second=100, first_token_ms=20) as server,
