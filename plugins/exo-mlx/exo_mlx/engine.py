@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import platform
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +94,8 @@ class MLXEngine(InferenceEngine):
         self._model: ShardModel | None = None
         self._caches: dict[str, KVCache] = {}
         self._limit: int | None = None
+        self._waiting: set[str] = set()  # requests whose step is queued for the worker
+        self._waiting_lock = threading.Lock()
         self.source: str | None = None  # where the loaded weights came from
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -177,9 +180,22 @@ class MLXEngine(InferenceEngine):
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         if shard != self._shard or self._model is None:
             raise EngineError(f"mlx engine: shard {shard} is not loaded (loaded: {self._shard})")
-        return await self._run(self._forward_batch, list(items))
+        ids = [item.request_id for item in items]
+        with self._waiting_lock:
+            self._waiting.update(ids)
+        try:
+            return await self._run(self._forward_batch, list(items))
+        finally:
+            with self._waiting_lock:
+                self._waiting.difference_update(ids)
+
+    def queued(self, request_id: str) -> bool:
+        """True while the request's step waits for the worker thread (behind other steps)."""
+        return request_id in self._waiting
 
     def _forward_batch(self, items: list[StageInput]) -> list[StageOutput]:
+        with self._waiting_lock:
+            self._waiting.difference_update(item.request_id for item in items)
         outputs: dict[int, StageOutput] = {}
         # Single-token steps of different requests share one pass (one read of the weights);
         # prompts, and a request that appears twice, run on their own.

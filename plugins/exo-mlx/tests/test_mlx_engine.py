@@ -123,6 +123,19 @@ async def test_compute_does_not_block_the_event_loop(whole):
     assert ticks >= elapsed / 0.01 * 0.3, (ticks, elapsed)
 
 
+async def test_a_step_behind_another_is_reported_queued(whole):
+    engine, shard = whole
+    running = asyncio.create_task(engine.forward(shard, StageInput("first", tokens=np.arange(1, 17))))
+    await asyncio.sleep(0.2)
+    waiting = asyncio.create_task(engine.forward(shard, StageInput("second", tokens=np.arange(1, 3))))
+    await asyncio.sleep(0.05)
+    assert engine.queued("second") and not engine.queued("first")
+    await asyncio.gather(running, waiting)
+    assert not engine.queued("second")
+    await engine.release("first")
+    await engine.release("second")
+
+
 def test_engine_registered_without_importing_mlx():
     code = (
         "import sys\n"
