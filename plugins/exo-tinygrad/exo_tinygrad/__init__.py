@@ -1,8 +1,10 @@
-"""exo-tinygrad: a Llama-family engine on tinygrad. tinygrad is imported lazily."""
+"""exo-tinygrad: a Llama-family engine on tinygrad. tinygrad is imported lazily (on load)."""
 
 from exo_core.hookspecs import hookimpl
 
 
 @hookimpl
 def register_engines(register):
-    pass  # the engine lands with its own issue
+    from exo_tinygrad.engine import TinygradEngine
+
+    register(TinygradEngine)

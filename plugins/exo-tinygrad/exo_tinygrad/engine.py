@@ -1,0 +1,173 @@
+"""The tinygrad engine: exo's InferenceEngine over a Llama-family shard.
+
+Importing this module does not import tinygrad; `load` does, on the engine's worker thread.
+All tinygrad work runs on that one thread (a single-thread executor), so the node's event
+loop keeps serving HTTP and gRPC while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from exo_core import files
+from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
+from exo_core.models import ModelCard
+from exo_core.shard import Shard
+
+
+class TinygradEngine(InferenceEngine):
+    """Llama-family models (GGUF or safetensors) on tinygrad; CPU through clang by default."""
+
+    name = "tinygrad"
+    supports_sharding = True
+    source_kinds = ("gguf", "safetensors")
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-tinygrad")
+        self._runner: Any = None  # runner.ShardRunner, built on the worker thread
+        self._loaded: tuple[Shard, str] | None = None
+        self.source: str | None = None
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        if importlib.util.find_spec("tinygrad") is None:
+            return False, "tinygrad is not installed (pip install exo-tinygrad)"
+        device = os.environ.get("DEV", os.environ.get("DEVICE", "CPU")).split(":")[0].upper()
+        compiler = os.environ.get("CC", "clang")
+        if device in ("CPU", "CLANG") and shutil.which(compiler) is None:
+            return (
+                False,
+                f"tinygrad's CPU backend needs a C compiler: {compiler} was not found (install clang)",
+            )
+        return True, ""
+
+    @classmethod
+    def default_priority(cls) -> int:
+        # The default engine on Linux; on Apple silicon mlx (90) wins when it is installed.
+        return 40 if platform.system() == "Darwin" else 50
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- loading -------------------------------------------------------------------------
+
+    async def load(self, shard: Shard, model: ModelCard) -> None:
+        if self._loaded == (shard, model.id):
+            return
+        await self._call(self._load_sync, shard, model)
+
+    def _load_sync(self, shard: Shard, model: ModelCard) -> None:
+        if self._loaded == (shard, model.id):
+            return
+        _configure_tinygrad()
+        from exo_tinygrad.loader import load_shard
+        from exo_tinygrad.runner import ShardRunner
+
+        path = model_path(model)
+        self._runner = None  # free the old shard before reading the new one
+        weights = load_shard(path, shard, self.options.get("max_context"))
+        self._runner = ShardRunner(weights, shard)
+        self._loaded = (shard, model.id)
+        self.source = str(path)
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
+        return (await self.forward_batch(shard, [item]))[0]
+
+    async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
+        if self._loaded is None or self._loaded[0] != shard:
+            raise EngineError(f"tinygrad engine: shard {shard} is not loaded (loaded: {self.loaded_shard})")
+        return await self._call(self._forward_sync, shard, list(items))
+
+    def _forward_sync(self, shard: Shard, items: list[StageInput]) -> list[StageOutput]:
+        from exo_tinygrad.runner import Step
+
+        steps = [Step(i.request_id, i.tokens, i.hidden) for i in items]
+        outs = self._runner.run(steps)
+        if shard.is_last:
+            return [StageOutput(logits=out) for out in outs]
+        return [StageOutput(hidden=out) for out in outs]
+
+    async def release(self, request_id: str) -> None:
+        if self._runner is not None:
+            await self._call(self._runner.release, request_id)
+
+    async def close(self) -> None:
+        self._runner = None
+        self._loaded = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- introspection (tests, /metrics) ---------------------------------------------------
+
+    @property
+    def loaded_shard(self) -> Shard | None:
+        return self._loaded[0] if self._loaded else None
+
+    def context_length(self) -> int | None:
+        return self._runner.max_context if self._runner is not None else None
+
+    def cached_requests(self) -> int:
+        """How many requests hold a KV cache."""
+        return self._runner.cached_requests() if self._runner is not None else 0
+
+    def cache_bytes(self) -> int:
+        return self._runner.cache_bytes() if self._runner is not None else 0
+
+    def weight_bytes(self) -> int:
+        return self._runner.model.weight_bytes() if self._runner is not None else 0
+
+
+def model_path(model: ModelCard) -> Path:
+    """The model's files on this node: its GGUF if present, else its safetensors directory;
+    failing both, the GGUF (or safetensors repo) is downloaded into EXO_HOME."""
+    if files.local_gguf(model) is not None:
+        return files.gguf_path(model, download=False)
+    if "safetensors" in model.sources:
+        local = files.local_snapshot(model.sources["safetensors"])
+        if local is not None:
+            return local
+    try:
+        if "gguf" in model.sources:
+            return files.gguf_path(model)
+        return _download_safetensors(model.sources["safetensors"])
+    except files.ModelFilesError as exc:
+        raise EngineError(str(exc)) from exc
+    except KeyError:
+        raise EngineError(f"model {model.id!r} has no GGUF or safetensors source") from None
+
+
+def _download_safetensors(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
+        raise EngineError(f"cannot download {repo}: huggingface_hub is missing") from exc
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, cache_dir=files.models_dir() / "hub", allow_patterns=patterns))
+    except Exception as exc:
+        raise EngineError(f"could not download {repo}: {exc}") from exc
+
+
+_configured = False
+
+
+def _configure_tinygrad() -> None:
+    """Settings tinygrad reads when it is first imported (an explicit environment wins)."""
+    global _configured
+    if _configured:
+        return
+    # CPU kernels' THREAD opt runs its parts one after another on this tinygrad version: no gain.
+    os.environ.setdefault("THREADS", "0")
+    # Compile in-process: the process pool can hang pickling deep kernel graphs.
+    os.environ.setdefault("PARALLEL", "0")
+    _configured = True

@@ -1,0 +1,231 @@
+"""A Llama-family transformer shard in tinygrad: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The shard runs layers start..end of a model. Its input is hidden states (the first stage's
+embedding lookup happens on the host, see loader.py); its output is hidden states or, on the
+last stage, the logits of one chosen position per sequence. Several sequences can run in one
+call (a batch of decode steps): the projections see them as one matrix, so the weights are
+read once, while each sequence attends over its own KV cache from its own position.
+
+Quantised weights stay quantised in memory; `kernels.matmul` dequantises inside the matmul.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+
+from exo_tinygrad import kernels, quant
+from exo_tinygrad.loader import LlamaConfig, ShardWeights, Weight
+
+Position = int | UOp  # a plain int, or a bound symbolic Variable under the JIT
+
+
+class Linear:
+    """x @ W.T (+ b) for several weights that read the same input (q/k/v, gate/up).
+
+    Consecutive quantised weights of one format share one kernel call; float weights
+    (safetensors, F16/F32 GGUF) use tinygrad's own matmul.
+    """
+
+    def __init__(self, weights: Sequence[Weight], biases: Sequence[np.ndarray | None] | None = None) -> None:
+        self.sizes = [w.q.shape[0] if isinstance(w, quant.Unpacked) else w.shape[0] for w in weights]
+        biases = list(biases or [None] * len(weights))
+        self.bias = None
+        if any(b is not None for b in biases):
+            parts = [
+                np.zeros(n, np.float32) if b is None else b for n, b in zip(self.sizes, biases, strict=True)
+            ]
+            self.bias = Tensor(np.concatenate(parts).astype(np.float32))
+        self.parts: list[kernels.PackedWeight | Tensor] = []
+        for _, run in itertools.groupby(weights, key=_format):
+            group = list(run)
+            if isinstance(group[0], quant.Unpacked):
+                self.parts.append(kernels.pack(_concat(group)))
+            else:  # float16 stays float16 in memory; the matmul reads it as float32
+                self.parts.append(Tensor(np.ascontiguousarray(np.concatenate(group))))
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        outs = [
+            kernels.matmul(x, p) if isinstance(p, kernels.PackedWeight) else x @ p.cast(dtypes.float32).T
+            for p in self.parts
+        ]
+        y = outs[0].cat(*outs[1:], dim=-1) if len(outs) > 1 else outs[0]
+        if self.bias is not None:
+            y = y + self.bias
+        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(p.nbytes if isinstance(p, kernels.PackedWeight) else p.nbytes() for p in self.parts)
+        return total + (self.bias.nbytes() if self.bias is not None else 0)
+
+
+def _format(w: Weight) -> tuple:
+    if isinstance(w, quant.Unpacked):
+        return ("quant", w.bits == 4, w.group, w.offset is None)
+    return ("float", str(w.dtype))
+
+
+def _concat(weights: Sequence[quant.Unpacked]) -> quant.Unpacked:
+    if len(weights) == 1:
+        return weights[0]
+    first = weights[0]
+    offset = None if first.offset is None else np.concatenate([w.offset for w in weights])
+    return quant.Unpacked(
+        np.concatenate([w.q for w in weights]),
+        np.concatenate([w.scale for w in weights]),
+        offset,
+        first.group,
+        first.bits,
+    )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
+
+
+def rope_table(config: LlamaConfig, length: int) -> Tensor:
+    """cos and sin for every position: [length, head_dim] (cos halves, then sin halves)."""
+    half = config.head_dim // 2
+    freqs = 1.0 / config.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2 / config.head_dim)
+    if config.rope_freq_factors is not None:
+        freqs = freqs / np.asarray(config.rope_freq_factors, dtype=np.float64)
+    angles = np.arange(length, dtype=np.float64)[:, None] * freqs[None, :]
+    return Tensor(np.concatenate([np.cos(angles), np.sin(angles)], -1).astype(np.float32))
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate-half RoPE; x [T, heads, head_dim], table [T, head_dim]."""
+    half = x.shape[-1] // 2
+    cos, sin = table[:, None, :half], table[:, None, half:]
+    x1, x2 = x[..., :half], x[..., half:]
+    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+class Attention:
+    def __init__(self, config: LlamaConfig, w: dict[str, Weight], prefix: str) -> None:
+        self.config = config
+        names = ("attn_q", "attn_k", "attn_v")
+        biases = [w.get(f"{prefix}.{n}.bias") for n in names] if config.qkv_bias else None
+        self.qkv = Linear([w[f"{prefix}.{n}.weight"] for n in names], biases)
+        self.o = Linear([w[f"{prefix}.attn_output.weight"]])
+
+    def __call__(
+        self, x: Tensor, caches: list[Tensor], positions: list[Position], rope: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """x [B, T, dim]; sequence b writes its T new keys/values into caches[b] [2, capacity, kv, hd].
+
+        `mask` (prefill, B == 1) is [T, capacity]: 0 where a new position may look, -inf elsewhere.
+        """
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.reshape(B, T, c.n_heads, c.head_dim)
+        k = k.reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = v.reshape(B, T, c.n_kv_heads, c.head_dim)
+        outs = []
+        for b, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
+            table = rope[pos : pos + T]
+            qb, kb = apply_rope(q[b], table), apply_rope(k[b], table)
+            # write this step's keys/values, then read the cache through the write
+            store = cache[:, pos : pos + T].uop.store(Tensor.stack(kb, v[b]).uop)
+            kv = Tensor(cache.uop.after(store))
+            keys, values = kv[0, 0 : pos + T], kv[1, 0 : pos + T]  # [S, kv_heads, hd]
+            outs.append(self._attend(qb, keys, values, None if mask is None else mask[:, 0 : pos + T]))
+        return self.o(Tensor.stack(*outs) if B > 1 else outs[0].unsqueeze(0))[0]
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
+        c = self.config
+        T, group = q.shape[0], c.n_heads // c.n_kv_heads
+        q = q.reshape(T, c.n_kv_heads, group, c.head_dim).permute(1, 2, 0, 3)  # [kv, g, T, hd]
+        keys = keys.permute(1, 0, 2).unsqueeze(1)  # [kv, 1, S, hd]
+        values = values.permute(1, 0, 2).unsqueeze(1)
+        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))  # [kv, g, T, S]
+        if mask is not None:
+            scores = scores + mask
+        out = scores.softmax(-1) @ values  # [kv, g, T, hd]
+        return out.permute(2, 0, 1, 3).reshape(T, c.n_heads * c.head_dim)
+
+
+class FeedForward:
+    def __init__(self, w: dict[str, Weight], prefix: str) -> None:
+        self.gate_up = Linear([w[f"{prefix}.ffn_gate.weight"], w[f"{prefix}.ffn_up.weight"]])
+        self.down = Linear([w[f"{prefix}.ffn_down.weight"]])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x)
+        # contiguous: otherwise silu(gate) * up is recomputed inside `down` for every output row
+        return self.down((gate.silu() * up).contiguous())[0]
+
+
+class Block:
+    def __init__(self, config: LlamaConfig, w: dict[str, Weight], index: int) -> None:
+        prefix = f"blk.{index}"
+        self.eps = config.norm_eps
+        self.attn_norm = Tensor(w[f"{prefix}.attn_norm.weight"])
+        self.ffn_norm = Tensor(w[f"{prefix}.ffn_norm.weight"])
+        self.attention = Attention(config, w, prefix)
+        self.ffn = FeedForward(w, prefix)
+
+    def __call__(self, x, caches, positions, rope, mask) -> Tensor:
+        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), caches, positions, rope, mask)
+        return (h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))).contiguous()
+
+
+class ShardModel:
+    """Layers start..end of a model; the last stage also owns the final norm and the head."""
+
+    def __init__(self, weights: ShardWeights, start: int, end: int, is_last: bool) -> None:
+        c = self.config = weights.config
+        w = weights.tensors
+        self.blocks = [Block(c, w, i) for i in range(start, end + 1)]
+        self.is_last = is_last
+        if is_last:
+            self.norm = Tensor(w["output_norm.weight"])
+            self.head = Linear([w["token_embd.weight" if c.tied_embeddings else "output.weight"]])
+        self.rope = rope_table(c, c.max_context)
+
+    def new_cache(self, capacity: int) -> list[Tensor]:
+        """One request's KV cache: per layer, keys and values for `capacity` positions."""
+        c = self.config
+        shape = (2, capacity, c.n_kv_heads, c.head_dim)
+        return [Tensor.zeros(*shape, dtype=dtypes.float32).contiguous() for _ in self.blocks]
+
+    def __call__(
+        self,
+        x: Tensor,
+        caches: list[list[Tensor]],
+        positions: list[Position],
+        mask: Tensor | None = None,
+        last: Position | None = None,
+    ) -> Tensor:
+        """x [B, T, dim] -> hidden [B, T, dim]; the last stage: logits [B, vocab] at position `last`.
+
+        caches[b] is sequence b's cache (one tensor per layer), positions[b] where its T new
+        positions start; `last` (default T - 1) picks the position whose logits are returned.
+        """
+        for layer, block in enumerate(self.blocks):
+            layer_caches = [cache[layer] for cache in caches]
+            # realize per layer: one schedule per layer keeps tinygrad's scheduling fast, and
+            # the cache writes never make a later layer recompute an earlier one
+            x = block(x, layer_caches, positions, self.rope, mask).realize()
+        if not self.is_last:
+            return x
+        T = x.shape[1]
+        pick = T - 1 if last is None else last
+        row = x[:, pick : pick + 1, :].reshape(x.shape[0], self.config.dim)
+        return self.head(rms_norm(row, self.norm, self.config.norm_eps))[0]
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights this shard holds in memory (KV caches not included)."""
+        linears = [lin for blk in self.blocks for lin in (blk.attention.qkv, blk.attention.o)]
+        linears += [lin for blk in self.blocks for lin in (blk.ffn.gate_up, blk.ffn.down)]
+        total = sum(lin.nbytes for lin in linears)
+        total += sum(blk.attn_norm.nbytes() + blk.ffn_norm.nbytes() for blk in self.blocks)
+        if self.is_last:
+            total += self.head.nbytes + self.norm.nbytes()
+        return total
