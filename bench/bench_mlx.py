@@ -1,7 +1,7 @@
 """Benchmark: the MLX engine next to tinygrad and llama.cpp on the embedded SmolLM2-135M.
 
     .venv/bin/python bench/bench_mlx.py                  # all engines found, table + ratios
-    .venv/bin/python bench/bench_mlx.py --profile        # plus where MLX's time goes
+    .venv/bin/python bench/bench_mlx.py --repeat 2 --profile  # best of 2 passes, then MLX's profile
     .venv/bin/python bench/bench_mlx.py --engines mlx --prefill 64 --decode 32 --json out.json
 
 Each engine runs in its own subprocess (so peak RSS is its own), one after the other in the
@@ -289,6 +289,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=128, help="prompt tokens")
     parser.add_argument("--decode", type=int, default=64, help="generated tokens per round")
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after one warm-up)")
+    parser.add_argument("--repeat", type=int, default=1, help="passes over the engines; best pass kept")
     parser.add_argument("--batch", type=int, default=4, help="requests decoded together (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="profile MLX's ops after the table")
@@ -298,18 +299,29 @@ def main() -> None:
         worker(args.worker, args)
         return
     results: dict[str, dict] = {}
-    for name in args.engines.split(","):
-        cmd = [sys.executable, __file__, "--worker", name]
-        cmd += ["--prefill", str(args.prefill), "--decode", str(args.decode), "--rounds", str(args.rounds)]
-        cmd += ["--batch", str(args.batch)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        lines = done.stdout.strip().splitlines()
-        try:
-            results[name] = json.loads(lines[-1])
-        except (IndexError, json.JSONDecodeError):
-            results[name] = {"skipped": f"failed (exit {done.returncode}): {done.stderr.strip()[-500:]}"}
+    # Passes over all engines, interleaved, keeping each engine's best pass: on a shared host a
+    # neighbour's burst can stall one pass (llama.cpp's spinning threads suffer most).
+    for attempt in range(args.repeat):
+        for name in args.engines.split(","):
+            cmd = [sys.executable, __file__, "--worker", name]
+            cmd += [
+                "--prefill",
+                str(args.prefill),
+                "--decode",
+                str(args.decode),
+                "--rounds",
+                str(args.rounds),
+            ]
+            cmd += ["--batch", str(args.batch)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+            print(f"measuring {name} (pass {attempt + 1}) ...", file=sys.stderr, flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = done.stdout.strip().splitlines()
+            try:
+                result = json.loads(lines[-1])
+            except (IndexError, json.JSONDecodeError):
+                result = {"skipped": f"failed (exit {done.returncode}): {done.stderr.strip()[-500:]}"}
+            results[name] = best_of(results.get(name), result)
     print_table(results, args)
     if args.json:
         args.json.write_text(
@@ -319,13 +331,28 @@ def main() -> None:
         profile_mlx(args)
 
 
+def best_of(old: dict | None, new: dict) -> dict:
+    """Per measure, the better of two passes (higher tok/s, lower RSS and load time)."""
+    if old is None or "skipped" in old:
+        return new
+    if "skipped" in new:
+        return old
+    merged = dict(old)
+    for key in ("decode_tok_s", "prefill_tok_s", "batch_decode_tok_s"):
+        if new.get(key) is not None and (old.get(key) is None or new[key] > old[key]):
+            merged[key] = new[key]
+    for key in ("peak_rss_mb", "load_s"):
+        merged[key] = min(old[key], new[key])
+    return merged
+
+
 def print_table(results: dict[str, dict], args) -> None:
     measured = {n: r for n, r in results.items() if "skipped" not in r}
     base = measured.get("llama.cpp") or measured.get("mlx")
     base_name = "llama.cpp" if "llama.cpp" in measured else "mlx"
     print(
         f"\nSmolLM2-135M Q4_1 (embedded GGUF), greedy; prefill {args.prefill} tokens, decode {args.decode}, "
-        f"batch {args.batch}; medians of {args.rounds} rounds"
+        f"batch {args.batch}; medians of {args.rounds} rounds, best of {args.repeat} passes"
     )
     header = f"| engine | decode tok/s | prefill tok/s | batch-{args.batch} decode tok/s | peak RSS MB | load s | decode / {base_name} | prefill / {base_name} |"
     print(header)
