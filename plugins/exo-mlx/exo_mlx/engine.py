@@ -282,7 +282,7 @@ class MLXEngine(InferenceEngine):
 
             mx.clear_cache()  # give the freed cache buffers back to the system
 
-    def cache_count(self) -> int:
+    def cached_requests(self) -> int:
         """Requests holding a cache here (for tests and metrics)."""
         return len(self._caches)
 

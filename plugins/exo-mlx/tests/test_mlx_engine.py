@@ -34,7 +34,7 @@ async def test_greedy_answer_equals_llamacpp(kit, whole, card, reference, chat_i
     prompt = load_tokenizer(card).encode_chat(chat["messages"])
     assert prompt == chat["prompt_ids"]
     assert await kit.greedy([whole], prompt) == kit.expected_answer(chat)
-    assert whole[0].cache_count() == 0  # released
+    assert whole[0].cached_requests() == 0  # released
 
 
 async def test_half_shards_chained_equal_whole_model(kit, whole, halves, reference):
@@ -86,7 +86,7 @@ async def test_batched_decode_equals_one_at_a_time(whole):
     for rid in prompts:
         await engine.release(rid)
         await engine.release(rid + "-ref")
-    assert engine.cache_count() == 0
+    assert engine.cached_requests() == 0
 
 
 async def test_cache_bounded_by_max_context(kit, card):
@@ -99,7 +99,7 @@ async def test_cache_bounded_by_max_context(kit, card):
             await engine.forward(shard, StageInput("r", tokens=np.arange(1, 4)))
         await engine.release("r")
         await engine.release("never-seen")  # no error
-        assert engine.cache_count() == 0
+        assert engine.cached_requests() == 0
     finally:
         await engine.close()
 
@@ -134,6 +134,19 @@ async def test_a_step_behind_another_is_reported_queued(whole):
     assert not engine.queued("second")
     await engine.release("first")
     await engine.release("second")
+
+
+SHORT_PROMPTS = ([1, 4093, 198, 19556, 905], [1, 9690, 198, 2683, 359, 253, 5356])
+
+
+async def test_engine_contract_checks(whole, card):
+    """exo-core's reusable engine checks: release, interleaved requests, batches."""
+    engine_checks = pytest.importorskip("exo_core.testing.engine_checks")
+    engine, shard = whole
+    await engine_checks.check_release_frees_cache(engine, card, SHORT_PROMPTS[0], shard=shard)
+    await engine_checks.check_interleaved_equals_alone(engine, card, SHORT_PROMPTS, steps=3, shard=shard)
+    await engine_checks.check_batch_equals_single(engine, card, SHORT_PROMPTS, steps=3, shard=shard)
+    assert engine.cached_requests() == 0
 
 
 def test_engine_registered_without_importing_mlx():
