@@ -1,8 +1,10 @@
 """The tinygrad engine: exo's InferenceEngine over a Llama-family shard.
 
-Importing this module does not import tinygrad; `load` does, on the engine's worker thread.
-All tinygrad work runs on that one thread (a single-thread executor), so the node's event
-loop keeps serving HTTP and gRPC while a step computes.
+Importing this module does not import tinygrad; `load` does, on the worker thread.
+All tinygrad work in the process runs on that one thread (a single-thread executor shared by
+every engine instance: tinygrad keeps process-wide state, its compile cache connection among
+it, that must stay on one thread), so the node's event loop keeps serving HTTP and gRPC while
+a step computes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +35,6 @@ class TinygradEngine(InferenceEngine):
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-tinygrad")
         self._runner: Any = None  # runner.ShardRunner, built on the worker thread
         self._loaded: tuple[Shard, str] | None = None
         self.source: str | None = None
@@ -56,7 +58,7 @@ class TinygradEngine(InferenceEngine):
         return 40 if platform.system() == "Darwin" else 50
 
     async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(tinygrad_thread(), fn, *args)
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -103,9 +105,11 @@ class TinygradEngine(InferenceEngine):
             await self._call(self._runner.release, request_id)
 
     async def close(self) -> None:
+        await self._call(self._drop)
+
+    def _drop(self) -> None:  # on the worker thread, where tinygrad frees the buffers
         self._runner = None
         self._loaded = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- introspection (tests, /metrics) ---------------------------------------------------
 
@@ -156,6 +160,19 @@ def _download_safetensors(repo: str) -> Path:
         return Path(snapshot_download(repo, cache_dir=files.models_dir() / "hub", allow_patterns=patterns))
     except Exception as exc:
         raise EngineError(f"could not download {repo}: {exc}") from exc
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def tinygrad_thread() -> ThreadPoolExecutor:
+    """The process's one tinygrad thread (tests submit their own tinygrad work here too)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-tinygrad")
+        return _executor
 
 
 _configured = False

@@ -75,39 +75,65 @@ def pack(w: quant.Unpacked) -> PackedWeight:
     )
 
 
-def _kernel(w: PackedWeight, n_rows: int):
-    """The UOp kernel for x [n_rows, in] @ w.T -> [n_rows, out_padded]."""
+def _kernel(w: PackedWeight, n_rows: int, norm_eps: float | None, swiglu: bool, residual: bool):
+    """The UOp kernel for x [n_rows, in] @ w.T -> [n_rows, out_padded], with optional fusions:
+
+    norm_eps: x is RMS-normalised first (its weight is an extra input; the row's scale is
+    computed in the kernel and applied to the sums); swiglu: x holds [gate | up] and the
+    input is silu(gate) * up; residual: an extra [n_rows, out] input is added to the result.
+    """
     out_blocks = (w.out_features + ROWS - 1) // ROWS
     groups, g = w.in_features // w.group, w.group
     inner = g // 2 if w.nibbles else g
-    has_offset = w.offset is not None
+    width = w.in_features * (2 if swiglu else 1)  # row length of x
 
     def kernel(out: UOp, q: UOp, scale: UOp, *rest: UOp) -> UOp:
-        offset, x = (rest[0], rest[1]) if has_offset else (None, rest[0])
+        args = [a.flatten() for a in rest]
+        offset = args.pop(0) if w.offset is not None else None
+        x = args.pop(0)
+        norm_w = args.pop(0) if norm_eps is not None else None
+        res = args.pop(0) if residual else None
         n = UOp.range(n_rows, 0)
         o = UOp.range(out_blocks, 1)
         r = UOp.range(ROWS, 2)
         b = UOp.range(groups, 3, AxisType.REDUCE)
         j = UOp.range(inner, 4, AxisType.REDUCE)
+
+        def x_at(i: UOp) -> UOp:
+            value = x[n * width + i]
+            if swiglu:
+                up = x[n * width + w.in_features + i]
+                value = value * ((value * -1.4426950408889634).exp2() + 1.0).reciprocal() * up
+            return value * norm_w[i] if norm_w is not None else value
+
         byte = q[((o * groups + b) * inner + j) * ROWS + r]
-        at = n * w.in_features + b * g + j
+        i = b * g + j
         if w.nibbles:
-            x_lo, x_hi = x[at], x[at + inner]
-            dot = ((byte & 15).cast(dtypes.float32) * x_lo + (byte >> 4).cast(dtypes.float32) * x_hi).reduce(
-                j, arg=Ops.ADD
-            )
-            xsum = (x_lo + x_hi).reduce(j, arg=Ops.ADD) if has_offset else None
+            x_lo, x_hi = x_at(i), x_at(i + inner)
+            lo, hi = (byte & 15).cast(dtypes.float32), (byte >> 4).cast(dtypes.float32)
+            dot = (lo * x_lo + hi * x_hi).reduce(j, arg=Ops.ADD)
+            xsum = (x_lo + x_hi).reduce(j, arg=Ops.ADD) if offset is not None else None
         else:
-            x_j = x[at]
+            x_j = x_at(i)
             dot = (byte.cast(dtypes.float32) * x_j).reduce(j, arg=Ops.ADD)
-            xsum = x_j.reduce(j, arg=Ops.ADD) if has_offset else None
+            xsum = x_j.reduce(j, arg=Ops.ADD) if offset is not None else None
         at_group = (o * groups + b) * ROWS + r
         term = dot * scale[at_group]
         if offset is not None:
             term = term + offset[at_group] * xsum
         acc = term.reduce(b, arg=Ops.ADD)
-        store = out[(n * out_blocks + o) * ROWS + r].store(acc).end(n, o, r)
-        return store.sink(arg=KernelInfo(name=_name(w, n_rows), opts_to_apply=_opts(n_rows, out_blocks)))
+        if norm_eps is not None:
+            k = UOp.range(w.in_features, 5, AxisType.REDUCE)
+            square = x[n * width + k] * x[n * width + k]
+            acc = acc * (square.reduce(k, arg=Ops.ADD) * (1.0 / w.in_features) + norm_eps).rsqrt()
+        at_out = (n * out_blocks + o) * ROWS + r
+        if res is not None:
+            acc = acc + res[at_out]
+        store = out[at_out].store(acc).end(n, o, r)
+        name = _name(w, n_rows) + ("_norm" if norm_eps is not None else "") + ("_swiglu" if swiglu else "")
+        return store.sink(
+            arg=KernelInfo(name=name + ("_res" if residual else ""), opts_to_apply=_opts(n_rows, out_blocks))
+        )
 
     return kernel
 
@@ -134,15 +160,30 @@ def _name(w: PackedWeight, n_rows: int) -> str:
     return f"{kind}mm_{n_rows}_{w.out_features}_{w.in_features}"
 
 
-def matmul(x: Tensor, w: PackedWeight) -> Tensor:
-    """x [..., in] float32 -> [..., out] float32."""
+def matmul(
+    x: Tensor,
+    w: PackedWeight,
+    *,
+    norm: tuple[Tensor, float] | None = None,
+    swiglu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """x [..., in] float32 -> [..., out] float32 (see `_kernel` for norm / swiglu / residual)."""
     lead = x.shape[:-1]
-    flat = x.reshape(-1, w.in_features).contiguous()
+    width = w.in_features * (2 if swiglu else 1)
+    flat = x.reshape(-1, width)
     n_rows = flat.shape[0]
     out_padded = (w.out_features + ROWS - 1) // ROWS * ROWS
+    inputs = [w.q, w.scale, *([w.offset] if w.offset is not None else []), flat]
+    if norm is not None:
+        inputs.append(norm[0])
+    if residual is not None:
+        if out_padded != w.out_features:
+            raise ValueError("a residual needs an output size that is a multiple of ROWS")
+        inputs.append(residual.reshape(n_rows, w.out_features))
     out = Tensor.empty(n_rows * out_padded, dtype=dtypes.float32, device=x.device)
-    inputs = [w.q, w.scale, *([w.offset] if w.offset is not None else []), flat.reshape(-1)]
-    y = out.custom_kernel(*inputs, fxn=_kernel(w, n_rows))[0].reshape(n_rows, out_padded)
+    fxn = _kernel(w, n_rows, None if norm is None else norm[1], swiglu, residual is not None)
+    y = out.custom_kernel(*inputs, fxn=fxn)[0].reshape(n_rows, out_padded)
     if out_padded != w.out_features:
         y = y[:, : w.out_features]
     return y.reshape(*lead, w.out_features)

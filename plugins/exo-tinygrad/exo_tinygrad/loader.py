@@ -225,18 +225,10 @@ def _check_shape(path: Path, name: str, t: _Tensor, c: LlamaConfig) -> None:
 
 
 def _open_gguf(path: Path) -> tuple[LlamaConfig, dict[str, _Tensor]]:
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/IndexError/... on a damaged file
+        meta, infos, data_start = read_gguf_header(path)
+    except (ValueError, EOFError, UnicodeDecodeError, struct.error) as exc:
         raise EngineError(f"{path}: not a complete GGUF file (truncated or corrupt: {exc})") from exc
-    meta: dict[str, object] = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:  # fields the reader cannot convert are not needed here
-            continue
     arch = str(meta.get("general.architecture", "?"))
     if arch not in LLAMA_FAMILY:
         raise EngineError(
@@ -245,19 +237,17 @@ def _open_gguf(path: Path) -> tuple[LlamaConfig, dict[str, _Tensor]]:
     size = path.stat().st_size
     data = np.memmap(path, dtype=np.uint8, mode="r")
     tensors: dict[str, _Tensor] = {}
-    for t in reader.tensors:
-        ggml_type = int(t.tensor_type)
-        shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-        if int(t.data_offset) + int(t.n_bytes) > size:
+    for name, dims, ggml_type, offset in infos:
+        shape = tuple(reversed(dims))
+        cols = dims[0] if dims else 1
+        rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        start = data_start + offset
+        nbytes = rows * quant.row_bytes(ggml_type, cols) if ggml_type in quant.SUPPORTED else 0
+        if start + nbytes > size:
             raise EngineError(
-                f"{path}: not a complete GGUF file (tensor {t.name} ends past the end of the file)"
+                f"{path}: not a complete GGUF file (tensor {name} ends past the end of the file)"
             )
-        tensors[t.name] = _Tensor(
-            shape,
-            ggml_type,
-            data[int(t.data_offset) : int(t.data_offset) + int(t.n_bytes)],
-            str(path),
-        )
+        tensors[name] = _Tensor(shape, ggml_type, data[start : start + nbytes], str(path))
     config = _gguf_config(path, meta, arch, tensors)
     for name in needed(Shard.whole("check", config.n_layers), config):
         t = tensors.get(name)
@@ -267,6 +257,75 @@ def _open_gguf(path: Path) -> tuple[LlamaConfig, dict[str, _Tensor]]:
                 f"read (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
             )
     return config, tensors
+
+
+# GGUF metadata value types: id -> struct format (8 = string, 9 = array)
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_header(
+    path: Path,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """Metadata, tensor infos (name, dims, ggml type, offset) and where tensor data starts.
+
+    Arrays of strings (the vocabulary) are skipped, not decoded: the engine does not need them
+    and decoding ~100k strings is most of the cost of opening a GGUF file.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        (version,) = struct.unpack("<I", _take(f, 4))
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = struct.unpack("<QQ", _take(f, 16))
+        meta: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = _read_str(f)
+            (kind,) = struct.unpack("<I", _take(f, 4))
+            meta[key] = _read_value(f, kind)
+        infos = []
+        for _ in range(n_tensors):
+            name = _read_str(f)
+            (n_dims,) = struct.unpack("<I", _take(f, 4))
+            dims = struct.unpack(f"<{n_dims}Q", _take(f, 8 * n_dims))
+            ggml_type, offset = struct.unpack("<IQ", _take(f, 12))
+            infos.append((name, tuple(int(d) for d in dims), int(ggml_type), int(offset)))
+        alignment = int(meta.get("general.alignment", 32))  # type: ignore[call-overload]
+        data_start = (f.tell() + alignment - 1) // alignment * alignment
+    return meta, infos, data_start
+
+
+def _take(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError("the file ends inside its header")
+    return data
+
+
+def _read_str(f) -> str:
+    (n,) = struct.unpack("<Q", _take(f, 8))
+    return _take(f, n).decode("utf-8")
+
+
+def _read_value(f, kind: int) -> object:
+    if kind in _GGUF_SCALARS:
+        fmt = "<" + _GGUF_SCALARS[kind]
+        return struct.unpack(fmt, _take(f, struct.calcsize(fmt)))[0]
+    if kind == 8:
+        return _read_str(f)
+    if kind == 9:
+        (item, count) = struct.unpack("<IQ", _take(f, 12))
+        if item in _GGUF_SCALARS:
+            size = struct.calcsize("<" + _GGUF_SCALARS[item])
+            raw = _take(f, size * count)
+            return None if count > 4096 else list(struct.unpack(f"<{count}{_GGUF_SCALARS[item]}", raw))
+        if item == 8:
+            for _ in range(count):  # skip the strings
+                (n,) = struct.unpack("<Q", _take(f, 8))
+                f.seek(n, 1)
+            return None
+        return [_read_value(f, item) for _ in range(count)]
+    raise ValueError(f"unknown GGUF metadata type {kind}")
 
 
 def _type_name(ggml_type: int) -> str:

@@ -48,15 +48,32 @@ class Linear:
             else:  # float16 stays float16 in memory; the matmul reads it as float32
                 self.parts.append(Tensor(np.ascontiguousarray(np.concatenate(group))))
 
-    def __call__(self, x: Tensor) -> list[Tensor]:
-        outs = [
-            kernels.matmul(x, p) if isinstance(p, kernels.PackedWeight) else x @ p.cast(dtypes.float32).T
-            for p in self.parts
-        ]
+    def __call__(
+        self,
+        x: Tensor,
+        *,
+        norm: tuple[Tensor, float] | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
+        """x @ W.T for all weights, concatenated. Fused as in `kernels.matmul`: `norm` RMS-
+        normalises x first (weight, eps), `residual` is added to the result."""
+        if len(self.parts) == 1 and isinstance(self.parts[0], kernels.PackedWeight) and self.bias is None:
+            return kernels.matmul(x, self.parts[0], norm=norm, residual=residual)
+        outs = []
+        for part in self.parts:
+            if isinstance(part, kernels.PackedWeight):
+                outs.append(kernels.matmul(x, part, norm=norm))
+            else:
+                xn = x if norm is None else rms_norm(x, norm[0], norm[1])
+                outs.append(xn @ part.cast(dtypes.float32).T)
         y = outs[0].cat(*outs[1:], dim=-1) if len(outs) > 1 else outs[0]
         if self.bias is not None:
             y = y + self.bias
-        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+        return y if residual is None else y + residual
+
+    def split(self, y: Tensor) -> list[Tensor]:
+        """Each weight's output (q, k, v) from the concatenated result."""
+        return list(y.split(self.sizes, dim=-1))
 
     @property
     def nbytes(self) -> int:
@@ -115,40 +132,47 @@ class Attention:
         self.o = Linear([w[f"{prefix}.attn_output.weight"]])
 
     def __call__(
-        self, x: Tensor, caches: list[Tensor], positions: list[Position], rope: Tensor, mask: Tensor | None
+        self,
+        x: Tensor,
+        norm: tuple[Tensor, float],
+        caches: list[Tensor],
+        positions: list[Position],
+        rope: Tensor,
+        mask: Tensor,
+        length: Position,
     ) -> Tensor:
-        """x [B, T, dim]; sequence b writes its T new keys/values into caches[b] [2, capacity, kv, hd].
+        """x + attention(rms_norm(x)) for x [B, T, dim].
 
-        `mask` (prefill, B == 1) is [T, capacity]: 0 where a new position may look, -inf elsewhere.
+        Sequence b writes its T new keys/values into caches[b] [2, capacity, kv, hd] at
+        positions[b]; then all sequences attend over the first `length` cached positions,
+        `mask` [B, T, capacity] (0 or -inf) hiding what a position may not see (later positions,
+        or past a shorter sequence's end). One set of attention kernels serves the whole batch.
         """
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv.split(self.qkv(x, norm=norm))
         q = q.reshape(B, T, c.n_heads, c.head_dim)
         k = k.reshape(B, T, c.n_kv_heads, c.head_dim)
         v = v.reshape(B, T, c.n_kv_heads, c.head_dim)
-        outs = []
+        tables = [rope[pos : pos + T] for pos in positions]
+        # q is used once per cached position: rotate it once, not inside the score kernel
+        q = Tensor.stack(*[apply_rope(q[b], tables[b]) for b in range(B)]).contiguous()
+        views = []
         for b, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
-            table = rope[pos : pos + T]
-            qb, kb = apply_rope(q[b], table), apply_rope(k[b], table)
             # write this step's keys/values, then read the cache through the write
-            store = cache[:, pos : pos + T].uop.store(Tensor.stack(kb, v[b]).uop)
-            kv = Tensor(cache.uop.after(store))
-            keys, values = kv[0, 0 : pos + T], kv[1, 0 : pos + T]  # [S, kv_heads, hd]
-            outs.append(self._attend(qb, keys, values, None if mask is None else mask[:, 0 : pos + T]))
-        return self.o(Tensor.stack(*outs) if B > 1 else outs[0].unsqueeze(0))[0]
-
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
-        c = self.config
-        T, group = q.shape[0], c.n_heads // c.n_kv_heads
-        q = q.reshape(T, c.n_kv_heads, group, c.head_dim).permute(1, 2, 0, 3)  # [kv, g, T, hd]
-        keys = keys.permute(1, 0, 2).unsqueeze(1)  # [kv, 1, S, hd]
-        values = values.permute(1, 0, 2).unsqueeze(1)
-        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))  # [kv, g, T, S]
-        if mask is not None:
-            scores = scores + mask
-        out = scores.softmax(-1) @ values  # [kv, g, T, hd]
-        return out.permute(2, 0, 1, 3).reshape(T, c.n_heads * c.head_dim)
+            store = cache[:, pos : pos + T].uop.store(Tensor.stack(apply_rope(k[b], tables[b]), v[b]).uop)
+            views.append(Tensor(cache.uop.after(store))[:, 0:length])  # [2, S, kv, hd]
+        kv = Tensor.stack(*views) if B > 1 else views[0].unsqueeze(0)  # [B, 2, S, kv, hd]
+        group = c.n_heads // c.n_kv_heads
+        q = q.reshape(B, T, c.n_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)  # [B, kv, g, T, hd]
+        keys = kv[:, 0].permute(0, 2, 1, 3).unsqueeze(2)  # [B, kv, 1, S, hd]
+        values = kv[:, 1].permute(0, 2, 1, 3).unsqueeze(2)
+        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))  # [B, kv, g, T, S]
+        scores = scores + mask[:, :, 0:length].reshape(B, 1, 1, T, length)
+        out = scores.softmax(-1) @ values  # [B, kv, g, T, hd]
+        # contiguous: keeps the symbolic-length attention out of the projection's kernel
+        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim).contiguous()
+        return self.o(out, residual=x)
 
 
 class FeedForward:
@@ -156,10 +180,11 @@ class FeedForward:
         self.gate_up = Linear([w[f"{prefix}.ffn_gate.weight"], w[f"{prefix}.ffn_up.weight"]])
         self.down = Linear([w[f"{prefix}.ffn_down.weight"]])
 
-    def __call__(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x)
-        # contiguous: otherwise silu(gate) * up is recomputed inside `down` for every output row
-        return self.down((gate.silu() * up).contiguous())[0]
+    def __call__(self, x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
+        """x + down(silu(gate(rms_norm(x))) * up(rms_norm(x)))"""
+        gate, up = self.gate_up.split(self.gate_up(x, norm=norm))
+        # one small elementwise kernel: fused into `down`, silu would run once per output row block
+        return self.down((gate.silu() * up).contiguous(), residual=x)
 
 
 class Block:
@@ -171,9 +196,10 @@ class Block:
         self.attention = Attention(config, w, prefix)
         self.ffn = FeedForward(w, prefix)
 
-    def __call__(self, x, caches, positions, rope, mask) -> Tensor:
-        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), caches, positions, rope, mask)
-        return (h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))).contiguous()
+    def __call__(self, x, caches, positions, rope, mask, length) -> Tensor:
+        # the norms and residual adds happen inside the projection kernels (see Linear)
+        h = self.attention(x, (self.attn_norm, self.eps), caches, positions, rope, mask, length)
+        return self.ffn(h, (self.ffn_norm, self.eps))
 
 
 class ShardModel:
@@ -200,25 +226,27 @@ class ShardModel:
         x: Tensor,
         caches: list[list[Tensor]],
         positions: list[Position],
-        mask: Tensor | None = None,
+        mask: Tensor,
+        length: Position,
         last: Position | None = None,
     ) -> Tensor:
         """x [B, T, dim] -> hidden [B, T, dim]; the last stage: logits [B, vocab] at position `last`.
 
-        caches[b] is sequence b's cache (one tensor per layer), positions[b] where its T new
-        positions start; `last` (default T - 1) picks the position whose logits are returned.
+        caches[b] is sequence b's cache (one tensor per layer) and positions[b] where its T new
+        positions go; attention reads the first `length` positions through `mask` (see
+        Attention); `last` (default T - 1) picks the position whose logits are returned.
         """
         for layer, block in enumerate(self.blocks):
             layer_caches = [cache[layer] for cache in caches]
             # realize per layer: one schedule per layer keeps tinygrad's scheduling fast, and
             # the cache writes never make a later layer recompute an earlier one
-            x = block(x, layer_caches, positions, self.rope, mask).realize()
+            x = block(x, layer_caches, positions, self.rope, mask, length).realize()
         if not self.is_last:
             return x
         T = x.shape[1]
         pick = T - 1 if last is None else last
         row = x[:, pick : pick + 1, :].reshape(x.shape[0], self.config.dim)
-        return self.head(rms_norm(row, self.norm, self.config.norm_eps))[0]
+        return self.head(row, norm=(self.norm, self.config.norm_eps))
 
     def weight_bytes(self) -> int:
         """Bytes of weights this shard holds in memory (KV caches not included)."""

@@ -136,13 +136,16 @@ def unpack(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> Unpacked:
 
 
 def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
-    """Float32 [rows, cols] from a tensor's raw rows (floats or blocks)."""
+    """Float32 [rows, cols] from a tensor's raw rows (bytes, or already typed floats, or blocks)."""
+    raw = np.ascontiguousarray(raw)
+    if ggml_type in FLOAT_TYPES and raw.dtype == np.uint8:
+        raw = raw.view(FLOAT_TYPES[ggml_type])
     if ggml_type == F32:
-        return np.asarray(raw, dtype=np.float32).reshape(-1, cols)
+        return raw.astype(np.float32).reshape(-1, cols)
     if ggml_type == F16:
-        return np.asarray(raw).view(np.float16).reshape(-1, cols).astype(np.float32)
+        return raw.view(np.float16).reshape(-1, cols).astype(np.float32)
     if ggml_type == BF16:
-        return bf16_to_f32(np.asarray(raw).view(np.uint16)).reshape(-1, cols)
+        return bf16_to_f32(raw.view(np.uint16)).reshape(-1, cols)
     rows = int(np.asarray(raw).size // (cols // BLOCK[ggml_type][0] * BLOCK[ggml_type][1]))
     return unpack(np.asarray(raw).view(np.uint8), ggml_type, rows, cols).dequantize()
 

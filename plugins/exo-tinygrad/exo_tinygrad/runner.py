@@ -15,6 +15,7 @@ Everything here runs on the engine's one worker thread (tinygrad is not thread-s
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +55,7 @@ class _Request:
 @dataclass
 class _Jits:
     prefill: dict[int, TinyJit] = field(default_factory=dict)  # by capacity
-    decode: dict[tuple[int, ...], TinyJit] = field(default_factory=dict)  # by capacities
+    decode: dict[tuple[int, int], TinyJit] = field(default_factory=dict)  # by capacity, batch size
 
 
 def _capture_now(fn) -> TinyJit:
@@ -128,13 +129,16 @@ class ShardRunner:
                 raise EngineError(f"request {s.request_id}: a step needs at least one position")
             if s.length > 1:
                 results[i] = self._prefill(s)
-        # batch decode steps by cache capacity, so one compiled graph serves each group
+        # batch decode steps by cache capacity: one compiled graph per (capacity, batch size)
         reqs = {i: self._reserve(steps[i]) for i in decode}
-        decode.sort(key=lambda i: reqs[i].capacity)
-        for start in range(0, len(decode), MAX_DECODE_BATCH):
-            group = decode[start : start + MAX_DECODE_BATCH]
-            for i, out in zip(group, self._decode([steps[i] for i in group]), strict=True):
-                results[i] = out
+        for _, same in itertools.groupby(
+            sorted(decode, key=lambda i: reqs[i].capacity), key=lambda i: reqs[i].capacity
+        ):
+            group = list(same)
+            for start in range(0, len(group), MAX_DECODE_BATCH):
+                part = group[start : start + MAX_DECODE_BATCH]
+                for i, out in zip(part, self._decode([steps[i] for i in part]), strict=True):
+                    results[i] = out
         return [results[i] for i in range(len(steps))]
 
     def _input(self, step: Step) -> np.ndarray:
@@ -179,7 +183,7 @@ class ShardRunner:
             mask = np.where(np.arange(cap)[None, :] <= pos + np.arange(C)[:, None], 0.0, -np.inf)
             out = jit(
                 Tensor(padded).realize(),
-                Tensor(mask.astype(np.float32)).realize(),
+                Tensor(mask.astype(np.float32)[None]).realize(),
                 req.cache,
                 pos_var.bind(pos),
                 last_var.bind(n - 1),
@@ -192,27 +196,32 @@ class ShardRunner:
         return np.concatenate(hidden_out)
 
     def _prefill_fn(self, x: Tensor, mask: Tensor, cache: list[Tensor], pos: UOp, last: UOp) -> Tensor:
-        return self.model(x, [cache], [pos], mask, last).realize()
+        return self.model(x, [cache], [pos], mask, pos + PREFILL_CHUNK, last).realize()
 
     def _decode(self, steps: list[Step]) -> list[np.ndarray]:
         reqs = [self.requests[s.request_id] for s in steps]
-        caps = tuple(r.capacity for r in reqs)
-        jit = self._jits.decode.get(caps)
+        cap = reqs[0].capacity  # run() groups decode steps by capacity
+        jit = self._jits.decode.get((cap, len(reqs)))
         if jit is None:
-            jit = self._jits.decode[caps] = _capture_now(self._decode_fn)
+            jit = self._jits.decode[(cap, len(reqs))] = _capture_now(self._decode_fn)
         x = np.stack([self._input(s) for s in steps])  # [B, 1, dim]
-        positions = [self._variable(f"pos{b}", 0, r.capacity - 1).bind(r.length) for b, r in enumerate(reqs)]
+        lengths = np.array([r.length for r in reqs])
+        # sequence b sees its own positions 0..length_b; the rest of the shared window is masked
+        mask = np.where(np.arange(cap)[None, None, :] <= lengths[:, None, None], 0.0, -np.inf)
+        positions = [self._variable(f"pos{b}", 0, cap - 1).bind(int(n)) for b, n in enumerate(lengths)]
+        length = self._variable("length", 1, cap).bind(int(lengths.max()) + 1)
         # the JIT finds tensors in a flat list only: all layers of request 0, then request 1, ...
         flat = [t for r in reqs for t in r.cache]
-        out = jit(Tensor(x).realize(), flat, *positions).numpy()
+        out = jit(Tensor(x).realize(), Tensor(mask.astype(np.float32)).realize(), flat, length, *positions)
+        out = out.numpy()
         for r in reqs:
             r.length += 1
         return [out[b] for b in range(len(steps))]
 
-    def _decode_fn(self, x: Tensor, flat: list[Tensor], *positions: UOp) -> Tensor:
+    def _decode_fn(self, x: Tensor, mask: Tensor, flat: list[Tensor], length: UOp, *positions: UOp) -> Tensor:
         layers = len(self.model.blocks)
         caches = [flat[b * layers : (b + 1) * layers] for b in range(len(positions))]
-        return self.model(x, caches, list(positions)).realize()
+        return self.model(x, caches, list(positions), mask, length).realize()
 
 
 def _round_up(n: int, multiple: int) -> int:
