@@ -1,0 +1,248 @@
+"""Benchmark: the tinygrad engine next to llama.cpp on the embedded SmolLM2-135M (Q4_1 GGUF).
+
+    .venv/bin/python bench/bench_tinygrad.py                 # both engines, table + ratio
+    .venv/bin/python bench/bench_tinygrad.py --rounds 3 --json out.json
+    .venv/bin/python bench/bench_tinygrad.py --engines tinygrad --decode 32
+
+Each engine runs in its own subprocess, one after the other, so peak RSS is its own:
+load time, cold first token (the first request: tinygrad compiles and captures its graphs
+then), time to first token and prefill tok/s of a 256-token prompt, greedy decode tok/s over
+128 tokens, and (tinygrad) the aggregate decode tok/s of 4 requests decoded as one batch.
+Figures after the cold request are medians over --rounds, each round a fresh request. llama.cpp
+(llama-cpp-python, optional: `pip install exo-tinygrad[bench]`) runs with 2 threads on the
+same file; when it is not installed the table says so and the tinygrad half still runs.
+The host is shared and noisy: compare numbers only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+THREADS = 2
+ROWS = [
+    ("load_s", "load (s)"),
+    ("cold_first_token_s", "cold first token (s)"),
+    ("ttft_s", "time to first token (s)"),
+    ("prefill_tok_s", "prefill tok/s"),
+    ("decode_tok_s", "decode tok/s"),
+    ("batch_decode_tok_s", "decode tok/s, 4 requests batched"),
+    ("peak_rss_mb", "peak RSS (MB)"),
+]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def prompt_ids(n: int) -> list[int]:
+    """n token ids: a real chat prompt from the llama.cpp reference data, repeated."""
+    ref = Path(__file__).parents[1] / "tests" / "data" / "smollm2-135m-llamacpp.json"
+    ids = json.loads(ref.read_text(encoding="utf-8"))["greedy"][2]["prompt_ids"]
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+# ---- workers (one per engine, in a subprocess) ------------------------------------------------
+
+
+def measure_tinygrad(args) -> dict:
+    import numpy as np
+
+    from exo_core.engine import StageInput
+    from exo_core.plugins import registry
+    from exo_core.shard import Shard
+
+    reg = registry()
+    cls = reg.engines.get("tinygrad")
+    if cls is None:
+        return {"skipped": "the tinygrad engine is not registered (pip install -e plugins/exo-tinygrad)"}
+    ok, reason = cls.available()
+    if not ok:
+        return {"skipped": reason}
+    card = reg.models["smollm2-135m"]
+    shard = Shard.whole(card.id, card.n_layers)
+    engine = cls({"max_context": None})
+    prompt = np.asarray(prompt_ids(args.prefill), dtype=np.int64)
+
+    async def request(rid: str) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = await engine.forward(shard, StageInput(rid, tokens=prompt))
+        token = int(np.argmax(out.logits))
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(args.decode):
+            out = await engine.forward(shard, StageInput(rid, tokens=np.asarray([token])))
+            token = int(np.argmax(out.logits))
+        decode_s = time.perf_counter() - t1
+        await engine.release(rid)
+        return ttft, decode_s
+
+    async def batch(tag: str, n: int, steps: int) -> float:
+        ids = [f"{tag}-{k}" for k in range(n)]
+        tokens = []
+        for k, rid in enumerate(ids):  # prompts of different lengths: different positions
+            out = await engine.forward(shard, StageInput(rid, tokens=prompt[: 32 + 8 * k]))
+            tokens.append(int(np.argmax(out.logits)))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            items = [StageInput(rid, tokens=np.asarray([t])) for rid, t in zip(ids, tokens, strict=True)]
+            outs = await engine.forward_batch(shard, items)
+            tokens = [int(np.argmax(o.logits)) for o in outs]
+        elapsed = time.perf_counter() - t0
+        for rid in ids:
+            await engine.release(rid)
+        return n * steps / elapsed
+
+    async def run() -> dict:
+        t0 = time.perf_counter()
+        await engine.load(shard, card)
+        load_s = time.perf_counter() - t0
+        cold_ttft, _ = await request("cold")  # compiles and captures prefill + decode graphs
+        ttfts, decodes = [], []
+        for r in range(args.rounds):
+            ttft, decode_s = await request(f"round-{r}")
+            ttfts.append(ttft)
+            decodes.append(args.decode / decode_s)
+        await batch("warm", 4, 3)  # captures the batch-of-4 graph
+        batched = [await batch(f"batch-{r}", 4, args.decode // 2) for r in range(args.rounds)]
+        ttft = statistics.median(ttfts)
+        return {
+            "load_s": load_s,
+            "cold_first_token_s": cold_ttft,
+            "ttft_s": ttft,
+            "prefill_tok_s": args.prefill / ttft,
+            "decode_tok_s": statistics.median(decodes),
+            "batch_decode_tok_s": statistics.median(batched),
+        }
+
+    result = asyncio.run(run())
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def measure_llamacpp(args) -> dict:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install 'exo-tinygrad[bench]')"}
+    import numpy as np
+
+    from exo_core.files import embedded_gguf_path
+
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=str(embedded_gguf_path()),
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        n_ctx=args.prefill + args.decode + 16,
+        n_batch=512,
+        logits_all=False,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    prompt = prompt_ids(args.prefill)
+
+    def request() -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(args.decode):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return ttft, time.perf_counter() - t1
+
+    cold_ttft, _ = request()
+    runs = [request() for _ in range(args.rounds)]
+    ttft = statistics.median(r[0] for r in runs)
+    return {
+        "load_s": load_s,
+        "cold_first_token_s": cold_ttft,
+        "ttft_s": ttft,
+        "prefill_tok_s": args.prefill / ttft,
+        "decode_tok_s": statistics.median(args.decode / r[1] for r in runs),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+WORKERS = {"tinygrad": measure_tinygrad, "llama.cpp": measure_llamacpp}
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+def run_worker(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--prefill", str(args.prefill)]
+    cmd += ["--decode", str(args.decode), "--rounds", str(args.rounds)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"skipped": f"worker failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"}
+    return json.loads(lines[-1])
+
+
+def table(results: dict[str, dict]) -> str:
+    names = list(results)
+    head = ["", *names]
+    if len(names) == 2:
+        head.append(f"{names[0]} / {names[1]}")
+    rows = [head]
+    for key, label in ROWS:
+        row = [label]
+        values = [results[n].get(key) for n in names]
+        row += ["-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in values]
+        if len(names) == 2:
+            a, b = values
+            row.append(f"{a / b:.2f}x" if a is not None and b else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for n in names:
+        if "skipped" in results[n]:
+            lines.append(f"{n}: skipped: {results[n]['skipped']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--engines", default="tinygrad,llama.cpp", help="comma-separated: tinygrad, llama.cpp"
+    )
+    parser.add_argument("--prefill", type=int, default=256, help="prompt tokens")
+    parser.add_argument("--decode", type=int, default=128, help="tokens decoded per request")
+    parser.add_argument("--rounds", type=int, default=2, help="measured requests per engine (median)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    results = {}
+    for name in [n.strip() for n in args.engines.split(",") if n.strip()]:
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_worker(name, args) if name in WORKERS else {"skipped": "unknown engine"}
+    print(
+        f"SmolLM2-135M Q4_1, {args.prefill}-token prompt, {args.decode} decoded tokens, {THREADS} llama.cpp threads"
+    )
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
