@@ -26,6 +26,7 @@ from exo_core.engine import EngineError
 from exo_core.shard import Shard
 from exo_tinygrad.loader import ShardWeights
 from exo_tinygrad.model import ShardModel
+from exo_tinygrad.replay import Replay
 
 PREFILL_CHUNK = 32
 MIN_CAPACITY = 256
@@ -54,16 +55,29 @@ class _Request:
 
 @dataclass
 class _Jits:
-    prefill: dict[int, TinyJit] = field(default_factory=dict)  # by capacity
-    decode: dict[tuple[int, int], TinyJit] = field(default_factory=dict)  # by capacity, batch size
+    prefill: dict[int, _Graph] = field(default_factory=dict)  # by capacity
+    decode: dict[tuple[int, int], _Graph] = field(default_factory=dict)  # by capacity, batch size
 
 
-def _capture_now(fn) -> TinyJit:
-    """A TinyJit that captures on its first call (our weights are realized already, so the
-    usual un-jitted warm-up call would only cost another full schedule)."""
-    jit = TinyJit(fn)
-    jit.cnt = 1
-    return jit
+class _Graph:
+    """A TinyJit'd step: captured on its first call (the weights are realized already, so the
+    usual un-jitted warm-up call would only cost another full schedule), then replayed by
+    `replay.Replay` when it can, by TinyJit otherwise."""
+
+    def __init__(self, fn) -> None:
+        self.jit = TinyJit(fn)
+        self.jit.cnt = 1
+        self.replay: Replay | None = None
+        self._built = False
+
+    def __call__(self, *args) -> Tensor:
+        if self.replay is not None:
+            return self.replay(*args)
+        out = self.jit(*args)
+        if not self._built and self.jit.captured is not None:
+            self._built = True
+            self.replay = Replay.build(self.jit)
+        return out
 
 
 class ShardRunner:
@@ -181,7 +195,7 @@ class ShardRunner:
         C, cap = PREFILL_CHUNK, req.capacity
         jit = self._jits.prefill.get(cap)
         if jit is None:
-            jit = self._jits.prefill[cap] = _capture_now(self._prefill_fn)
+            jit = self._jits.prefill[cap] = _Graph(self._prefill_fn)
         pos_var = self._variable("pos", 0, cap - C)
         last_var = self._variable("last", 0, C - 1)
         hidden_out = []
@@ -211,7 +225,7 @@ class ShardRunner:
         cap = reqs[0].capacity  # run() groups decode steps by capacity
         jit = self._jits.decode.get((cap, len(reqs)))
         if jit is None:
-            jit = self._jits.decode[(cap, len(reqs))] = _capture_now(self._decode_fn)
+            jit = self._jits.decode[(cap, len(reqs))] = _Graph(self._decode_fn)
         x = np.stack([self._input(s) for s in steps])  # [B, 1, dim]
         lengths = np.array([r.length for r in reqs])
         # sequence b sees its own positions 0..length_b; the rest of the shared window is masked

@@ -169,3 +169,29 @@ def test_copy_of_file_is_read_the_same(tmp_path, gguf_file):
     a = loader.load_shard(gguf_file, Shard("m", 29, 29, 30)).tensors["blk.29.ffn_down.weight"]
     b = loader.load_shard(Path(copy), Shard("m", 29, 29, 30)).tensors["blk.29.ffn_down.weight"]
     assert np.array_equal(a.q, b.q) and np.array_equal(a.scale, b.scale)
+
+
+def test_replay_matches_tinyjit(tmp_path, tiny_gguf, tiny_card, load_engine, monkeypatch):
+    """Captured graphs replayed by exo_tinygrad.replay give what TinyJit itself gives."""
+    card = tiny_card(tiny_gguf(tmp_path / "tiny.gguf"))
+    shard = Shard.whole(card.id, card.n_layers)
+
+    async def decode(engine) -> list[np.ndarray]:
+        out = [(await engine.forward(shard, StageInput("r", tokens=np.arange(20)))).logits]
+        for step in range(4):
+            items = [StageInput("r", tokens=np.array([step + 3]))]
+            out.append((await engine.forward_batch(shard, items))[0].logits)
+        graphs = [*engine._runner._jits.prefill.values(), *engine._runner._jits.decode.values()]
+        replayed.append(all(g.replay is not None for g in graphs))
+        await engine.close()
+        return out
+
+    replayed: list[bool] = []
+
+    fast_engine = load_engine(card)
+    fast = asyncio.run(decode(fast_engine))
+    monkeypatch.setenv("EXO_TINYGRAD_REPLAY", "0")
+    slow = asyncio.run(decode(load_engine(card)))
+    assert replayed == [True, False]
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
