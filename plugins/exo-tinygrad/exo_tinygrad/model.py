@@ -169,9 +169,8 @@ class Attention:
         values = kv[:, 1].permute(0, 2, 1, 3).unsqueeze(2)
         scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))  # [B, kv, g, T, S]
         scores = scores + mask[:, :, 0:length].reshape(B, 1, 1, T, length)
-        # softmax with the division after the weighted sum: one kernel fewer than softmax() @ v
-        exp = (scores - scores.max(-1, keepdim=True)).exp()
-        out = (exp @ values) / exp.sum(-1, keepdim=True)  # [B, kv, g, T, hd]
+        # (dividing after the weighted sum saves a kernel but recomputes exp per output dim)
+        out = scores.softmax(-1) @ values  # [B, kv, g, T, hd]
         # contiguous: keeps the symbolic-length attention out of the projection's kernel
         out = out.permute(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim).contiguous()
         return self.o(out, residual=x)
