@@ -220,7 +220,7 @@ async def check_release_frees_cache(
     stages = [(engine, shard)]
     request_id = _request_id("release")
     count = getattr(engine, "cached_requests", None)
-    before = count() if count else None
+    before: int = count() if count else 0
     first = await _step(stages, request_id, prompt)
     if count:
         assert count() == before + 1, (
