@@ -60,14 +60,21 @@ def engine(card):
 
 # ---- tiny model files ----------------------------------------------------------------------
 
-TINY = {"dim": 64, "heads": 4, "kv_heads": 2, "hidden": 128, "layers": 2, "vocab": 96, "ctx": 64}
+TINY = {"dim": 64, "heads": 4, "kv_heads": 2, "hidden": 128, "layers": 2, "vocab": 96, "ctx": 640}
 
 
-def _write_tiny_gguf(path: Path, *, arch: str = "llama", q_type: int | None = None, seed: int = 0) -> Path:
-    """A small random Llama-family GGUF (Q8_0 projections, F32 norms, tied head).
-
-    `q_type` stores blk.0.attn_q.weight as raw bytes of another ggml type (to test rejection).
-    """
+def _write_tiny_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    q_type: int | None = None,
+    seed: int = 0,
+    biases: bool = False,
+    tied: bool = True,
+) -> Path:
+    """A small random Llama-family GGUF: Q8_0 projections (Q4_0 and F16 for some, so formats
+    mix inside q/k/v and gate/up), F32 norms, tied head unless `tied=False`, q/k/v biases when
+    `biases`. `q_type` stores blk.0.attn_q.weight as raw bytes of another ggml type."""
     t = TINY
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -82,20 +89,31 @@ def _write_tiny_gguf(path: Path, *, arch: str = "llama", q_type: int | None = No
     writer.add_vocab_size(t["vocab"])
     hd = t["dim"] // t["heads"]
 
-    def q8(name: str, rows: int, cols: int) -> None:
-        values = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
-        writer.add_tensor(
-            name,
-            gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
-            raw_dtype=gguf.GGMLQuantizationType.Q8_0,
-        )
+    def q8(name: str, rows: int, cols: int, kind=gguf.GGMLQuantizationType.Q8_0) -> None:
+        values = (rng.standard_normal((rows, cols)) * 0.2).astype(np.float32)
+        if kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, values.astype(np.float16))
+            return
+        writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+
+    def norm(name: str) -> None:
+        writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(t["dim"])).astype(np.float32))
 
     q8("token_embd.weight", t["vocab"], t["dim"])
-    writer.add_tensor("output_norm.weight", np.ones(t["dim"], np.float32))
+    norm("output_norm.weight")
+    if not tied:
+        q8("output.weight", t["vocab"], t["dim"], gguf.GGMLQuantizationType.Q4_0)
     for i in range(t["layers"]):
         p = f"blk.{i}"
-        writer.add_tensor(f"{p}.attn_norm.weight", np.ones(t["dim"], np.float32))
-        writer.add_tensor(f"{p}.ffn_norm.weight", np.ones(t["dim"], np.float32))
+        norm(f"{p}.attn_norm.weight")
+        norm(f"{p}.ffn_norm.weight")
+        if biases:
+            for name, rows in (
+                ("attn_q", t["heads"] * hd),
+                ("attn_k", t["kv_heads"] * hd),
+                ("attn_v", t["kv_heads"] * hd),
+            ):
+                writer.add_tensor(f"{p}.{name}.bias", (0.1 * rng.standard_normal(rows)).astype(np.float32))
         if i == 0 and q_type is not None:
             per_block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(q_type)]
             raw = rng.integers(0, 256, (t["heads"] * hd, t["dim"] // per_block * nbytes), dtype=np.uint8)
@@ -103,9 +121,9 @@ def _write_tiny_gguf(path: Path, *, arch: str = "llama", q_type: int | None = No
         else:
             q8(f"{p}.attn_q.weight", t["heads"] * hd, t["dim"])
         q8(f"{p}.attn_k.weight", t["kv_heads"] * hd, t["dim"])
-        q8(f"{p}.attn_v.weight", t["kv_heads"] * hd, t["dim"])
+        q8(f"{p}.attn_v.weight", t["kv_heads"] * hd, t["dim"], gguf.GGMLQuantizationType.Q4_0)
         q8(f"{p}.attn_output.weight", t["dim"], t["heads"] * hd)
-        q8(f"{p}.ffn_gate.weight", t["hidden"], t["dim"])
+        q8(f"{p}.ffn_gate.weight", t["hidden"], t["dim"], gguf.GGMLQuantizationType.F16)
         q8(f"{p}.ffn_up.weight", t["hidden"], t["dim"])
         q8(f"{p}.ffn_down.weight", t["dim"], t["hidden"])
     writer.write_header_to_file()
