@@ -8,9 +8,11 @@ Everything here runs on the engine's one worker thread (tinygrad is not thread-s
 - Prefill runs in chunks of `PREFILL_CHUNK` positions (the last one padded) under a TinyJit
   whose start position is a symbolic Variable, so prompts of any length reuse one compiled
   graph per cache capacity.
-- Decode steps of several requests run as one call: the projections read the weights once
-  for all of them. One TinyJit per combination of cache capacities, each position a Variable,
-  so steady-state decoding never recompiles.
+- Decode steps of several requests run as one call (batches of 8, 4, 2, 1 of requests whose
+  caches have the same capacity): the projections read the weights once for all of them. One
+  TinyJit per (capacity, batch size), each position a Variable, so steady-state decoding
+  never recompiles.
+- Captured graphs are run by `replay.Replay` (one C call per kernel) when it can.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from exo_tinygrad.replay import Replay
 
 PREFILL_CHUNK = 32
 MIN_CAPACITY = 256
-MAX_DECODE_BATCH = 8
+MAX_DECODE_BATCH = 8  # a power of two
 
 
 @dataclass
@@ -150,8 +152,10 @@ class ShardRunner:
             sorted(decode, key=lambda i: reqs[i].capacity), key=lambda i: reqs[i].capacity
         ):
             group = list(same)
-            for start in range(0, len(group), MAX_DECODE_BATCH):
-                part = group[start : start + MAX_DECODE_BATCH]
+            while group:
+                # batches of 8, 4, 2 or 1: a few graphs per capacity serve any number of requests
+                size = min(MAX_DECODE_BATCH, 1 << (len(group).bit_length() - 1))
+                part, group = group[:size], group[size:]
                 for i, out in zip(part, self._decode([steps[i] for i in part]), strict=True):
                     results[i] = out
         return [results[i] for i in range(len(steps))]
