@@ -12,7 +12,8 @@ kernels, and BEAM search costs minutes per shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes
@@ -187,3 +188,86 @@ def matmul(
     if out_padded != w.out_features:
         y = y[:, : w.out_features]
     return y.reshape(*lead, w.out_features)
+
+
+# ---- attention scores ---------------------------------------------------------------------
+
+
+def _call(tensors: list[Tensor], variables: list[UOp | int], fxn) -> Tensor:
+    """Tensor.custom_kernel, plus (bound) Variables handed to the kernel as values; returns the
+    first tensor (the output) after the kernel."""
+    srcs = [t.uop for t in tensors]
+    params = [UOp.placeholder_like(u, slot=i) for i, u in enumerate(srcs)]
+    extra, values = [], []
+    for v in variables:
+        if isinstance(v, UOp):
+            # param_like would rename the Variable; the JIT hands values over by name
+            param = v.param_like(len(srcs) + len(extra))
+            values.append(param.replace(arg=replace(param.arg, name=v.unbind()[0].expr)))
+            extra.append(v)
+        else:
+            values.append(v)
+    kernel = fxn(*params, *values).call(*srcs, *extra)
+    return Tensor(srcs[0].after(kernel))
+
+
+def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int) -> Tensor:
+    """Causal attention scores q·k / sqrt(hd) of sequence b -> [kv, group, T, pos + T].
+
+    q [B, T, H, hd] (contiguous, rotated) holds the queries of positions pos..pos+T-1; `cache`
+    is the sequence's [2, capacity, kv, hd] (keys first). A query sees the cached positions up
+    to its own (-inf after). The dot products run as 8 interleaved partial sums: independent
+    SIMD accumulators rather than one long dependent chain (tinygrad's own kernel for this
+    matmul with a symbolic length is latency-bound).
+    """
+    _, T, H, hd = q.shape
+    cap = cache.shape[1]
+    group = H // n_kv
+    lanes = 8 if hd % 8 == 0 else 1
+    scale = 1.0 / math.sqrt(hd)
+
+    def kernel(scores: UOp, qq: UOp, kk: UOp, pos: UOp | int) -> UOp:
+        qq, kk = qq.flatten(), kk.flatten()
+        h, g, t, s = UOp.range(n_kv, 0), UOp.range(group, 1), UOp.range(T, 2), UOp.range(pos + T, 3)
+        lane = UOp.range(lanes, 4, AxisType.REDUCE)
+        step = UOp.range(hd // lanes, 5, AxisType.REDUCE)
+        d = step * lanes + lane
+        part = (qq[((b * T + t) * H + h * group + g) * hd + d] * kk[(s * n_kv + h) * hd + d]).reduce(
+            step, arg=Ops.ADD
+        )
+        value = (s <= pos + t).where(part.reduce(lane, arg=Ops.ADD) * scale, float("-inf"))
+        store = scores[((h * group + g) * T + t) * cap + s].store(value).end(h, g, t, s)
+        opts = (Opt(OptOps.UNROLL, 0, lanes),) if lanes > 1 else ()
+        return store.sink(arg=KernelInfo(name=f"attn_scores_{T}_{H}_{hd}", opts_to_apply=opts))
+
+    out = Tensor.empty(H * T * cap, dtype=dtypes.float32, device=q.device)
+    out = _call([out, q, cache], [pos], kernel)
+    return out.reshape(n_kv, group, T, cap)[..., 0 : pos + T]
+
+
+def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int) -> Tensor:
+    """sum_s probs[h, g, t, s] * values[s, h] -> [T, kv * group * hd] for one sequence.
+
+    probs [kv, group, T, pos + T] (softmax of `attention_scores`); `cache` is the sequence's
+    [2, capacity, kv, hd] (values second). The output dims run as SIMD lanes (16 at a time).
+    """
+    cap, hd = cache.shape[1], cache.shape[3]
+    _, group, T, _ = probs.shape
+    # a fixed-size home for the probabilities (a custom kernel's inputs have static shapes)
+    home = Tensor.empty(n_kv * group * T * cap, dtype=dtypes.float32, device=probs.device)
+    store = home.reshape(n_kv, group, T, cap)[..., 0 : pos + T].uop.store(probs.uop)
+    home = Tensor(home.uop.after(store))
+
+    def kernel(out: UOp, pp: UOp, vv: UOp, pos: UOp | int) -> UOp:
+        out, pp, vv = out.flatten(), pp.flatten(), vv.flatten()
+        h, g, t, d = UOp.range(n_kv, 0), UOp.range(group, 1), UOp.range(T, 2), UOp.range(hd, 3)
+        s = UOp.range(pos + T, 4, AxisType.REDUCE)
+        p = pp[((h * group + g) * T + t) * cap + s]
+        acc = (p * vv[((cap + s) * n_kv + h) * hd + d]).reduce(s, arg=Ops.ADD)
+        store = out[(t * n_kv * group + h * group + g) * hd + d].store(acc).end(h, g, t, d)
+        axis_d = sum(n > 1 for n in (n_kv, group, T))  # size-1 ranges are dropped
+        opts = (Opt(OptOps.UPCAST, axis_d, 16),) if hd % 16 == 0 else ()
+        return store.sink(arg=KernelInfo(name=f"attn_values_{T}_{hd}", opts_to_apply=opts))
+
+    out = Tensor.empty(T * n_kv * group * hd, dtype=dtypes.float32, device=probs.device)
+    return _call([out, home, cache], [pos], kernel).reshape(T, n_kv * group * hd)

@@ -12,7 +12,6 @@ Quantised weights stay quantised in memory; `kernels.matmul` dequantises inside 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -138,16 +137,10 @@ class Attention:
         caches: list[Tensor],
         positions: list[Position],
         rope: Tensor,
-        mask: Tensor,
-        length: Position,
     ) -> Tensor:
-        """x + attention(rms_norm(x)) for x [B, T, dim].
-
-        Sequence b writes its T new keys/values into caches[b] [2, capacity, kv, hd] at
-        positions[b]; then all sequences attend over the first `length` cached positions,
-        `mask` [B, T, capacity] (0 or -inf) hiding what a position may not see (later positions,
-        or past a shorter sequence's end). One set of attention kernels serves the whole batch.
-        """
+        """x + attention(rms_norm(x)) for x [B, T, dim]: sequence b writes its T new keys and
+        values into caches[b] [2, capacity, kv, hd] at positions[b], then attends causally over
+        its own cached positions (each sequence has its own kernels and its own length)."""
         c = self.config
         B, T, _ = x.shape
         q, k, v = self.qkv.split(self.qkv(x, norm=norm))
@@ -157,22 +150,14 @@ class Attention:
         tables = [rope[pos : pos + T] for pos in positions]
         # q is used once per cached position: rotate it once, not inside the score kernel
         q = Tensor.stack(*[apply_rope(q[b], tables[b]) for b in range(B)]).contiguous()
-        views = []
+        outs = []
         for b, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
             # write this step's keys/values, then read the cache through the write
             store = cache[:, pos : pos + T].uop.store(Tensor.stack(apply_rope(k[b], tables[b]), v[b]).uop)
-            views.append(Tensor(cache.uop.after(store))[:, 0:length])  # [2, S, kv, hd]
-        kv = Tensor.stack(*views) if B > 1 else views[0].unsqueeze(0)  # [B, 2, S, kv, hd]
-        group = c.n_heads // c.n_kv_heads
-        q = q.reshape(B, T, c.n_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)  # [B, kv, g, T, hd]
-        keys = kv[:, 0].permute(0, 2, 1, 3).unsqueeze(2)  # [B, kv, 1, S, hd]
-        values = kv[:, 1].permute(0, 2, 1, 3).unsqueeze(2)
-        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))  # [B, kv, g, T, S]
-        scores = scores + mask[:, :, 0:length].reshape(B, 1, 1, T, length)
-        # (dividing after the weighted sum saves a kernel but recomputes exp per output dim)
-        out = scores.softmax(-1) @ values  # [B, kv, g, T, hd]
-        # contiguous: keeps the symbolic-length attention out of the projection's kernel
-        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim).contiguous()
+            written = Tensor(cache.uop.after(store))
+            scores = kernels.attention_scores(q, written, pos, b, c.n_kv_heads)  # [kv, g, T, pos + T]
+            outs.append(kernels.attention_values(scores.softmax(-1), written, pos, c.n_kv_heads))
+        out = Tensor.stack(*outs).contiguous() if B > 1 else outs[0].unsqueeze(0)
         return self.o(out, residual=x)
 
 
@@ -197,9 +182,9 @@ class Block:
         self.attention = Attention(config, w, prefix)
         self.ffn = FeedForward(w, prefix)
 
-    def __call__(self, x, caches, positions, rope, mask, length) -> Tensor:
+    def __call__(self, x, caches, positions, rope) -> Tensor:
         # the norms and residual adds happen inside the projection kernels (see Linear)
-        h = self.attention(x, (self.attn_norm, self.eps), caches, positions, rope, mask, length)
+        h = self.attention(x, (self.attn_norm, self.eps), caches, positions, rope)
         return self.ffn(h, (self.ffn_norm, self.eps))
 
 
@@ -227,21 +212,18 @@ class ShardModel:
         x: Tensor,
         caches: list[list[Tensor]],
         positions: list[Position],
-        mask: Tensor,
-        length: Position,
         last: Position | None = None,
     ) -> Tensor:
         """x [B, T, dim] -> hidden [B, T, dim]; the last stage: logits [B, vocab] at position `last`.
 
         caches[b] is sequence b's cache (one tensor per layer) and positions[b] where its T new
-        positions go; attention reads the first `length` positions through `mask` (see
-        Attention); `last` (default T - 1) picks the position whose logits are returned.
+        positions go; `last` (default T - 1) picks the position whose logits are returned.
         """
         for layer, block in enumerate(self.blocks):
             layer_caches = [cache[layer] for cache in caches]
             # realize per layer: one schedule per layer keeps tinygrad's scheduling fast, and
             # the cache writes never make a later layer recompute an earlier one
-            x = block(x, layer_caches, positions, self.rope, mask, length).realize()
+            x = block(x, layer_caches, positions, self.rope).realize()
         if not self.is_last:
             return x
         T = x.shape[1]

@@ -209,11 +209,8 @@ class ShardRunner:
             n = len(chunk)
             padded = np.zeros((1, C, self.config.dim), np.float32)
             padded[0, :n] = chunk
-            pos = req.length
-            # new position i (at pos + i) sees cached positions 0..pos + i
-            mask = np.where(np.arange(cap)[None, :] <= pos + np.arange(C)[:, None], 0.0, -np.inf)
-            x_in, mask_in = self._staging(("prefill", cap), padded, mask[None])
-            out = _read(jit(x_in, mask_in, req.cache, pos_var.bind(pos), last_var.bind(n - 1)))
+            (x_in,) = self._staging(("prefill", cap), padded)
+            out = _read(jit(x_in, req.cache, pos_var.bind(req.length), last_var.bind(n - 1)))
             req.length += n
             if not self.shard.is_last:
                 hidden_out.append(out[0, :n])
@@ -221,8 +218,8 @@ class ShardRunner:
             return out[0]
         return np.concatenate(hidden_out)
 
-    def _prefill_fn(self, x: Tensor, mask: Tensor, cache: list[Tensor], pos: UOp, last: UOp) -> Tensor:
-        return self.model(x, [cache], [pos], mask, pos + PREFILL_CHUNK, last).realize()
+    def _prefill_fn(self, x: Tensor, cache: list[Tensor], pos: UOp, last: UOp) -> Tensor:
+        return self.model(x, [cache], [pos], last).realize()
 
     def _decode(self, steps: list[Step]) -> list[np.ndarray]:
         reqs = [self.requests[s.request_id] for s in steps]
@@ -231,23 +228,19 @@ class ShardRunner:
         if jit is None:
             jit = self._jits.decode[(cap, len(reqs))] = _Graph(self._decode_fn)
         x = np.stack([self._input(s) for s in steps])  # [B, 1, dim]
-        lengths = np.array([r.length for r in reqs])
-        # sequence b sees its own positions 0..length_b; the rest of the shared window is masked
-        mask = np.where(np.arange(cap)[None, None, :] <= lengths[:, None, None], 0.0, -np.inf)
-        positions = [self._variable(f"pos{b}", 0, cap - 1).bind(int(n)) for b, n in enumerate(lengths)]
-        length = self._variable("length", 1, cap).bind(int(lengths.max()) + 1)
+        positions = [self._variable(f"pos{b}", 0, cap - 1).bind(r.length) for b, r in enumerate(reqs)]
         # the JIT finds tensors in a flat list only: all layers of request 0, then request 1, ...
         flat = [t for r in reqs for t in r.cache]
-        x_in, mask_in = self._staging(("decode", cap, len(reqs)), x, mask)
-        out = _read(jit(x_in, mask_in, flat, length, *positions))
+        (x_in,) = self._staging(("decode", cap, len(reqs)), x)
+        out = _read(jit(x_in, flat, *positions))
         for r in reqs:
             r.length += 1
         return [out[b] for b in range(len(steps))]
 
-    def _decode_fn(self, x: Tensor, mask: Tensor, flat: list[Tensor], length: UOp, *positions: UOp) -> Tensor:
+    def _decode_fn(self, x: Tensor, flat: list[Tensor], *positions: UOp) -> Tensor:
         layers = len(self.model.blocks)
         caches = [flat[b * layers : (b + 1) * layers] for b in range(len(positions))]
-        return self.model(x, caches, list(positions), mask, length).realize()
+        return self.model(x, caches, list(positions)).realize()
 
 
 def _read(t: Tensor) -> np.ndarray:
