@@ -8,10 +8,9 @@ Everything here runs on the engine's one worker thread (tinygrad is not thread-s
 - Prefill runs in chunks of `PREFILL_CHUNK` positions (the last one padded) under a TinyJit
   whose start position is a symbolic Variable, so prompts of any length reuse one compiled
   graph per cache capacity.
-- Decode steps of several requests run as one call (batches of 8, 4, 2, 1 of requests whose
-  caches have the same capacity): the projections read the weights once for all of them. One
-  TinyJit per (capacity, batch size), each position a Variable, so steady-state decoding
-  never recompiles.
+- Decode steps of several requests run as one call (up to 8 requests whose caches have the
+  same capacity): the projections read the weights once for all of them. One TinyJit per
+  (capacity, batch size), each position a Variable, so steady-state decoding never recompiles.
 - Captured graphs are run by `replay.Replay` (one C call per kernel) when it can.
 """
 
@@ -32,7 +31,7 @@ from exo_tinygrad.replay import Replay
 
 PREFILL_CHUNK = 32
 MIN_CAPACITY = 256
-MAX_DECODE_BATCH = 8  # a power of two
+MAX_DECODE_BATCH = 8
 
 
 @dataclass
@@ -153,9 +152,9 @@ class ShardRunner:
         ):
             group = list(same)
             while group:
-                # batches of 8, 4, 2 or 1: a few graphs per capacity serve any number of requests
-                size = min(MAX_DECODE_BATCH, 1 << (len(group).bit_length() - 1))
-                part, group = group[:size], group[size:]
+                # one pass for up to 8 requests; the first batch of each size captures its graph
+                # (seconds, once): cheaper than splitting a batch of 3 into 2 + 1 passes forever
+                part, group = group[:MAX_DECODE_BATCH], group[MAX_DECODE_BATCH:]
                 for i, out in zip(part, self._decode([steps[i] for i in part]), strict=True):
                     results[i] = out
         return [results[i] for i in range(len(steps))]
