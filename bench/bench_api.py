@@ -37,12 +37,12 @@ from aiohttp import web
 from exo_core.api.testing import BackgroundNode, connect
 from exo_core.engine import StageInput, StageOutput
 from exo_core.engines.dummy import DummyEngine
-from exo_core.generate import TextRequest, Usage
 from exo_core.log import configure_logging
+from exo_core.models.shard import Shard
+from exo_core.node.generate import TextRequest, Usage
+from exo_core.node.sampling import SamplingParams
 from exo_core.plugins import registry
 from exo_core.runtime import NodeConfig
-from exo_core.sampling import SamplingParams
-from exo_core.shard import Shard
 
 MESSAGES = [{"role": "user", "content": "Tell me about distributed inference."}]
 TARGET_RATIO = 0.95

@@ -48,8 +48,8 @@ def measure_exo_engine(name: str, args) -> dict:
     import numpy as np
 
     from exo_core.engine import StageInput
+    from exo_core.models.shard import Shard
     from exo_core.plugins import registry
-    from exo_core.shard import Shard
 
     reg = registry()
     cls = reg.engines.get(name)
@@ -122,7 +122,7 @@ def measure_llamacpp(args) -> dict:
         return {"skipped": "llama-cpp-python is not installed (.venv/bin/pip install llama-cpp-python)"}
     import numpy as np
 
-    from exo_core.files import embedded_gguf_path
+    from exo_core.models.files import embedded_gguf_path
 
     started = time.perf_counter()
     llm = llama_cpp.Llama(
@@ -181,8 +181,8 @@ def profile_mlx(args) -> None:
     import mlx.core as mx
     from exo_mlx.engine import MLXEngine
 
+    from exo_core.models.shard import Shard
     from exo_core.plugins import registry
-    from exo_core.shard import Shard
 
     card = registry().models["smollm2-135m"]
     shard = Shard.whole(card.id, card.n_layers)

@@ -56,8 +56,8 @@ def measure_tinygrad(args) -> dict:
     import numpy as np
 
     from exo_core.engine import StageInput
+    from exo_core.models.shard import Shard
     from exo_core.plugins import registry
-    from exo_core.shard import Shard
 
     reg = registry()
     cls = reg.engines.get("tinygrad")
@@ -134,7 +134,7 @@ def measure_llamacpp(args) -> dict:
         return {"skipped": "llama-cpp-python is not installed (pip install 'exo-tinygrad[bench]')"}
     import numpy as np
 
-    from exo_core.files import embedded_gguf_path
+    from exo_core.models.files import embedded_gguf_path
 
     t0 = time.perf_counter()
     llm = Llama(

@@ -193,10 +193,10 @@ def _csv(value: str | None) -> list[str] | None:
 
 async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature: float) -> int:
     """`exo run --prompt`: the same generation path as the API, printed as it streams."""
-    from exo_core.generate import TextRequest
-    from exo_core.node import GenerationError
-    from exo_core.sampling import SamplingParams
-    from exo_core.tokenizer import TokenizerError
+    from exo_core.models.tokenizer import TokenizerError
+    from exo_core.node.generate import TextRequest
+    from exo_core.node.node import GenerationError
+    from exo_core.node.sampling import SamplingParams
 
     async with runtime:
         request = TextRequest(
@@ -256,7 +256,7 @@ def _models_command() -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def models(as_json: bool) -> None:
         """List model cards and whether their files are on this node."""
-        from exo_core.files import files_present
+        from exo_core.models.files import files_present
         from exo_core.plugins import registry
 
         cards = sorted(registry().models.values(), key=lambda c: c.id)

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from exo_core.sampling import SamplingParams
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
+from exo_core.node.sampling import SamplingParams
 
 if TYPE_CHECKING:
     import click
 
-    from exo_core.models import ModelCard
+    from exo_core.models.cards import ModelCard
 
 
 class EngineError(RuntimeError):
@@ -78,7 +78,7 @@ class InferenceEngine(ABC):
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
 
-    # Source kinds of a model card (see exo_core.models) this engine loads.
+    # Source kinds of a model card (see exo_core.models.cards) this engine loads.
     source_kinds: ClassVar[tuple[str, ...]] = ("gguf", "safetensors")
 
     @classmethod

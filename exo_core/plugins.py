@@ -15,18 +15,18 @@ from exo_core import hookspecs
 
 if TYPE_CHECKING:
     from exo_core.engine import InferenceEngine
-    from exo_core.models import ModelCard
+    from exo_core.models.cards import ModelCard
 
 ENTRY_POINT_GROUP = "exo"
 
-# Built-in pieces, registered exactly like third-party plugins.
-DEFAULT_PLUGINS: tuple[str, ...] = (
-    "exo_core.engines.dummy",
-    "exo_core.builtin_models",
-    "exo_core.partitioning",
-    "exo_core.networking.discovery_builtin",
-    "exo_core.api.frontend",
-)
+# Built-in pieces, registered exactly like third-party plugins: name in `exo plugins` -> module.
+DEFAULT_PLUGINS: dict[str, str] = {
+    "dummy": "exo_core.engines.dummy",
+    "builtin_models": "exo_core.models.builtin",
+    "partitioning": "exo_core.node.partitioning",
+    "discovery_builtin": "exo_core.networking.discovery_builtin",
+    "frontend": "exo_core.api.frontend",
+}
 
 pm = pluggy.PluginManager("exo")
 pm.add_hookspecs(hookspecs)
@@ -62,8 +62,7 @@ def load_plugins() -> None:
     _loaded = True
     blocked = disabled_plugins()
     core_version = _dist_version("exo-core")
-    for module_name in DEFAULT_PLUGINS:
-        short = module_name.rsplit(".", 1)[-1]
+    for short, module_name in DEFAULT_PLUGINS.items():
         if short in blocked:
             continue
         _register(short, module_name, core_version, builtin=True)

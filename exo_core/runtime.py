@@ -12,13 +12,13 @@ from typing import Any
 
 import structlog
 
-from exo_core import files
 from exo_core.engine import InferenceEngine
-from exo_core.generate import Generator
-from exo_core.models import DEFAULT_MODEL_ID, ModelCard, find_card
-from exo_core.node import Node
+from exo_core.models import files
+from exo_core.models.cards import DEFAULT_MODEL_ID, ModelCard, find_card
+from exo_core.node.generate import Generator
+from exo_core.node.node import Node
+from exo_core.node.topology import DeviceCapabilities, device_capabilities
 from exo_core.plugins import Registry, registry
-from exo_core.topology import DeviceCapabilities, device_capabilities
 
 log = structlog.get_logger("exo.runtime")
 

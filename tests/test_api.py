@@ -11,10 +11,10 @@ import pytest
 
 from exo_core.api.testing import BackgroundNode, connect, request
 from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.node import GenerationError
-from exo_core.partitioning import NoPlanError
+from exo_core.models.tokenizer import load_tokenizer
+from exo_core.node.node import GenerationError
+from exo_core.node.partitioning import NoPlanError
 from exo_core.runtime import NodeConfig
-from exo_core.tokenizer import load_tokenizer
 
 MODEL = "smollm2-135m"
 HI = [{"role": "user", "content": "Hi!"}]

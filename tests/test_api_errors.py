@@ -9,8 +9,8 @@ import pytest
 from exo_core.api.protocol import MAX_BODY_BYTES
 from exo_core.api.testing import BackgroundNode, Reply, request
 from exo_core.engines.dummy import DUMMY_ANSWER
+from exo_core.models.tokenizer import load_tokenizer
 from exo_core.runtime import NodeConfig
-from exo_core.tokenizer import load_tokenizer
 
 MODEL = "smollm2-135m"
 HI = [{"role": "user", "content": "Hi!"}]

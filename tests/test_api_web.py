@@ -10,8 +10,8 @@ import pytest
 
 from exo_core.api.testing import BackgroundNode
 from exo_core.engines.dummy import DUMMY_ANSWER
+from exo_core.models.tokenizer import load_tokenizer
 from exo_core.runtime import NodeConfig
-from exo_core.tokenizer import load_tokenizer
 
 CHROMIUM = os.environ.get("EXO_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

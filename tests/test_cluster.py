@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from exo_core.engines.dummy import DUMMY_ANSWER
+from exo_core.models.shard import Shard
 from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node import StepMessage
-from exo_core.partitioning import PlanStage
-from exo_core.sampling import SamplingParams
-from exo_core.shard import Shard
+from exo_core.node.node import StepMessage
+from exo_core.node.partitioning import PlanStage
+from exo_core.node.sampling import SamplingParams
 from exo_core.testing.cluster import Cluster, stream_text
 
 CHAT = [{"role": "user", "content": "Say hello."}]

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.generate import TextRequest
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.manual import PeersFileError, parse_peers_file
-from exo_core.node import GenerationError
+from exo_core.node.generate import TextRequest
+from exo_core.node.node import GenerationError
 from exo_core.runtime import ConfigError, NodeConfig, Runtime
 from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
 

@@ -3,9 +3,9 @@
 import pytest
 
 from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.generate import ContextLengthError, StopMatcher, TextRequest, Usage
+from exo_core.node.generate import ContextLengthError, StopMatcher, TextRequest, Usage
+from exo_core.node.sampling import SamplingParams
 from exo_core.runtime import NodeConfig, Runtime
-from exo_core.sampling import SamplingParams
 
 
 @pytest.fixture

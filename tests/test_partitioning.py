@@ -5,12 +5,12 @@ import random
 import pytest
 
 from exo_core.engines.dummy import DummyEngine
-from exo_core.models import ModelCard
-from exo_core.node import Node, PeerUnavailable
-from exo_core.partitioning import NoPlanError, ring_memory_weighted
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
+from exo_core.node.node import Node, PeerUnavailable
+from exo_core.node.partitioning import NoPlanError, ring_memory_weighted
+from exo_core.node.topology import DeviceCapabilities, NodeInfo
 from exo_core.plugins import registry
-from exo_core.shard import Shard
-from exo_core.topology import DeviceCapabilities, NodeInfo
 
 
 def node(node_id, memory, **kw):

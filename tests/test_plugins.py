@@ -88,7 +88,7 @@ def test_misspelled_hook_fails_loudly(fresh_plugins, tmp_path):
 def test_hooks_register_through_callbacks(fresh_plugins):
     import click
 
-    from exo_core.models import EMBEDDED, ModelCard
+    from exo_core.models.cards import EMBEDDED, ModelCard
 
     class Other(DummyEngine):
         name = "other"

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
+from exo_core.models.shard import Shard
 from exo_core.networking import proto_gen, wire
 from exo_core.networking.generated import node_service_pb2 as pb
-from exo_core.node import StageFailure, StepMessage, TokenMessage
-from exo_core.partitioning import PlanStage
-from exo_core.sampling import SamplingParams
-from exo_core.shard import Shard
-from exo_core.topology import DeviceCapabilities, NodeInfo
+from exo_core.node.node import StageFailure, StepMessage, TokenMessage
+from exo_core.node.partitioning import PlanStage
+from exo_core.node.sampling import SamplingParams
+from exo_core.node.topology import DeviceCapabilities, NodeInfo
 
 
 def test_generated_code_is_current(tmp_path):

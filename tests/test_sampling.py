@@ -1,6 +1,6 @@
 import numpy as np
 
-from exo_core.sampling import SamplingParams, sample
+from exo_core.node.sampling import SamplingParams, sample
 
 
 def test_greedy_is_argmax():

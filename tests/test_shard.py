@@ -1,6 +1,6 @@
 import pytest
 
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
 
 
 def test_whole_shard_is_first_and_last():

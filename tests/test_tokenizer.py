@@ -2,10 +2,10 @@
 
 import pytest
 
-from exo_core.builtin_models import BUILTIN_CARDS
-from exo_core.files import embedded_gguf_path
-from exo_core.gguf_meta import GGUFFormatError, read_gguf_metadata
-from exo_core.tokenizer import TokenizerError, from_gguf_file, load_tokenizer
+from exo_core.models.builtin import BUILTIN_CARDS
+from exo_core.models.checkpoint.gguf import GGUFFormatError, read_gguf_metadata
+from exo_core.models.files import embedded_gguf_path
+from exo_core.models.tokenizer import TokenizerError, from_gguf_file, load_tokenizer
 
 
 @pytest.fixture(scope="module")

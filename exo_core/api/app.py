@@ -15,17 +15,18 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from exo_core import __version__, files
+from exo_core import __version__
 from exo_core.api import protocol
 from exo_core.api.completions import CompletionRun
 from exo_core.api.metrics import CONTENT_TYPE, ApiMetrics
 from exo_core.api.protocol import APIError
-from exo_core.generate import ContextLengthError, Generator
-from exo_core.models import ModelCard, UnknownModelError, find_card
-from exo_core.node import GenerationError, Node
-from exo_core.partitioning import NoPlanError
+from exo_core.models import files
+from exo_core.models.cards import ModelCard, UnknownModelError, find_card
+from exo_core.models.tokenizer import TokenizerError
+from exo_core.node.generate import ContextLengthError, Generator
+from exo_core.node.node import GenerationError, Node
+from exo_core.node.partitioning import NoPlanError
 from exo_core.runtime import Runtime
-from exo_core.tokenizer import TokenizerError
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = structlog.get_logger("exo.api")

@@ -23,8 +23,15 @@ from aiohttp import web
 
 from exo_core.api import protocol
 from exo_core.api.protocol import APIError, ChatRequest, CompletionRequest, TokenLogprob
-from exo_core.generate import ContextLengthError, PreparedRequest, TextChunk, TextRequest, Usage, token_bytes
-from exo_core.models import ModelCard
+from exo_core.models.cards import ModelCard
+from exo_core.node.generate import (
+    ContextLengthError,
+    PreparedRequest,
+    TextChunk,
+    TextRequest,
+    Usage,
+    token_bytes,
+)
 
 if TYPE_CHECKING:
     from exo_core.api.app import ApiState

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo_core.sampling import SamplingParams
+from exo_core.node.sampling import SamplingParams
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_CHOICES = 16  # n (times the number of prompts for /v1/completions)

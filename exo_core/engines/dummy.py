@@ -18,8 +18,8 @@ import numpy as np
 
 from exo_core.engine import InferenceEngine, StageInput, StageOutput
 from exo_core.hookspecs import hookimpl
-from exo_core.models import ModelCard
-from exo_core.shard import Shard
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
 
 DUMMY_ANSWER = "Hello from the exo dummy engine. This is a deterministic answer."
 HIDDEN_SIZE = 8
@@ -57,7 +57,7 @@ class DummyEngine(InferenceEngine):
     async def load(self, shard: Shard, model: ModelCard) -> None:
         if shard == self.shard:
             return
-        from exo_core.tokenizer import load_tokenizer
+        from exo_core.models.tokenizer import load_tokenizer
 
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
         self.answer = tokenizer.encode(DUMMY_ANSWER)

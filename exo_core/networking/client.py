@@ -10,7 +10,7 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node import (
+from exo_core.node.node import (
     ACTIVE,
     QUEUED,
     RELEASED,
@@ -21,7 +21,7 @@ from exo_core.node import (
     StepMessage,
     TokenMessage,
 )
-from exo_core.topology import NodeInfo
+from exo_core.node.topology import NodeInfo
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 _STATES = {

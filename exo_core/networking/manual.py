@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from exo_core.topology import DeviceCapabilities
+from exo_core.node.topology import DeviceCapabilities
 
 if TYPE_CHECKING:
     from exo_core.runtime import Runtime

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from exo_core.networking.client import GrpcPeerClient
-from exo_core.node import PeerTimeout, PeerUnavailable
-from exo_core.topology import DeviceCapabilities
+from exo_core.node.node import PeerTimeout, PeerUnavailable
+from exo_core.node.topology import DeviceCapabilities
 
 if TYPE_CHECKING:
     from exo_core.runtime import Runtime

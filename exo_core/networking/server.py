@@ -13,7 +13,7 @@ from exo_core.networking.auth import AuthInterceptor, ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node import ACTIVE, QUEUED, RELEASED, UNKNOWN, Node
+from exo_core.node.node import ACTIVE, QUEUED, RELEASED, UNKNOWN, Node
 
 if TYPE_CHECKING:
     from exo_core.runtime import Runtime

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from exo_core.models.shard import Shard
 from exo_core.networking.generated import node_service_pb2 as pb
-from exo_core.node import StageFailure, StepMessage, TokenMessage
-from exo_core.partitioning import PlanStage
-from exo_core.sampling import SamplingParams
-from exo_core.shard import Shard
-from exo_core.topology import DeviceCapabilities, NodeInfo
+from exo_core.node.node import StageFailure, StepMessage, TokenMessage
+from exo_core.node.partitioning import PlanStage
+from exo_core.node.sampling import SamplingParams
+from exo_core.node.topology import DeviceCapabilities, NodeInfo
 
 # What each tensor field may hold: dtype and rank.
 TOKENS_DTYPE, TOKENS_RANK = np.dtype(np.int64), 1

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exo_core.engine import InferenceEngine, StageInput, StageOutput
-from exo_core.models import ModelCard
-from exo_core.shard import Shard
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
 
 _ids = itertools.count()
 

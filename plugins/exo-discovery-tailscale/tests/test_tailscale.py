@@ -11,7 +11,7 @@ from exo_discovery_tailscale.api import TailscaleAPI, TailscaleAPIError, parse_a
 from exo_discovery_tailscale.fake_api import FakeTailscaleAPI
 
 from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.generate import TextRequest
+from exo_core.node.generate import TextRequest
 from exo_core.runtime import ConfigError, NodeConfig, Runtime
 from exo_core.testing.cluster import free_ports
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exo_core import files
-from exo_core.shard import Shard
+from exo_core.models import files
+from exo_core.models.shard import Shard
 
 
 def download_shard_files(repo: str, shard: Shard) -> Path:

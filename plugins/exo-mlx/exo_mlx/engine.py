@@ -26,8 +26,8 @@ import click
 import numpy as np
 
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models import EMBEDDED, ModelCard
-from exo_core.shard import Shard
+from exo_core.models.cards import EMBEDDED, ModelCard
+from exo_core.models.shard import Shard
 
 if TYPE_CHECKING:
     from exo_mlx.model import KVCache, ShardModel
@@ -142,7 +142,7 @@ class MLXEngine(InferenceEngine):
 
     def _find_source(self, card: ModelCard, shard: Shard) -> tuple[str, Path]:
         """The card's source to load: one already on this node, else one downloaded now."""
-        from exo_core import files
+        from exo_core.models import files
 
         kinds = [k for k in SOURCE_PREFERENCE if k in card.sources]
         if not kinds:

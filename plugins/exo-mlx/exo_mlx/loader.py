@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from exo_core.engine import EngineError
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
 from exo_mlx.model import MLP, Attention, Block, Linear, LlamaConfig, ShardModel
 
 # Our name for each tensor -> (GGUF name, Hugging Face name); "{i}" is the layer index.

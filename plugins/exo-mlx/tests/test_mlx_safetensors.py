@@ -15,8 +15,8 @@ import mlx.core as mx
 import pytest
 from exo_mlx.loader import BLOCK_TENSORS, GGUF, HF, TENSOR_NAMES
 
-from exo_core.files import embedded_gguf_path
-from exo_core.models import ModelCard
+from exo_core.models.cards import ModelCard
+from exo_core.models.files import embedded_gguf_path
 
 N_LAYERS, N_HEADS, N_KV_HEADS = 30, 9, 3
 CONFIG = {

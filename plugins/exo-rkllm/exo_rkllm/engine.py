@@ -26,11 +26,11 @@ import click
 import structlog
 
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models import ModelCard
-from exo_core.sampling import SamplingParams
-from exo_core.shard import Shard
-from exo_core.tokenizer import Tokenizer, TokenizerError, load_tokenizer
-from exo_core.topology import is_rk3588
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
+from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from exo_core.node.sampling import SamplingParams
+from exo_core.node.topology import is_rk3588
 from exo_rkllm.client import RKLLAMAClient, RKLLAMAError
 from exo_rkllm.fragments import FragmentEncoder
 

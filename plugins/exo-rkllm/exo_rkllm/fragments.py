@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from exo_core.tokenizer import Tokenizer
+from exo_core.models.tokenizer import Tokenizer
 
 log = structlog.get_logger("exo.rkllm")
 

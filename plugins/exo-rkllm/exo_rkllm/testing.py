@@ -8,11 +8,11 @@ import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from exo_core.generate import TextRequest, Usage
-from exo_core.models import ModelCard
+from exo_core.models.cards import ModelCard
+from exo_core.node.generate import TextRequest, Usage
+from exo_core.node.sampling import SamplingParams
 from exo_core.plugins import Registry, registry
 from exo_core.runtime import NodeConfig, Runtime
-from exo_core.sampling import SamplingParams
 
 # Fast enough that the suite stays short, slow enough that streaming is visible.
 FAST = {"tokens_per_second": 500.0, "first_token_ms": 20.0}

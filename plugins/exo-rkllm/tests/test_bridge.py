@@ -9,10 +9,10 @@ import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
 from exo_rkllm.testing import CONVERSATION, FAST, Answer, chat, registry_with, rkllm_runtime
 
-from exo_core.models import ModelCard
-from exo_core.node import GenerationError
-from exo_core.sampling import SamplingParams
-from exo_core.tokenizer import TokenizerError
+from exo_core.models.cards import ModelCard
+from exo_core.models.tokenizer import TokenizerError
+from exo_core.node.node import GenerationError
+from exo_core.node.sampling import SamplingParams
 
 
 def sent_messages(server: FakeRKLLAMA) -> list[dict]:
@@ -257,7 +257,7 @@ async def test_a_missing_tokenizer_names_what_to_download(server):
             await chat(runtime, [{"role": "user", "content": "hi"}], model=card.id)
         # The engine says the same when asked directly (a node that is not the origin).
         from exo_core.engine import EngineError
-        from exo_core.shard import Shard
+        from exo_core.models.shard import Shard
 
         with pytest.raises(EngineError, match="exo-test-org/no-such-tokenizer"):
             await runtime.node.engine.load(Shard.whole(card.id, card.n_layers), card)

@@ -9,9 +9,9 @@ from exo_rkllm.engine import RKLLMEngine, folder_overrides, sampling_options, se
 from exo_rkllm.fake_server import FLASK_500
 
 from exo_core.engine import EngineError
+from exo_core.node.sampling import SamplingParams
 from exo_core.plugins import registry
 from exo_core.runtime import choose_engine
-from exo_core.sampling import SamplingParams
 
 
 def test_server_url_from_option_then_environment_then_default():

@@ -11,8 +11,8 @@ from exo_rkllm.fragments import FragmentEncoder
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
+from exo_core.models.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
 from exo_core.plugins import registry
-from exo_core.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
 
 TEXT = (
     "Hello world! Bonjour le monde, café naïve — 日本語のテキスト, Ελληνικά, emoji 🚀🎉👩‍💻. "

@@ -9,9 +9,9 @@ from exo_rkllm.engine import RKLLMEngine
 from exo_rkllm.fake_server import fake_answer
 
 from exo_core.engine import EngineError, StageInput
+from exo_core.models.shard import Shard
+from exo_core.models.tokenizer import load_tokenizer
 from exo_core.plugins import registry
-from exo_core.shard import Shard
-from exo_core.tokenizer import load_tokenizer
 
 QUESTION = [{"role": "user", "content": "emoji, s'il vous plaît"}]
 

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from exo_core import files
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models import ModelCard
-from exo_core.shard import Shard
+from exo_core.models import files
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
 
 
 class TinygradEngine(InferenceEngine):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from exo_core.engine import EngineError
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
 from exo_tinygrad import quant
 
 # Architectures the model file implements (GGUF general.architecture / HF model_type).

@@ -24,7 +24,7 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 from tinygrad.nn.state import get_parameters
 
 from exo_core.engine import EngineError
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
 from exo_tinygrad.loader import ShardWeights
 from exo_tinygrad.model import ShardModel
 from exo_tinygrad.replay import Replay

@@ -15,7 +15,7 @@ from exo_tinygrad import loader, quant
 from exo_tinygrad.engine import TinygradEngine
 
 from exo_core.engine import EngineError, StageInput
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
 
 
 def llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:

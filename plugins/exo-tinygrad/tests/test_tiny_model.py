@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from exo_core.engine import StageInput
-from exo_core.shard import Shard
+from exo_core.models.shard import Shard
 
 
 def reference_logits(path, tokens: list[int], dims: dict, arch: str) -> np.ndarray:

@@ -37,11 +37,11 @@ import numpy as np
 import structlog
 
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models import ModelCard
-from exo_core.partitioning import NoPlanError, PlanStage, ring_memory_weighted
-from exo_core.sampling import SamplingParams, sample
-from exo_core.shard import Shard
-from exo_core.topology import DeviceCapabilities, NodeInfo
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
+from exo_core.node.partitioning import NoPlanError, PlanStage, ring_memory_weighted
+from exo_core.node.sampling import SamplingParams, sample
+from exo_core.node.topology import DeviceCapabilities, NodeInfo
 
 log = structlog.get_logger("exo.node")
 

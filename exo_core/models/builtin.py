@@ -1,7 +1,7 @@
 """The built-in model cards: the embedded default and the Llama-family models people ask for."""
 
 from exo_core.hookspecs import hookimpl
-from exo_core.models import EMBEDDED, ModelCard
+from exo_core.models.cards import EMBEDDED, ModelCard
 
 
 def _card(id, name, n_layers, *, gguf=None, hf=None, mlx=None, aliases=(), ctx=None):

@@ -17,10 +17,10 @@ from typing import Any, cast
 
 from tokenizers import decoders
 
-from exo_core.models import ModelCard
-from exo_core.node import GeneratedToken, GenerationRequest, Node
-from exo_core.sampling import SamplingParams
-from exo_core.tokenizer import Tokenizer, load_tokenizer
+from exo_core.models.cards import ModelCard
+from exo_core.models.tokenizer import Tokenizer, load_tokenizer
+from exo_core.node.node import GeneratedToken, GenerationRequest, Node
+from exo_core.node.sampling import SamplingParams
 
 
 class ContextLengthError(ValueError):

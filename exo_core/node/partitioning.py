@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exo_core.hookspecs import hookimpl
-from exo_core.shard import Shard
-from exo_core.topology import NodeInfo
+from exo_core.models.shard import Shard
+from exo_core.node.topology import NodeInfo
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 if TYPE_CHECKING:
-    from exo_core.models import ModelCard
+    from exo_core.models.cards import ModelCard
 
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_TYPE_CONTROL = 3
@@ -252,7 +252,7 @@ def from_hf_directory(path: Path) -> Tokenizer:
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file (tensor data is not read)."""
-    from exo_core.gguf_meta import read_gguf_metadata as read
+    from exo_core.models.checkpoint.gguf import read_gguf_metadata as read
 
     try:
         return read(path)
@@ -272,7 +272,7 @@ def load_tokenizer(card: ModelCard) -> Tokenizer:
     then its GGUF file's metadata, then its safetensors snapshot. (A plugin may name a
     tokenizer repo on a shared card; when that repo is absent the card's own files still serve.)
     """
-    from exo_core import files
+    from exo_core.models import files
 
     if card.tokenizer:
         path = (

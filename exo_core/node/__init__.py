@@ -1,0 +1,1 @@
+"""The node side: origin and stage of the request flow, messages, partitioning, topology, sampling."""
