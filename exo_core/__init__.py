@@ -1,8 +1,134 @@
-"""exo-core: hooks, node, partitioning, peer protocol, discovery, API, CLI."""
+"""exo-core: hooks, node, partitioning, peer protocol, discovery, API, CLI.
 
+The names in `__all__` are the public API: what a plugin may import, from `exo_core` itself
+(`from exo_core import InferenceEngine, hookimpl`). Everything in submodules is private to
+core and may change in any release; `exo_core.testing` is the public test kit for plugin
+authors. From 1.0 on the public API follows semantic versioning (see the README).
+
+Names are imported on first use, so `import exo_core` stays cheap (the CLI starts fast).
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("exo-core")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    # plugins and hooks
+    "hookimpl": "exo_core.hookspecs",
+    "PluginError": "exo_core.errors",
+    "ConfigError": "exo_core.errors",
+    # engines
+    "InferenceEngine": "exo_core.engine",
+    "StageInput": "exo_core.engine",
+    "TextStageInput": "exo_core.engine",
+    "StageOutput": "exo_core.engine",
+    "EngineThread": "exo_core.engine",
+    "Progress": "exo_core.engine",
+    "EngineError": "exo_core.errors",
+    "SamplingParams": "exo_core.node.sampling",
+    # models
+    "Shard": "exo_core.models.shard",
+    "ModelCard": "exo_core.models.cards",
+    "EMBEDDED": "exo_core.models.cards",
+    "DEFAULT_MODEL_ID": "exo_core.models.cards",
+    "ModelFilesError": "exo_core.models.files",
+    "embedded_gguf_path": "exo_core.models.files",
+    "Tokenizer": "exo_core.models.tokenizer",
+    "TokenizerError": "exo_core.models.tokenizer",
+    "load_tokenizer": "exo_core.models.tokenizer",
+    # discovery, topology, partitioning
+    "Discovery": "exo_core.discovery",
+    "DiscoveryContext": "exo_core.discovery",
+    "PeerSink": "exo_core.discovery",
+    "DeviceCapabilities": "exo_core.node.topology",
+    "NodeInfo": "exo_core.node.topology",
+    "is_rk3588": "exo_core.node.topology",
+    "Partitioner": "exo_core.node.partitioning",
+    "PlanStage": "exo_core.node.partitioning",
+    "NoPlanError": "exo_core.node.partitioning",
+    # frontends
+    "Frontend": "exo_core.frontend",
+    "Runtime": "exo_core.runtime",
+    "GenerationError": "exo_core.node.messages",
+}
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "EMBEDDED",
+    "ConfigError",
+    "DeviceCapabilities",
+    "Discovery",
+    "DiscoveryContext",
+    "EngineError",
+    "EngineThread",
+    "Frontend",
+    "GenerationError",
+    "InferenceEngine",
+    "ModelCard",
+    "ModelFilesError",
+    "NoPlanError",
+    "NodeInfo",
+    "Partitioner",
+    "PeerSink",
+    "PlanStage",
+    "PluginError",
+    "Progress",
+    "Runtime",
+    "SamplingParams",
+    "Shard",
+    "StageInput",
+    "StageOutput",
+    "TextStageInput",
+    "Tokenizer",
+    "TokenizerError",
+    "__version__",
+    "embedded_gguf_path",
+    "hookimpl",
+    "is_rk3588",
+    "load_tokenizer",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'exo_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from exo_core.discovery import Discovery, DiscoveryContext, PeerSink
+    from exo_core.engine import (
+        EngineThread,
+        InferenceEngine,
+        Progress,
+        StageInput,
+        StageOutput,
+        TextStageInput,
+    )
+    from exo_core.errors import ConfigError, EngineError, PluginError
+    from exo_core.frontend import Frontend
+    from exo_core.hookspecs import hookimpl
+    from exo_core.models.cards import DEFAULT_MODEL_ID, EMBEDDED, ModelCard
+    from exo_core.models.files import ModelFilesError, embedded_gguf_path
+    from exo_core.models.shard import Shard
+    from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+    from exo_core.node.messages import GenerationError
+    from exo_core.node.partitioning import NoPlanError, Partitioner, PlanStage
+    from exo_core.node.sampling import SamplingParams
+    from exo_core.node.topology import DeviceCapabilities, NodeInfo, is_rk3588
+    from exo_core.runtime import Runtime

@@ -144,7 +144,6 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
     if params.get("models_seed_dir"):
         os.environ["EXO_MODELS_SEED_DIR"] = str(params["models_seed_dir"])
     discovery_options = {
-        "config_path": params.get("discovery_config_path"),
         "timeout": params.get("discovery_timeout"),
         "broadcast_port": params.get("broadcast_port"),
         "interface_type_filter": _csv(params.get("interface_type_filter")),
@@ -195,7 +194,7 @@ async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature
     """`exo run --prompt`: the same generation path as the API, printed as it streams."""
     from exo_core.models.tokenizer import TokenizerError
     from exo_core.node.generate import TextRequest
-    from exo_core.node.node import GenerationError
+    from exo_core.node.messages import GenerationError
     from exo_core.node.sampling import SamplingParams
 
     async with runtime:

@@ -1,14 +1,40 @@
-"""The engine interface: what an inference engine plugin implements."""
+"""The engine interface: what an inference engine plugin implements.
+
+An engine runs shards (contiguous layer ranges) of models and keeps a KV cache per request
+id. The node calls it in this order: `prepare` or `load` for a shard, then `forward_batch`
+with the steps waiting at that moment (one request's new positions each), then `release`
+when a request ends. `close` when the node stops.
+
+**Threading.** Every method is a coroutine called on the node's event loop, one
+`forward_batch` at a time (unless `concurrent_steps`). Compute must not run on the loop: the
+node keeps serving HTTP and gRPC while a step computes. Run it on a worker thread; most
+libraries keep per-process state that wants one thread, so `EngineThread` gives an engine one
+dedicated thread to submit work to (`await self.thread.run(fn, *args)`).
+
+**Two kinds of engines**, declared by class attributes:
+
+- Tensor engines (`works_on_text = False`, the default): the first stage gets token ids,
+  later stages hidden states (float32 `[T, hidden]`); the last stage returns logits for the
+  last new position and core samples from them.
+- Text engines (`works_on_text = True`, e.g. the RK3588 bridge): whole-request engines that
+  hand the conversation to a server. Their steps are `TextStageInput`s (the conversation,
+  sampling settings and token budget on a request's first step) and they return the sampled
+  token themselves (`StageOutput.token`). Such engines set `supports_sharding = False`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
+from exo_core.errors import EngineError
 from exo_core.models.shard import Shard
 from exo_core.node.sampling import SamplingParams
 
@@ -17,9 +43,20 @@ if TYPE_CHECKING:
 
     from exo_core.models.cards import ModelCard
 
+__all__ = [
+    "EngineError",
+    "EngineThread",
+    "InferenceEngine",
+    "Progress",
+    "StageInput",
+    "StageOutput",
+    "TextStageInput",
+]
 
-class EngineError(RuntimeError):
-    """An engine failed in a way the user should hear about (bad file, server down, ...)."""
+T = TypeVar("T")
+
+# progress(what, fraction done in [0, 1]) while an engine prepares a shard.
+Progress = Callable[[str, float], None]
 
 
 @dataclass
@@ -27,19 +64,15 @@ class StageInput:
     """One request's new positions for one stage.
 
     The first stage gets `tokens` (int64 ids of the positions not yet in the cache); later
-    stages get `hidden` (float32 [T, hidden_size]) from the previous stage. Engines that work
-    on text (`takes_messages`) also get the whole conversation on the request's first step.
+    stages get `hidden` (float32 [T, hidden_size]) from the previous stage. `start_pos` is how
+    many positions the request's cache on this stage already holds: an engine whose cache for
+    the request is at another position must raise `EngineError` naming both, never compute on.
     """
 
     request_id: str
     tokens: np.ndarray | None = None
     hidden: np.ndarray | None = None
-    messages: list[dict[str, Any]] | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    # For engines that hand whole requests to a server: the request's token budget, and how
-    # many of `tokens` an earlier attempt already generated (a replay after a failure).
-    max_tokens: int | None = None
-    replayed: int = 0
+    start_pos: int = 0
 
     @property
     def length(self) -> int:
@@ -51,11 +84,25 @@ class StageInput:
 
 
 @dataclass
+class TextStageInput(StageInput):
+    """A step for a text engine: on a request's first step, the whole request.
+
+    `tokens` are the prompt's ids followed by the `replayed` tokens an earlier attempt already
+    delivered (a replay after a failure: the engine must continue after them).
+    """
+
+    messages: list[dict[str, Any]] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    replayed: int = 0
+
+
+@dataclass
 class StageOutput:
     """What a stage produced: hidden states for the next stage, or (last stage) logits or a token.
 
-    `logits` are float32 [vocab] for the last new position; core samples from them. An engine
-    that samples itself (a text engine) sets `token` instead.
+    `logits` are float32 [vocab] for the last new position; core samples from them. A text
+    engine, which samples itself, sets `token` instead.
     """
 
     hidden: np.ndarray | None = None
@@ -64,26 +111,27 @@ class StageOutput:
 
 
 class InferenceEngine(ABC):
-    """Owns one loaded shard at a time and a KV cache per request id."""
+    """Runs shards of models with a KV cache per request id (see the module docstring)."""
 
     name: ClassVar[str]
+    # Can run any contiguous layer range (False: serves whole models only).
     supports_sharding: ClassVar[bool] = True
-    takes_messages: ClassVar[bool] = False
+    # Works on text (TextStageInput in, StageOutput.token out) instead of tensors.
+    works_on_text: ClassVar[bool] = False
     # Steps of different requests wait on separate things (e.g. a server's streams): the node
     # runs each as its own task instead of one batch, so a queued request never holds up a running one.
     concurrent_steps: ClassVar[bool] = False
     # Extra `exo run` options this engine reads (their values arrive in `options`).
     cli_options: ClassVar[Sequence[click.Option]] = ()
+    # Source kinds of a model card (see ModelCard.sources) this engine loads.
+    source_kinds: ClassVar[tuple[str, ...]] = ("gguf", "safetensors")
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
 
-    # Source kinds of a model card (see exo_core.models.cards) this engine loads.
-    source_kinds: ClassVar[tuple[str, ...]] = ("gguf", "safetensors")
-
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        """Cheap check that the engine can run here: (ok, reason when not)."""
+        """Cheap check that the engine can run here: (ok, reason when not). Never imports heavy libraries."""
         return True, ""
 
     @classmethod
@@ -98,19 +146,39 @@ class InferenceEngine(ABC):
 
     @abstractmethod
     async def load(self, shard: Shard, model: ModelCard) -> None:
-        """Load weights for `shard`; idempotent for the same shard."""
+        """Make `shard` ready to run; idempotent for a shard already held."""
+
+    async def prepare(self, shard: Shard, model: ModelCard, progress: Progress | None = None) -> None:
+        """Build what the first requests on `shard` need, ahead of them (load, compile, capture).
+
+        Called when a node starts or is planned a shard, and by `exo models warm`. The default
+        only loads.
+        """
+        await self.load(shard, model)
 
     @abstractmethod
-    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
-        """Run the shard over the request's new positions, extending its cache."""
-
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
-        """Run several requests' steps; engines that can batch override this to read weights once."""
-        return [await self.forward(shard, item) for item in items]
+        """Run each item's new positions through `shard` (loaded before), extending its cache.
+
+        One output per item, in order. Engines that can batch read the weights once for all.
+        """
+
+    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
+        """One item through `forward_batch` (a convenience for tests and tools; the node batches)."""
+        return (await self.forward_batch(shard, [item]))[0]
 
     @abstractmethod
     async def release(self, request_id: str) -> None:
         """Free the request's cache (no error when it holds none)."""
+
+    @property
+    def loaded_shards(self) -> tuple[Shard, ...]:
+        """The shards whose weights this engine holds now."""
+        return ()
+
+    def cached_requests(self) -> int:
+        """How many requests hold a cache in this engine now."""
+        return 0
 
     def queued(self, request_id: str) -> bool:
         """True while the request waits its turn (healthy, but making no progress yet).
@@ -126,3 +194,43 @@ class InferenceEngine(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to free by default
         """Free everything (called when the node stops)."""
+
+
+class EngineThread:
+    """One dedicated worker thread for an engine's compute (`await thread.run(fn, *args)`).
+
+    Libraries such as tinygrad and MLX keep process-wide state that must stay on one thread;
+    `EngineThread.shared(key)` gives every engine instance of a kind the same thread.
+    """
+
+    _shared: ClassVar[dict[str, EngineThread]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, name: str = "exo-engine") -> None:
+        self.name = name
+        self._executor: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def shared(cls, key: str) -> EngineThread:
+        """The process-wide thread for `key` (created on first use)."""
+        with cls._lock:
+            thread = cls._shared.get(key)
+            if thread is None:
+                thread = cls._shared[key] = cls(f"exo-{key}")
+            return thread
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        return self._executor
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def shutdown(self) -> None:
+        """Stop the thread once its queued work is done (a later `run` starts a new one)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)

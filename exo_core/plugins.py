@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+import structlog
 
 from exo_core import hookspecs
+from exo_core.errors import PluginError
 
 if TYPE_CHECKING:
+    from exo_core.discovery import Discovery
     from exo_core.engine import InferenceEngine
+    from exo_core.frontend import Frontend
     from exo_core.models.cards import ModelCard
+    from exo_core.node.partitioning import Partitioner
+
+log = structlog.get_logger("exo.plugins")
 
 ENTRY_POINT_GROUP = "exo"
 
@@ -124,40 +134,118 @@ class Registry:
     """Everything plugins registered, collected once from the hooks (a typed facade over pm.hook)."""
 
     engines: dict[str, type[InferenceEngine]] = field(default_factory=dict)
-    discovery: dict[str, type] = field(default_factory=dict)
-    partitioners: dict[str, Any] = field(default_factory=dict)
-    frontends: dict[str, type] = field(default_factory=dict)
+    discovery: dict[str, type[Discovery]] = field(default_factory=dict)
+    partitioners: dict[str, Partitioner] = field(default_factory=dict)
+    frontends: dict[str, type[Frontend]] = field(default_factory=dict)
     models: dict[str, ModelCard] = field(default_factory=dict)
 
 
 def registry() -> Registry:
-    """The collected registrations of all loaded plugins."""
+    """The collected registrations of all loaded plugins.
+
+    Each plugin's hooks are called on their own: a registration that does not implement its
+    protocol, or a hook that raises, becomes that plugin's error (shown by `exo plugins`) and
+    is skipped; what the other plugins registered still counts.
+    """
     global _registry
     if _registry is not None:
         return _registry
     load_plugins()
+    from exo_core.models.cards import ModelCard
+
     reg = Registry()
 
-    def engine(cls: type[InferenceEngine]) -> None:
-        reg.engines[cls.name] = cls
+    def engine(plugin: str, cls: Any) -> None:
+        from exo_core.engine import InferenceEngine
 
-    def named(target: dict[str, Any]):
-        def register(name: str, obj: Any) -> None:
-            target[name] = obj
+        _check_class(plugin, "engine", cls, InferenceEngine)
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r}: engine {cls.__qualname__} has no `name` string")
+        reg.engines[name] = cls
 
-        return register
+    def discovery(plugin: str, name: Any, cls: Any) -> None:
+        from exo_core.discovery import Discovery
 
-    def model(card: ModelCard) -> None:
+        _check_name(plugin, "discovery module", name)
+        _check_class(plugin, f"discovery module {name!r}", cls, Discovery)
+        reg.discovery[name] = cls
+
+    def partitioner(plugin: str, name: Any, fn: Any) -> None:
+        _check_name(plugin, "partitioner", name)
+        try:
+            inspect.signature(fn).bind(None, None, None)
+        except (TypeError, ValueError):
+            raise PluginError(
+                f"plugin {plugin!r}: partitioner {name!r} must be a function (nodes, model_id, n_layers)"
+            ) from None
+        reg.partitioners[name] = fn
+
+    def frontend(plugin: str, name: Any, cls: Any) -> None:
+        _check_name(plugin, "frontend", name)
+        methods = ("start", "stop")
+        if not isinstance(cls, type) or not all(
+            inspect.iscoroutinefunction(getattr(cls, m, None)) for m in methods
+        ):
+            raise PluginError(
+                f"plugin {plugin!r}: frontend {name!r} must be a class with async start() and stop() "
+                f"(exo_core.Frontend), got {cls!r}"
+            )
+        reg.frontends[name] = cls
+
+    def model(plugin: str, card: Any) -> None:
+        if not isinstance(card, ModelCard):
+            raise PluginError(f"plugin {plugin!r}: register_models wants ModelCard objects, got {card!r}")
         existing = reg.models.get(card.id)
-        reg.models[card.id] = existing.merged_with(card) if existing else card
+        try:
+            reg.models[card.id] = existing.merged_with(card) if existing else card
+        except ValueError as exc:
+            raise PluginError(f"plugin {plugin!r}: {exc}") from None
 
-    pm.hook.register_engines(register=engine)
-    pm.hook.register_discovery(register=named(reg.discovery))
-    pm.hook.register_partitioners(register=named(reg.partitioners))
-    pm.hook.register_frontends(register=named(reg.frontends))
-    pm.hook.register_models(register=model)
+    _collect(pm.hook.register_engines, engine)
+    _collect(pm.hook.register_discovery, discovery)
+    _collect(pm.hook.register_partitioners, partitioner)
+    _collect(pm.hook.register_frontends, frontend)
+    _collect(pm.hook.register_models, model)
     _registry = reg
     return reg
+
+
+def _collect(hook: Any, accept: Callable[..., None]) -> None:
+    """Call each plugin's implementation of `hook` with a `register` bound to that plugin."""
+    for impl in hook.get_hookimpls():
+        plugin = impl.plugin_name
+        try:
+            impl.function(register=functools.partial(accept, plugin))
+        except PluginError as exc:
+            _plugin_failed(plugin, exc)
+        except Exception as exc:  # a plugin's bug must not take exo down
+            _plugin_failed(
+                plugin, PluginError(f"plugin {plugin!r}: {hook.name} raised {type(exc).__name__}: {exc}")
+            )
+
+
+def _plugin_failed(plugin: str, exc: PluginError) -> None:
+    record = _records.setdefault(plugin, PluginRecord(name=plugin, version=None, builtin=False))
+    record.error = f"PluginError: {exc}" if record.error is None else f"{record.error}; {exc}"
+    log.warning("plugin registration refused", plugin=plugin, error=str(exc))
+
+
+def _check_name(plugin: str, what: str, name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise PluginError(
+            f"plugin {plugin!r}: a {what} is registered as register(name, ...) with a name string"
+        )
+
+
+def _check_class(plugin: str, what: str, cls: Any, base: type) -> None:
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise PluginError(
+            f"plugin {plugin!r}: {what} must be a subclass of exo_core.{base.__name__}, got {cls!r}"
+        )
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise PluginError(f"plugin {plugin!r}: {what} {cls.__qualname__} does not implement {missing}")
 
 
 def reset_for_tests() -> None:

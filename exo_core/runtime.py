@@ -8,11 +8,14 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from exo_core.discovery import Discovery, DiscoveryContext
 from exo_core.engine import InferenceEngine
+from exo_core.errors import ConfigError
 from exo_core.models import files
 from exo_core.models.cards import DEFAULT_MODEL_ID, ModelCard, find_card
 from exo_core.node.generate import Generator
@@ -21,10 +24,6 @@ from exo_core.node.topology import DeviceCapabilities, device_capabilities
 from exo_core.plugins import Registry, registry
 
 log = structlog.get_logger("exo.runtime")
-
-
-class ConfigError(ValueError):
-    """A setting the user chose cannot work; the message names the choices."""
 
 
 @dataclass
@@ -106,7 +105,8 @@ class Runtime:
         self.node: Node | None = None
         self.generator: Generator | None = None
         self.frontends: list[Any] = []
-        self.discovery: Any = None
+        self.discovery: Discovery | None = None
+        self.peer_tracker: Any = None  # networking.peers.PeerTracker, the discovery's peer sink
         self.server: Any = None
         self.cluster_auth: Any = None  # networking.auth.ClusterAuth when a cluster secret is set
 
@@ -179,24 +179,54 @@ class Runtime:
                 )
         from exo_core.networking import server as peer_server
         from exo_core.networking.auth import ClusterAuth
+        from exo_core.networking.peers import PeerTracker
 
         if cfg.cluster_secret:
             self.cluster_auth = ClusterAuth(cfg.cluster_secret)
-        if cfg.node_port is None and cfg.discovery == "manual":
+        peers_file = cfg.discovery_config_path
+        if cfg.node_port is None and cfg.discovery == "manual" and peers_file:
             from exo_core.networking.manual import own_entry
 
-            path = cfg.discovery_options.get("config_path") or cfg.discovery_config_path
-            entry = own_entry(path, self.node.node_id) if path else None
+            entry = own_entry(peers_file, self.node.node_id)
             if entry is not None:
                 cfg.node_port = entry.port
         try:
-            self.server = await peer_server.start_peer_server(self.node, self)
+            self.server = await peer_server.start_peer_server(
+                self.node, cfg.node_host, cfg.node_port, self.cluster_auth, cfg.advertise_address
+            )
         except peer_server.PeerServerError as exc:
             raise ConfigError(str(exc)) from None
         if discovery_cls is None:
             return
-        self.discovery = discovery_cls(self)
+        opts = cfg.discovery_options
+        timeout = float(opts.get("timeout") or 30.0)
+        self.peer_tracker = PeerTracker(
+            self.node,
+            auth=self.cluster_auth,
+            rpc_timeout=cfg.rpc_timeout,
+            timeout=timeout,
+            node_id_filter=opts.get("node_id_filter"),
+            expire_unoffered=discovery_cls.expires_unoffered,
+        )
+        node = self.node
+
+        def set_own_capabilities(caps: DeviceCapabilities) -> None:
+            node.capabilities = caps
+
+        context = DiscoveryContext(
+            node_id=node.node_id,
+            port=node.port,
+            peers=self.peer_tracker,
+            node_info=node.info,
+            options=opts,
+            timeout=timeout,
+            peers_file=Path(peers_file) if peers_file else None,
+            auth=self.cluster_auth,
+            set_own_capabilities=set_own_capabilities,
+        )
+        self.discovery = discovery_cls(context)
         await self.discovery.start()
+        await self.peer_tracker.start()
 
     def _frontend_classes(self) -> list[tuple[str, Any]]:
         wanted = self.config.frontends
@@ -227,6 +257,10 @@ class Runtime:
         if discovery is not None:
             with contextlib.suppress(Exception):
                 await discovery.stop()
+        tracker, self.peer_tracker = self.peer_tracker, None
+        if tracker is not None:
+            with contextlib.suppress(Exception):
+                await tracker.stop()
         server, self.server = self.server, None
         if server is not None:
             with contextlib.suppress(Exception):

@@ -11,7 +11,7 @@ from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.manual import PeersFileError, parse_peers_file
 from exo_core.node.generate import TextRequest
-from exo_core.node.node import GenerationError
+from exo_core.node.messages import GenerationError
 from exo_core.runtime import ConfigError, NodeConfig, Runtime
 from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
 
@@ -37,7 +37,8 @@ async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, secret=None, tim
                     node_host="127.0.0.1",
                     node_port=specs[nid].node_port,
                     discovery="manual",
-                    discovery_options={"config_path": str(path), "timeout": timeout},
+                    discovery_config_path=str(path),
+                    discovery_options={"timeout": timeout},
                     frontends=(),
                     cluster_secret=secret,
                 )
@@ -109,8 +110,8 @@ async def test_step_timeout_replays_when_a_stage_never_answers(tmp_path):
     async with runtimes(tmp_path, ["a", "b"]) as (rts, _specs, _path):
         a, b = rts["a"], rts["b"]
         await until(lambda: set(a.node.peers) == {"b"})
-        a.node.step_timeout = 0.5
-        a.node.max_replans = 2
+        a.node.origin.step_timeout = 0.5
+        a.node.origin.max_replans = 2
 
         async def swallow(msg):  # b accepts steps but never computes them
             return None
@@ -176,7 +177,7 @@ async def test_manual_discovery_without_a_file_is_a_config_error(tmp_path):
             node_id="a",
             node_host="127.0.0.1",
             discovery="manual",
-            discovery_options={"config_path": str(tmp_path / "missing.json")},
+            discovery_config_path=str(tmp_path / "missing.json"),
             frontends=(),
         )
     )

@@ -90,8 +90,31 @@ def test_hooks_register_through_callbacks(fresh_plugins):
 
     from exo_core.models.cards import EMBEDDED, ModelCard
 
+    from exo_core import Discovery
+
     class Other(DummyEngine):
         name = "other"
+
+    class Pigeon(Discovery):
+        name = "carrier-pigeon"
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+    class Gopher:
+        name = "gopher"
+
+        def __init__(self, runtime):
+            self.runtime = runtime
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
 
     class Plugin:
         @hookimpl
@@ -100,7 +123,7 @@ def test_hooks_register_through_callbacks(fresh_plugins):
 
         @hookimpl
         def register_discovery(self, register):
-            register("carrier-pigeon", object)
+            register("carrier-pigeon", Pigeon)
 
         @hookimpl
         def register_partitioners(self, register):
@@ -108,7 +131,7 @@ def test_hooks_register_through_callbacks(fresh_plugins):
 
         @hookimpl
         def register_frontends(self, register):
-            register("gopher", object)
+            register("gopher", Gopher)
 
         @hookimpl
         def register_models(self, register):
@@ -123,9 +146,9 @@ def test_hooks_register_through_callbacks(fresh_plugins):
     plugins.pm.register(Plugin(), name="inline")
     reg = plugins.registry()
     assert reg.engines["other"] is Other and "dummy" in reg.engines
-    assert reg.discovery["carrier-pigeon"] is object
+    assert reg.discovery["carrier-pigeon"] is Pigeon
     assert {"ring-memory-weighted", "everything-on-me"} <= set(reg.partitioners)
-    assert reg.frontends["gopher"] is object
+    assert reg.frontends["gopher"] is Gopher
     assert reg.models["tiny"].n_layers == 2
     # A second registration of a card adds sources instead of replacing the card.
     assert reg.models["smollm2-135m"].sources["mlx"] == "some/repo"
@@ -136,6 +159,59 @@ def test_hooks_register_through_callbacks(fresh_plugins):
     from exo_core.cli import build_cli
 
     assert CliRunner().invoke(build_cli(), ["ping"]).output == "pong\n"
+
+
+def test_registrations_that_break_their_protocol_are_refused_naming_the_plugin(fresh_plugins):
+    from exo_core import InferenceEngine
+
+    class Half(InferenceEngine):  # no forward_batch, no release
+        name = "half"
+
+        async def load(self, shard, model):
+            pass
+
+    class Sloppy:
+        @hookimpl
+        def register_engines(self, register):
+            register(Half)
+            register(object)
+
+        @hookimpl
+        def register_discovery(self, register):
+            register("carrier-pigeon", object)
+
+        @hookimpl
+        def register_partitioners(self, register):
+            register("no-args", lambda: [])
+
+        @hookimpl
+        def register_frontends(self, register):
+            register("gopher", object)
+
+        @hookimpl
+        def register_models(self, register):
+            register({"id": "not-a-card"})
+
+    class Crashing:
+        @hookimpl
+        def register_models(self, register):
+            raise RuntimeError("boom")
+
+    plugins.load_plugins()
+    plugins.pm.register(Sloppy(), name="sloppy")
+    plugins.pm.register(Crashing(), name="crashing")
+    reg = plugins.registry()
+    assert "half" not in reg.engines and "carrier-pigeon" not in reg.discovery
+    assert "no-args" not in reg.partitioners and "gopher" not in reg.frontends
+    assert "dummy" in reg.engines and "smollm2-135m" in reg.models  # the rest still counts
+    records = {r.name: r for r in plugins.plugin_records()}
+    error = records["sloppy"].error or ""
+    assert "plugin 'sloppy'" in error
+    assert "does not implement forward_batch, release" in error
+    assert "must be a subclass of exo_core.Discovery" in error
+    assert "partitioner 'no-args'" in error and "frontend 'gopher'" in error
+    assert "wants ModelCard objects" in error
+    assert "register_models raised RuntimeError: boom" in (records["crashing"].error or "")
 
 
 def test_every_hook_has_a_test():

@@ -65,9 +65,6 @@ class DummyEngine(InferenceEngine):
         self.vocab_size = tokenizer.vocab_size
         self.shard = shard
 
-    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
-        return (await self.forward_batch(shard, [item]))[0]
-
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         if self.delay_s:
             # One "weight read" for the whole batch; a shard pays its share of the model's layers,
@@ -101,6 +98,13 @@ class DummyEngine(InferenceEngine):
 
     async def release(self, request_id: str) -> None:
         self.caches.pop(request_id, None)
+
+    @property
+    def loaded_shards(self) -> tuple[Shard, ...]:
+        return (self.shard,) if self.shard is not None else ()
+
+    def cached_requests(self) -> int:
+        return len(self.caches)
 
 
 def _answer_progress(history: list[int], answer: list[int]) -> int:

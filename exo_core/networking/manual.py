@@ -19,14 +19,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from exo_core.discovery import Discovery, DiscoveryContext
+from exo_core.errors import ConfigError
 from exo_core.node.topology import DeviceCapabilities
-
-if TYPE_CHECKING:
-    from exo_core.runtime import Runtime
 
 log = structlog.get_logger("exo.discovery")
 
@@ -84,18 +82,14 @@ def own_entry(path: str | os.PathLike[str], node_id: str) -> PeerEntry | None:
         return None
 
 
-class ManualDiscovery:
+class ManualDiscovery(Discovery):
     """Peers from a JSON file; the file is polled and re-applied when it changes."""
 
     name = "manual"
 
-    def __init__(self, runtime: Runtime) -> None:
-        from exo_core.networking.peers import PeerTracker
-        from exo_core.runtime import ConfigError
-
-        cfg = runtime.config
-        opts: dict[str, Any] = cfg.discovery_options
-        path = opts.get("config_path") or cfg.discovery_config_path
+    def __init__(self, context: DiscoveryContext) -> None:
+        super().__init__(context)
+        path = context.peers_file
         if not path:
             raise ConfigError(
                 "--discovery-module manual needs --discovery-config-path FILE (a JSON peers file)"
@@ -103,23 +97,14 @@ class ManualDiscovery:
         self.path = Path(path)
         if not self.path.is_file():
             raise ConfigError(f"peers file {self.path} does not exist (--discovery-config-path)")
-        self.runtime = runtime
-        self.tracker = PeerTracker(
-            runtime,
-            timeout=float(opts.get("timeout") or 30.0),
-            node_id_filter=opts.get("node_id_filter"),
-        )
         self._stamp: tuple[int, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from exo_core.runtime import ConfigError
-
         try:
             self._apply(self._read())
         except PeersFileError as exc:
             raise ConfigError(str(exc)) from None
-        await self.tracker.start()
         self._task = asyncio.create_task(self._watch(), name="exo-manual-discovery")
 
     async def stop(self) -> None:
@@ -127,7 +112,6 @@ class ManualDiscovery:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.tracker.stop()
 
     def _read(self) -> dict[str, PeerEntry]:
         stat = self.path.stat()
@@ -157,12 +141,13 @@ class ManualDiscovery:
             self._apply(entries)
 
     def _apply(self, entries: dict[str, PeerEntry]) -> None:
-        node = self.runtime.node
-        assert node is not None
-        own = entries.get(node.node_id)
+        peers = self.context.peers
+        own = entries.get(self.context.node_id)
         if own is not None and own.capabilities is not None:
-            node.capabilities = own.capabilities
-        for node_id in self.tracker.known() - set(entries):
-            self.tracker.withdraw(node_id, "removed from the peers file")
+            self.context.set_own_capabilities(own.capabilities)
+        for node_id in peers.known() - set(entries):
+            peers.withdraw(node_id, "removed from the peers file")
         for entry in entries.values():
-            self.tracker.offer(entry.node_id, entry.address, entry.port, capabilities=entry.capabilities)
+            if entry.node_id == self.context.node_id:
+                continue
+            peers.offer(entry.node_id, entry.address, entry.port, capabilities=entry.capabilities)

@@ -14,16 +14,16 @@ import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from exo_core.networking.client import GrpcPeerClient
-from exo_core.node.node import PeerTimeout, PeerUnavailable
+from exo_core.node.messages import PeerTimeout, PeerUnavailable
 from exo_core.node.topology import DeviceCapabilities
 
 if TYPE_CHECKING:
-    from exo_core.runtime import Runtime
+    from exo_core.node.node import Node
 
 log = structlog.get_logger("exo.discovery")
 
@@ -52,16 +52,18 @@ class PeerTracker:
 
     def __init__(
         self,
-        runtime: Runtime,
+        node: Node,
         *,
+        auth: Any = None,
+        rpc_timeout: float = 10.0,
         timeout: float = 30.0,
         check_interval: float = 1.0,
         node_id_filter: Iterable[str] | None = None,
         expire_unoffered: bool = False,
     ) -> None:
-        assert runtime.node is not None
-        self.runtime = runtime
-        self.node = runtime.node
+        self.node = node
+        self.auth = auth
+        self.rpc_timeout = rpc_timeout
         self.timeout = timeout
         self.check_interval = check_interval
         self.node_id_filter = set(node_id_filter) if node_id_filter else None
@@ -137,8 +139,8 @@ class PeerTracker:
             address,
             port,
             own_id=self.node.node_id,
-            auth=self.runtime.cluster_auth,
-            call_timeout=self.runtime.config.rpc_timeout,
+            auth=self.auth,
+            call_timeout=self.rpc_timeout,
         )
 
     def _forget(self, tracked: _Tracked, reason: str, *, quiet: bool = False) -> None:

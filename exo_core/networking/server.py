@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import structlog
@@ -13,10 +13,8 @@ from exo_core.networking.auth import AuthInterceptor, ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node.node import ACTIVE, QUEUED, RELEASED, UNKNOWN, Node
-
-if TYPE_CHECKING:
-    from exo_core.runtime import Runtime
+from exo_core.node.messages import RequestState
+from exo_core.node.node import Node
 
 log = structlog.get_logger("exo.peers")
 
@@ -28,10 +26,10 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 _STATES = {
-    ACTIVE: pb.REQUEST_ACTIVE,
-    QUEUED: pb.REQUEST_QUEUED,
-    RELEASED: pb.REQUEST_RELEASED,
-    UNKNOWN: pb.REQUEST_UNKNOWN,
+    RequestState.ACTIVE: pb.REQUEST_ACTIVE,
+    RequestState.QUEUED: pb.REQUEST_QUEUED,
+    RequestState.RELEASED: pb.REQUEST_RELEASED,
+    RequestState.UNKNOWN: pb.REQUEST_UNKNOWN,
 }
 
 
@@ -114,17 +112,18 @@ async def serve(
     return server, bound
 
 
-async def start_peer_server(node: Node, runtime: Runtime) -> grpc.aio.Server:
+async def start_peer_server(
+    node: Node, host: str, port: int | None, auth: ClusterAuth | None, advertise: str | None = None
+) -> grpc.aio.Server:
     """Called by the runtime: serve the node service and tell the node where it is reachable."""
-    cfg = runtime.config
-    server, port = await serve(node, cfg.node_host, cfg.node_port or 0, runtime.cluster_auth)
-    node.port = port
-    node.address = cfg.advertise_address or advertised_address(cfg.node_host)
+    server, bound = await serve(node, host, port or 0, auth)
+    node.port = bound
+    node.address = advertise or advertised_address(host)
     log.info(
         "peer server listening",
         node=node.node_id,
-        address=grpc_target(cfg.node_host, port),
-        secret=runtime.cluster_auth is not None,
+        address=grpc_target(host, bound),
+        secret=auth is not None,
     )
     return server
 

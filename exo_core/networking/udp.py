@@ -17,14 +17,13 @@ import ipaddress
 import json
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from exo_core.discovery import Discovery, DiscoveryContext
+from exo_core.errors import ConfigError
 from exo_core.networking.interfaces import Interface, ranked_interfaces
-
-if TYPE_CHECKING:
-    from exo_core.runtime import Runtime
 
 log = structlog.get_logger("exo.discovery")
 
@@ -44,32 +43,23 @@ class _Receiver(asyncio.DatagramProtocol):
         log.debug("udp discovery receive error", error=str(exc))
 
 
-class UDPDiscovery:
+class UDPDiscovery(Discovery):
     """Broadcast announcements on the LAN; peers verified over gRPC before they count."""
 
     name = "udp"
+    expires_unoffered = True
 
-    def __init__(self, runtime: Runtime) -> None:
-        from exo_core.networking.peers import PeerTracker
-        from exo_core.runtime import ConfigError
-
-        cfg = runtime.config
-        opts: dict[str, Any] = cfg.discovery_options
-        self.runtime = runtime
+    def __init__(self, context: DiscoveryContext) -> None:
+        super().__init__(context)
+        opts = context.options
         self.port = int(opts.get("broadcast_port") or 5678)
         self.interval = float(opts.get("broadcast_interval") or 2.0)
-        self.timeout = float(opts.get("timeout") or 30.0)
+        self.timeout = context.timeout
         self.kinds = tuple(opts.get("interface_type_filter") or ()) or None
         try:
             ranked_interfaces(self.kinds)
         except ValueError as exc:
             raise ConfigError(f"--interface-type-filter: {exc}") from None
-        self.tracker = PeerTracker(
-            runtime,
-            timeout=self.timeout,
-            node_id_filter=opts.get("node_id_filter"),
-            expire_unoffered=True,
-        )
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._interfaces: list[Interface] = []
@@ -86,8 +76,6 @@ class UDPDiscovery:
             sock.bind(("", self.port))
         except OSError as exc:
             sock.close()
-            from exo_core.runtime import ConfigError
-
             raise ConfigError(
                 f"cannot listen for UDP discovery on port {self.port} ({exc}); "
                 "choose another --broadcast-port or --discovery-module manual"
@@ -95,7 +83,6 @@ class UDPDiscovery:
         sock.setblocking(False)
         transport, _ = await loop.create_datagram_endpoint(lambda: _Receiver(self), sock=sock)
         self._transport = transport
-        await self.tracker.start()
         self._task = asyncio.create_task(self._announce_forever(), name="exo-udp-announce")
         log.info(
             "udp discovery started",
@@ -110,25 +97,22 @@ class UDPDiscovery:
                 await self._task
         if self._transport is not None:
             self._transport.close()
-        await self.tracker.stop()
 
     # ---- sending -------------------------------------------------------------------------------
 
     def announcement(self, iface: Interface) -> bytes:
-        node = self.runtime.node
-        assert node is not None
         message: dict[str, Any] = {
             "type": ANNOUNCE_TYPE,
             "version": ANNOUNCE_VERSION,
-            "node_id": node.node_id,
-            "grpc_port": node.port,
-            "device_capabilities": node.capabilities.to_dict(),
+            "node_id": self.context.node_id,
+            "grpc_port": self.context.port,
+            "device_capabilities": self.context.node_info().capabilities.to_dict(),
             "interface_name": iface.name,
             "interface_type": iface.kind,
             "priority": iface.priority,
             "ts": time.time(),
         }
-        auth = self.runtime.cluster_auth
+        auth = self.context.auth
         if auth is not None:
             message = auth.sign_announcement(message)
         return json.dumps(message, separators=(",", ":")).encode("utf-8")
@@ -163,13 +147,12 @@ class UDPDiscovery:
             return
         if not isinstance(message, dict) or message.get("type") != ANNOUNCE_TYPE:
             return
-        node = self.runtime.node
-        if node is None or message.get("node_id") == node.node_id:
+        if message.get("node_id") == self.context.node_id:
             return
         local = self._local_interface_for(source)
         if local is None:
             return  # heard on an interface the filter leaves out
-        auth = self.runtime.cluster_auth
+        auth = self.context.auth
         if auth is not None:
             reason = auth.check_announcement(message)
             if reason is not None:
@@ -184,7 +167,7 @@ class UDPDiscovery:
         if not node_id or not 0 < port < 65536:
             return
         # Capabilities are taken from the peer's NodeInfo once it is verified.
-        self.tracker.offer(node_id, source, port, priority=priority)
+        self.context.peers.offer(node_id, source, port, priority=priority)
 
     def _local_interface_for(self, source: str) -> Interface | None:
         """Our interface whose subnet holds the sender (None: not on an interface we use)."""

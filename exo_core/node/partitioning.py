@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from exo_core.hookspecs import hookimpl
@@ -27,6 +27,11 @@ class PlanStage:
 
 class NoPlanError(RuntimeError):
     """No node can serve the model right now."""
+
+
+# A partitioning strategy: (nodes that can serve the model, model id, layer count) -> the
+# ordered stages of a plan, covering every layer once. A pure function of its arguments.
+Partitioner = Callable[[Sequence[NodeInfo], str, int], list[PlanStage]]
 
 
 def ring_memory_weighted(nodes: Sequence[NodeInfo], model_id: str, n_layers: int) -> list[PlanStage]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import TYPE_CHECKING, Any
 
 import click
 import structlog
 
+from exo_core import ConfigError, Discovery, DiscoveryContext
 from exo_discovery_tailscale.api import (
     DEFAULT_API_URL,
     TailscaleAPI,
@@ -26,9 +26,6 @@ from exo_discovery_tailscale.api import (
     encode_node_id,
     parse_attributes,
 )
-
-if TYPE_CHECKING:
-    from exo_core.runtime import Runtime
 
 log = structlog.get_logger("exo.discovery.tailscale")
 
@@ -52,7 +49,7 @@ async def own_device_id() -> str:
         raise TailscaleAPIError(f"`tailscale status --json` gave no Self.ID ({exc})") from None
 
 
-class TailscaleDiscovery:
+class TailscaleDiscovery(Discovery):
     """Peers from the tailnet's device list and their exo posture attributes."""
 
     name = "tailscale"
@@ -90,36 +87,29 @@ class TailscaleDiscovery:
         ),
     )
 
-    def __init__(self, runtime: Runtime) -> None:
-        from exo_core.networking.peers import PeerTracker
-        from exo_core.runtime import ConfigError
-
-        opts: dict[str, Any] = runtime.config.discovery_options
+    def __init__(self, context: DiscoveryContext) -> None:
+        super().__init__(context)
+        opts = context.options
         api_key = opts.get("tailscale_api_key")
         if not api_key:
             raise ConfigError(
                 "--discovery-module tailscale needs an API access token: --tailscale-api-key or "
                 "TAILSCALE_API_KEY (create one in the Tailscale admin console, Settings > Keys)"
             )
-        assert runtime.node is not None
         try:
-            encode_node_id(runtime.node.node_id)
+            encode_node_id(context.node_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.runtime = runtime
         self.api = TailscaleAPI(
             api_key, opts.get("tailnet_name") or "-", opts.get("tailscale_api_url") or DEFAULT_API_URL
         )
         self.device_id: str | None = opts.get("tailscale_device_id")
         self.interval = float(opts.get("tailscale_poll_interval") or 5.0)
-        self.timeout = float(opts.get("timeout") or 30.0)
-        self.tracker = PeerTracker(runtime, timeout=self.timeout, node_id_filter=opts.get("node_id_filter"))
+        self.timeout = context.timeout
         self._task: asyncio.Task[None] | None = None
         self._published = False
 
     async def start(self) -> None:
-        from exo_core.runtime import ConfigError
-
         try:
             if not self.device_id:
                 self.device_id = await own_device_id()
@@ -127,7 +117,6 @@ class TailscaleDiscovery:
         except TailscaleAPIError as exc:
             await self.api.close()
             raise ConfigError(f"tailscale discovery: {exc}") from None
-        await self.tracker.start()
         self._task = asyncio.create_task(self._poll_forever(), name="exo-tailscale-discovery")
 
     async def stop(self) -> None:
@@ -135,15 +124,15 @@ class TailscaleDiscovery:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.tracker.stop()
         await self.api.close()
 
     async def _publish(self) -> None:
-        node = self.runtime.node
-        assert node is not None and self.device_id is not None
-        for key, value in attributes_for(node.node_id, node.port, node.capabilities).items():
+        ctx = self.context
+        assert self.device_id is not None
+        capabilities = ctx.node_info().capabilities
+        for key, value in attributes_for(ctx.node_id, ctx.port, capabilities).items():
             await self.api.set_attribute(self.device_id, key, value)
-        log.info("published to tailscale", device=self.device_id, port=node.port)
+        log.info("published to tailscale", device=self.device_id, port=ctx.port)
 
     async def _poll_forever(self) -> None:
         failing = False
@@ -173,6 +162,6 @@ class TailscaleDiscovery:
             if attrs is None:
                 continue
             seen.add(attrs.node_id)
-            self.tracker.offer(attrs.node_id, device.ipv4, attrs.port, capabilities=attrs.capabilities)
-        for node_id in self.tracker.known() - seen:
-            self.tracker.withdraw(node_id, "gone from the tailnet (or no longer running exo)")
+            self.context.peers.offer(attrs.node_id, device.ipv4, attrs.port, capabilities=attrs.capabilities)
+        for node_id in self.context.peers.known() - seen:
+            self.context.peers.withdraw(node_id, "gone from the tailnet (or no longer running exo)")

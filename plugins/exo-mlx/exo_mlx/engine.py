@@ -172,10 +172,11 @@ class MLXEngine(InferenceEngine):
     def context_length(self) -> int | None:
         return self._limit
 
-    # ---- compute ------------------------------------------------------------------------
+    @property
+    def loaded_shards(self) -> tuple[Shard, ...]:
+        return (self._shard,) if self._shard is not None and self._model is not None else ()
 
-    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
-        return (await self.forward_batch(shard, [item]))[0]
+    # ---- compute ------------------------------------------------------------------------
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         if shard != self._shard or self._model is None:

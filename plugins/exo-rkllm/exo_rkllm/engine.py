@@ -25,7 +25,7 @@ from typing import Any
 import click
 import structlog
 
-from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
+from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput, TextStageInput
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -187,7 +187,7 @@ class RKLLMEngine(InferenceEngine):
 
     name = "rkllm"
     supports_sharding = False
-    takes_messages = True
+    works_on_text = True
     concurrent_steps = True  # each step waits on its own request's stream
     source_kinds = ("rkllm",)
     cli_options = (
@@ -278,17 +278,26 @@ class RKLLMEngine(InferenceEngine):
 
     # ---- steps -----------------------------------------------------------------------------
 
-    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
+    async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
+        # Requests wait on their own streams: a queued one must not hold up a running one.
+        return list(await asyncio.gather(*(self._step(shard, item) for item in items)))
+
+    async def _step(self, shard: Shard, item: StageInput) -> StageOutput:
         stream = self._streams.get(item.request_id)
         if stream is None:
+            if not isinstance(item, TextStageInput):
+                raise EngineError("rkllm engine: a request's first step must carry the whole request")
             stream = await self._start(shard, item)
         return StageOutput(token=await stream.next_token())
 
-    async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
-        # Requests wait on their own streams: a queued one must not hold up a running one.
-        return list(await asyncio.gather(*(self.forward(shard, item) for item in items)))
+    def cached_requests(self) -> int:
+        return len(self._streams)
 
-    async def _start(self, shard: Shard, item: StageInput) -> _Stream:
+    @property
+    def loaded_shards(self) -> tuple[Shard, ...]:
+        return tuple(Shard.whole(m.card.id, m.card.n_layers) for m in self._models.values())
+
+    async def _start(self, shard: Shard, item: TextStageInput) -> _Stream:
         model = self._models.get(shard.model_id)
         if model is None:
             raise EngineError(f"rkllm engine: model {shard.model_id!r} was not loaded before its first step")

@@ -8,7 +8,7 @@ import pytest
 from exo_rkllm.engine import RKLLMEngine
 from exo_rkllm.fake_server import fake_answer
 
-from exo_core.engine import EngineError, StageInput
+from exo_core.engine import EngineError, StageInput, TextStageInput
 from exo_core.models.shard import Shard
 from exo_core.models.tokenizer import load_tokenizer
 from exo_core.plugins import registry
@@ -20,7 +20,7 @@ async def start(engine, key, tokens, replayed=0):
     card = registry().models["smollm2-135m"]
     shard = Shard.whole(card.id, card.n_layers)
     await engine.load(shard, card)
-    item = StageInput(key, np.asarray(tokens, dtype=np.int64), messages=QUESTION, replayed=replayed)
+    item = TextStageInput(key, np.asarray(tokens, dtype=np.int64), messages=QUESTION, replayed=replayed)
     return shard, (await engine.forward(shard, item)).token
 
 

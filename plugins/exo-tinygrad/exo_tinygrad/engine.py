@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutpu
 from exo_core.models import files
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
+
+Progress = Callable[[str, float], None]  # (what, fraction done): as exo_core.engine.Progress
 
 
 class TinygradEngine(InferenceEngine):
@@ -77,14 +79,23 @@ class TinygradEngine(InferenceEngine):
         path = model_path(model)
         self._runner = None  # free the old shard before reading the new one
         weights = load_shard(path, shard, self.options.get("max_context"))
-        self._runner = ShardRunner(weights, shard)
+        self._runner = ShardRunner(weights, shard, graph_dir(path, shard, weights.config.max_context))
         self._loaded = (shard, model.id)
         self.source = str(path)
 
-    # ---- running -------------------------------------------------------------------------
+    async def prepare(self, shard: Shard, model: ModelCard, progress: Progress | None = None) -> None:
+        """Load, then make every graph the engine will use ready (see `ShardRunner.graph_plan`):
+        read from EXO_HOME when an earlier process built them, else captured now and saved
+        there. One graph per call on the worker thread, so steps of live requests run between."""
+        if progress is not None:
+            progress("loading weights", 0.0)
+        await self.load(shard, model)
+        runner = self._runner
+        steps = runner.prepare_all(progress)
+        while await self._call(next, steps, None) is not None:
+            pass
 
-    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
-        return (await self.forward_batch(shard, [item]))[0]
+    # ---- running -------------------------------------------------------------------------
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         if self._loaded is None or self._loaded[0] != shard:
@@ -112,6 +123,10 @@ class TinygradEngine(InferenceEngine):
         self._loaded = None
 
     # ---- introspection (tests, /metrics) ---------------------------------------------------
+
+    @property
+    def loaded_shards(self) -> tuple[Shard, ...]:
+        return (self._loaded[0],) if self._loaded else ()
 
     @property
     def loaded_shard(self) -> Shard | None:
@@ -148,6 +163,28 @@ def model_path(model: ModelCard) -> Path:
         raise EngineError(str(exc)) from exc
     except KeyError:
         raise EngineError(f"model {model.id!r} has no GGUF or safetensors source") from None
+
+
+def graph_dir(path: Path, shard: Shard, max_context: int) -> Path | None:
+    """Where this shard's captured graphs are kept (None when that cache is off)."""
+    from tinygrad import Device
+
+    from exo_tinygrad import graphs
+
+    if not graphs.enabled():
+        return None
+    try:
+        stat = path.stat()
+        identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        return None
+    key = graphs.cache_key(
+        model=identity,
+        shard=[shard.start_layer, shard.end_layer, shard.n_layers],
+        max_context=max_context,
+        device=Device.DEFAULT,
+    )
+    return files.exo_home() / "cache" / "tinygrad" / key
 
 
 def _download_safetensors(repo: str) -> Path:
