@@ -9,6 +9,7 @@ from exo_core.models.checkpoint.config import (
     LLAMA_FAMILY,
     LlamaConfig,
     llama3_rope_factors,
+    read_hf_checkpoint,
     read_hf_config,
     read_llama_config,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "module_of",
     "read_gguf",
     "read_gguf_metadata",
+    "read_hf_checkpoint",
     "read_hf_config",
     "read_llama_config",
     "read_safetensors_header",

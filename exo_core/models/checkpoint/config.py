@@ -20,6 +20,7 @@ import numpy as np
 from exo_core.models.checkpoint.errors import CheckpointError
 from exo_core.models.checkpoint.gguf import GGUFFile, read_gguf
 from exo_core.models.checkpoint.names import HEAD, ROPE_FREQS, module_name
+from exo_core.models.checkpoint.safetensors import SafetensorsCheckpoint
 
 # Architectures the engines implement (GGUF general.architecture / config.json model_type).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -84,15 +85,25 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_hf_checkpoint(directory: str | Path) -> tuple[LlamaConfig, SafetensorsCheckpoint, dict[str, Any]]:
+    """A Hugging Face safetensors directory: its config, its tensor index, and config.json as parsed.
+
+    The architecture is checked before the weight files are looked at, so a directory of
+    another kind of model says so instead of naming a missing file.
+    """
+    directory = Path(directory)
+    raw = read_hf_config(directory)
+    source = directory / CONFIG_FILE
+    if raw.get("model_type") not in LLAMA_FAMILY:
+        raise _refuse_arch(str(source), "model_type", raw.get("model_type"))
+    checkpoint = SafetensorsCheckpoint.open(directory)
+    return LlamaConfig.from_hf(raw, source=source, tensor_names=checkpoint.weight_map), checkpoint, raw
+
+
 def read_llama_config(path: str | Path) -> LlamaConfig:
     """The config of a GGUF file or of a Hugging Face safetensors directory."""
-    path = Path(path)
-    if path.is_dir():
-        from exo_core.models.checkpoint.safetensors import SafetensorsCheckpoint
-
-        config = read_hf_config(path)
-        names = SafetensorsCheckpoint.open(path).weight_map
-        return LlamaConfig.from_hf(config, source=path / CONFIG_FILE, tensor_names=names)
+    if Path(path).is_dir():
+        return read_hf_checkpoint(path)[0]
     return LlamaConfig.from_gguf(read_gguf(path, string_arrays=False))
 
 

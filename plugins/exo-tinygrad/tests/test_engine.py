@@ -19,6 +19,7 @@ from exo_tinygrad import loader
 
 from exo_core.engine import StageInput
 from exo_core.models.cards import ModelCard
+from exo_core.models.checkpoint import read_gguf, to_hf
 from exo_core.models.shard import Shard
 from exo_core.testing import engine_checks
 
@@ -77,20 +78,14 @@ async def test_two_half_shards_chained_equal_the_whole_model(engine, halves, car
 def test_half_shard_holds_only_its_layers(halves, gguf_file):
     """Weight memory of layers 0-14 is about what those layers take in the file (quantised)."""
     first, second = halves
-    _, infos, _ = loader.read_gguf_header(gguf_file)
-    in_file = 0
-    for name, dims, ggml_type, _ in infos:
-        if name.startswith("blk.") and int(name.split(".")[1]) < 15:
-            rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-            in_file += rows * gguf_row_bytes(ggml_type, dims[0])
+    in_file = sum(
+        t.nbytes
+        for t in read_gguf(gguf_file, string_arrays=False).tensors.values()
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) < 15
+    )
     assert 0.9 * in_file < first.weight_bytes() < 1.25 * in_file, (first.weight_bytes(), in_file)
     # the second half holds the same layers' worth plus the head (the tied embedding)
     assert second.weight_bytes() > first.weight_bytes() + 25e6
-
-
-def gguf_row_bytes(ggml_type: int, cols: int) -> int:
-    per_block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    return cols // per_block * nbytes
 
 
 async def test_event_loop_keeps_running_during_a_step(engine, card, prompts):
@@ -137,7 +132,7 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 @pytest.fixture(scope="module")
 def safetensors_dirs(tmp_path_factory, gguf_file, gguf_reader):
     """The embedded model as float32 safetensors + config.json: one file, and split in two."""
-    meta, _, _ = loader.read_gguf_header(gguf_file)
+    meta = read_gguf(gguf_file, string_arrays=False).metadata
     heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     tensors = {}
     for t in gguf_reader.tensors:
@@ -146,7 +141,7 @@ def safetensors_dirs(tmp_path_factory, gguf_file, gguf_reader):
             values = hf_rows(values, heads)
         elif ".attn_k." in t.name:
             values = hf_rows(values, kv_heads)
-        tensors[loader.hf_name(t.name)] = values
+        tensors[to_hf(t.name)] = values
     config = {
         "model_type": "llama",
         "hidden_size": meta["llama.embedding_length"],

@@ -42,16 +42,6 @@ def test_unpermute_undoes_llamacpp_permutation(heads):
     assert np.array_equal(back.scale, rows) and np.array_equal(back.offset, -rows)
 
 
-def test_gguf_header_matches_gguf_reader(gguf_file, gguf_reader):
-    meta, infos, data_start = loader.read_gguf_header(gguf_file)
-    assert meta["general.architecture"] == "llama"
-    assert meta["llama.block_count"] == 30
-    reader = gguf_reader
-    expected = {t.name: (int(t.data_offset), int(t.tensor_type)) for t in reader.tensors}
-    got = {name: (data_start + offset, ggml_type) for name, _, ggml_type, offset in infos}
-    assert got == expected
-
-
 def test_shard_reads_only_its_layers(gguf_file):
     middle = loader.load_shard(gguf_file, Shard("m", 10, 12, 30))
     layers = {int(n.split(".")[1]) for n in middle.tensors if n.startswith("blk.")}
