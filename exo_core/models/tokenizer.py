@@ -251,12 +251,14 @@ def from_hf_directory(path: Path) -> Tokenizer:
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (tensor data is not read)."""
-    from exo_core.models.checkpoint.gguf import read_gguf_metadata as read
+    """The key/value metadata of a GGUF file, vocabulary included (tensor data is not read)."""
+    from exo_core.models.checkpoint import CheckpointError, read_gguf
 
     try:
-        return read(path)
-    except (OSError, ValueError) as exc:
+        return read_gguf(path).metadata
+    except CheckpointError as exc:
+        raise TokenizerError(f"no tokenizer: {exc}") from exc
+    except OSError as exc:
         raise TokenizerError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exo_core.engine import EngineError
+from exo_core.errors import EngineError
 
 
 class CheckpointError(EngineError):

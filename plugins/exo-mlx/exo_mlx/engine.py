@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models.cards import EMBEDDED, ModelCard
+from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class MLXEngine(InferenceEngine):
             model = loader.load_safetensors(path, shard, dtype)
         mx.clear_cache()  # the buffers of the file's other tensors
         limits = [int(x) for x in (self.options.get("max_context"),) if x]
-        self._limit = limits[0] if limits else model.config.context_length or card.context_length or 4096
+        self._limit = limits[0] if limits else model.config.max_context or card.context_length or 4096
         self._model, self._shard, self.source = model, shard, str(path)
 
     def _dtype(self):
@@ -144,30 +144,10 @@ class MLXEngine(InferenceEngine):
         """The card's source to load: one already on this node, else one downloaded now."""
         from exo_core.models import files
 
-        kinds = [k for k in SOURCE_PREFERENCE if k in card.sources]
-        if not kinds:
-            raise EngineError(f"model {card.id!r} has no source the mlx engine loads ({self.source_kinds})")
-        for kind in kinds:
-            found = files.local_gguf(card) if kind == "gguf" else files.local_snapshot(card.sources[kind])
-            if found is not None:
-                return kind, Path(found)
-        kind = kinds[0]
-        source = card.sources[kind]
-        if kind == "gguf" and Path(source).is_absolute():
-            raise EngineError(f"mlx engine cannot load {source}: the file does not exist")
-        if kind == "gguf" and source == EMBEDDED:
-            try:
-                files.embedded_gguf_path()
-            except files.ModelFilesError as exc:
-                raise EngineError(f"mlx engine cannot load the embedded model: {exc}") from exc
         try:
-            if kind == "gguf":
-                return kind, files.gguf_path(card)
-            from exo_mlx.download import download_shard_files
-
-            return kind, download_shard_files(source, shard)
-        except Exception as exc:
-            raise EngineError(f"mlx engine cannot fetch {card.id} from {source}: {exc}") from exc
+            return files.shard_checkpoint(card, shard, SOURCE_PREFERENCE)
+        except files.ModelFilesError as exc:
+            raise EngineError(f"mlx engine: {exc}") from exc
 
     def context_length(self) -> int | None:
         return self._limit
@@ -227,10 +207,8 @@ class MLXEngine(InferenceEngine):
             inputs = mx.array(np.stack([np.asarray(it.tokens, dtype=np.int32) for it in items]))
         else:
             hidden = [it.hidden for it in items]
-            if any(h is None or h.ndim != 2 or h.shape[1] != model.config.hidden_size for h in hidden):
-                raise EngineError(
-                    f"mlx engine: stage {shard} takes hidden states [T, {model.config.hidden_size}]"
-                )
+            if any(h is None or h.ndim != 2 or h.shape[1] != model.config.dim for h in hidden):
+                raise EngineError(f"mlx engine: stage {shard} takes hidden states [T, {model.config.dim}]")
             inputs = mx.array(np.stack([np.asarray(h, dtype=np.float32) for h in hidden]))
         caches = [self._cache_for(it.request_id, length) for it in items]
         result = model(inputs, caches)

@@ -8,29 +8,10 @@ the final norm and output head; a middle stage holds only its own blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import mlx.core as mx
 
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    """The shapes and constants of a Llama-family model (from GGUF metadata or config.json)."""
-
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    # GGUF files store q/k rows permuted so that RoPE rotates adjacent pairs ("traditional");
-    # Hugging Face weights rotate the two halves of each head.
-    rope_traditional: bool
-    context_length: int
-    rope_scale: float = 1.0  # linear position scaling (1 / factor)
+from exo_core.models.checkpoint import LlamaConfig
 
 
 class Linear:
@@ -119,10 +100,22 @@ class KVCache:
 
 
 class Attention:
-    def __init__(self, config: LlamaConfig, q: Linear, k: Linear, v: Linear, o: Linear, rope_freqs) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        o: Linear,
+        rope_freqs: mx.array | None,
+        rope_traditional: bool,
+    ) -> None:
         self.config = config
         self.q, self.k, self.v, self.o = q, k, v, o
         self.rope_freqs = rope_freqs  # mx.array of per-pair periods, or None for plain rope_theta
+        # GGUF files store q/k rows permuted so that RoPE rotates adjacent pairs ("traditional");
+        # Hugging Face weights rotate the two halves of each head.
+        self.rope_traditional = rope_traditional
         self.scale = config.head_dim**-0.5
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
@@ -130,9 +123,9 @@ class Attention:
         return mx.fast.rope(
             x,
             c.head_dim,
-            traditional=c.rope_traditional,
+            traditional=self.rope_traditional,
             base=None if self.rope_freqs is not None else c.rope_theta,
-            scale=c.rope_scale,
+            scale=c.rope_position_scale,
             offset=offset,
             freqs=self.rope_freqs,
         )
@@ -173,7 +166,7 @@ class Block:
     def __init__(
         self, config: LlamaConfig, attn_norm: mx.array, attention: Attention, mlp_norm: mx.array, mlp: MLP
     ) -> None:
-        self.eps = config.rms_norm_eps
+        self.eps = config.norm_eps
         self.attn_norm, self.attention = attn_norm, attention
         self.mlp_norm, self.mlp = mlp_norm, mlp
 
@@ -230,7 +223,7 @@ class ShardModel:
             cache.offset += x.shape[1]
         if self.head is None or self.norm is None:
             return x
-        last = mx.fast.rms_norm(x[:, -1, :], self.norm, self.config.rms_norm_eps)
+        last = mx.fast.rms_norm(x[:, -1, :], self.norm, self.config.norm_eps)
         return self.head(last).astype(mx.float32)
 
     def arrays(self) -> list[mx.array]:

@@ -1,11 +1,13 @@
-"""Llama 3 long-context RoPE: the GGUF and Hugging Face descriptions give the same periods."""
+"""Llama 3 long-context RoPE reaches mx.fast.rope as per-pair periods."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import numpy as np
-from exo_mlx.loader import gguf_rope_periods, hf_llama3_periods
+from exo_mlx.loader import rope_periods
+
+from exo_core.models.checkpoint import LlamaConfig, llama3_rope_factors
 
 LLAMA_31 = {
     "rope_type": "llama3",
@@ -14,34 +16,29 @@ LLAMA_31 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+CONFIG = LlamaConfig(
+    arch="llama",
+    dim=128,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    head_dim=64,
+    hidden_dim=256,
+    vocab_size=32,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_context=64,
+)
 
 
-def llamacpp_rope_factors(theta: float, dims: int, scaling: dict) -> np.ndarray:
-    """The `rope_freqs` tensor llama.cpp's converter writes (convert_hf_to_gguf.py, LlamaModel)."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original = scaling["original_max_position_embeddings"]
-    factors = []
-    for i in range(0, dims, 2):
-        freq = 1.0 / theta ** (i / dims)
-        wavelen = 2 * math.pi / freq
-        if wavelen < original / high:
-            factors.append(1.0)
-        elif wavelen > original / low:
-            factors.append(factor)
-        else:
-            smooth = (original / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(factors, dtype=np.float32)
-
-
-def test_gguf_rope_freqs_match_hugging_face_llama3_scaling():
-    theta, dims = 500000.0, 64
-    from_gguf = gguf_rope_periods(theta, dims, llamacpp_rope_factors(theta, dims, LLAMA_31))
-    from_hf = hf_llama3_periods(theta, dims, LLAMA_31)
-    np.testing.assert_allclose(from_gguf, from_hf, rtol=1e-5)
+def test_llama3_periods():
+    theta, dims = CONFIG.rope_theta, CONFIG.head_dim
+    assert rope_periods(CONFIG) is None  # plain RoPE: mx.fast.rope's base does it
+    config = replace(CONFIG, rope_freq_factors=llama3_rope_factors(theta, dims, LLAMA_31))
+    periods = np.array(rope_periods(config))
     plain = theta ** (np.arange(0, dims, 2) / dims)
-    assert from_hf[0] == np.float32(plain[0])  # the fastest pair is untouched
-    np.testing.assert_allclose(from_hf[-1], plain[-1] * 8.0, rtol=1e-5)  # the slowest is 8x longer
+    assert periods[0] == np.float32(plain[0])  # the fastest pair is untouched
+    np.testing.assert_allclose(periods[-1], plain[-1] * 8.0, rtol=1e-5)  # the slowest is 8x longer
 
 
 def test_mx_rope_takes_periods():
@@ -49,7 +46,8 @@ def test_mx_rope_takes_periods():
     import mlx.core as mx
 
     x = mx.random.normal((1, 2, 5, 64))
-    periods = mx.array(gguf_rope_periods(10000.0, 64, np.ones(32, dtype=np.float32)))
+    config = replace(CONFIG, rope_theta=10000.0, rope_freq_factors=(1.0,) * 32)
+    periods = rope_periods(config)
     with_base = mx.fast.rope(x, 64, traditional=True, base=10000.0, scale=1.0, offset=3)
     with_freqs = mx.fast.rope(x, 64, traditional=True, base=None, scale=1.0, offset=3, freqs=periods)
     assert mx.allclose(with_base, with_freqs, atol=1e-5).item()

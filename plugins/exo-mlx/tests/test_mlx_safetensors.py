@@ -13,9 +13,9 @@ import json
 
 import mlx.core as mx
 import pytest
-from exo_mlx.loader import BLOCK_TENSORS, GGUF, HF, TENSOR_NAMES
 
 from exo_core.models.cards import ModelCard
+from exo_core.models.checkpoint import GLOBAL_MODULES, LAYER_MODULES, module_name
 from exo_core.models.files import embedded_gguf_path
 
 N_LAYERS, N_HEADS, N_KV_HEADS = 30, 9, 3
@@ -43,19 +43,21 @@ def unpermute(w: mx.array, n_heads: int) -> mx.array:
 
 def dense_from_gguf() -> dict[str, mx.array]:
     arrays = mx.load(str(embedded_gguf_path()))
-    names = [("embed", None), ("norm", None)] + [(t, i) for i in range(N_LAYERS) for t in BLOCK_TENSORS]
+    names = [("token_embd", None), ("output_norm", None)]
+    names += [(m, i) for i in range(N_LAYERS) for m in LAYER_MODULES]
+    assert set(GLOBAL_MODULES) - {m for m, _ in names} == {"output"}  # SmolLM2's head is tied
     out = {}
     for key, i in names:
-        src = TENSOR_NAMES[key][GGUF].format(i=i)
+        src = module_name(key, i)
         w = arrays[f"{src}.weight"]
         if f"{src}.scales" in arrays:
             scales = arrays[f"{src}.scales"]
             bits = w.shape[-1] // scales.shape[-1]
             w = mx.dequantize(w, scales, arrays[f"{src}.biases"], group_size=32, bits=bits)
         w = w.astype(mx.float32)
-        if key in ("q", "k"):
-            w = unpermute(w, N_HEADS if key == "q" else N_KV_HEADS)
-        out[f"{TENSOR_NAMES[key][HF].format(i=i)}.weight"] = w
+        if key in ("attn_q", "attn_k"):
+            w = unpermute(w, N_HEADS if key == "attn_q" else N_KV_HEADS)
+        out[f"{module_name(key, i, 'hf')}.weight"] = w
     return out
 
 
@@ -88,7 +90,7 @@ def test_repo_gives_llamacpp_answer(kit, repos, reference, kind):
     try:
         model = engine._model
         assert model.blocks[0].attention.q.quantized == (kind == "mlx")
-        assert not model.config.rope_traditional
+        assert not model.blocks[0].attention.rope_traditional
         chat = reference["greedy"][1]
         stages = [(engine, kit.shard_of(card, 0, N_LAYERS - 1))]
         assert asyncio.run(kit.greedy(stages, chat["prompt_ids"])) == kit.expected_answer(chat)
