@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import click
+
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
 from exo_core.models import files
 from exo_core.models.cards import ModelCard
@@ -34,6 +36,20 @@ class TinygradEngine(InferenceEngine):
     name = "tinygrad"
     supports_sharding = True
     source_kinds = ("gguf", "safetensors")
+    cli_options = (
+        click.Option(
+            ["--threads"],
+            type=click.IntRange(min=1),
+            default=None,
+            help="tinygrad engine: CPU threads per kernel (default: the physical cores).",
+        ),
+        click.Option(
+            ["--device"],
+            default=None,
+            help="tinygrad engine: the tinygrad device, e.g. CPU, CUDA, METAL, AMD, CL "
+            "(default: $DEV, else the first GPU tinygrad finds, else CPU).",
+        ),
+    )
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
@@ -72,7 +88,7 @@ class TinygradEngine(InferenceEngine):
     def _load_sync(self, shard: Shard, model: ModelCard) -> None:
         if self._loaded == (shard, model.id):
             return
-        _configure_tinygrad()
+        _configure_tinygrad(self.options)
         from exo_tinygrad.loader import load_shard
         from exo_tinygrad.runner import ShardRunner
 
@@ -96,6 +112,9 @@ class TinygradEngine(InferenceEngine):
             pass
 
     # ---- running -------------------------------------------------------------------------
+
+    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
+        return (await self.forward_batch(shard, [item]))[0]
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         if self._loaded is None or self._loaded[0] != shard:
@@ -123,10 +142,6 @@ class TinygradEngine(InferenceEngine):
         self._loaded = None
 
     # ---- introspection (tests, /metrics) ---------------------------------------------------
-
-    @property
-    def loaded_shards(self) -> tuple[Shard, ...]:
-        return (self._loaded[0],) if self._loaded else ()
 
     @property
     def loaded_shard(self) -> Shard | None:
@@ -215,11 +230,16 @@ def tinygrad_thread() -> ThreadPoolExecutor:
 _configured = False
 
 
-def _configure_tinygrad() -> None:
-    """Settings tinygrad reads when it is first imported (an explicit environment wins)."""
+def _configure_tinygrad(options: dict[str, Any]) -> None:
+    """Settings tinygrad reads when it is first imported (an explicit environment wins; the
+    first engine of the process decides for all)."""
     global _configured
     if _configured:
         return
+    from exo_tinygrad.device import choose_device
+
+    # choose before tinygrad is imported, so it never probes every backend itself
+    os.environ["DEV"] = choose_device(options.get("device"), os.environ)
     # CPU kernels' THREAD opt runs its parts one after another on this tinygrad version: no gain.
     os.environ.setdefault("THREADS", "0")
     # Compile in-process: the process pool can hang pickling deep kernel graphs.

@@ -21,6 +21,7 @@ from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
 from exo_tinygrad import quant
+from exo_tinygrad.buffers import from_numpy
 
 ROWS = 8  # output rows per SIMD group
 
@@ -63,10 +64,10 @@ def pack(w: quant.Unpacked) -> PackedWeight:
         q = q.astype(np.int8)
 
     def per_group(a: np.ndarray) -> Tensor:
-        return Tensor(np.ascontiguousarray(a.reshape(blocks, ROWS, groups).transpose(0, 2, 1)).reshape(-1))
+        return from_numpy(a.reshape(blocks, ROWS, groups).transpose(0, 2, 1).reshape(-1))
 
     return PackedWeight(
-        Tensor(np.ascontiguousarray(q).reshape(-1)),
+        from_numpy(q.reshape(-1)),
         per_group(scale.astype(np.float32)),
         None if offset is None else per_group(offset.astype(np.float32)),
         rows,

@@ -18,6 +18,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 
 from exo_tinygrad import kernels, quant
+from exo_tinygrad.buffers import from_numpy, zeros
 from exo_tinygrad.loader import LlamaConfig, ShardWeights, Weight
 
 Position = int | UOp  # a plain int, or a bound symbolic Variable under the JIT
@@ -38,14 +39,14 @@ class Linear:
             parts = [
                 np.zeros(n, np.float32) if b is None else b for n, b in zip(self.sizes, biases, strict=True)
             ]
-            self.bias = Tensor(np.concatenate(parts).astype(np.float32))
+            self.bias = from_numpy(np.concatenate(parts).astype(np.float32))
         self.parts: list[kernels.PackedWeight | Tensor] = []
         for _, run in itertools.groupby(weights, key=_format):
             group = list(run)
             if isinstance(group[0], quant.Unpacked):
                 self.parts.append(kernels.pack(_concat(group)))
             else:  # float16 stays float16 in memory; the matmul reads it as float32
-                self.parts.append(Tensor(np.ascontiguousarray(np.concatenate(group))))
+                self.parts.append(from_numpy(np.concatenate(group)))
 
     def __call__(
         self,
@@ -111,7 +112,7 @@ def rope_table(config: LlamaConfig, length: int) -> Tensor:
     if config.rope_freq_factors is not None:
         freqs = freqs / np.asarray(config.rope_freq_factors, dtype=np.float64)
     angles = np.arange(length, dtype=np.float64)[:, None] * freqs[None, :]
-    return Tensor(np.concatenate([np.cos(angles), np.sin(angles)], -1).astype(np.float32))
+    return from_numpy(np.concatenate([np.cos(angles), np.sin(angles)], -1).astype(np.float32))
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
@@ -177,8 +178,8 @@ class Block:
     def __init__(self, config: LlamaConfig, w: dict[str, Weight], index: int) -> None:
         prefix = f"blk.{index}"
         self.eps = config.norm_eps
-        self.attn_norm = Tensor(w[f"{prefix}.attn_norm.weight"])
-        self.ffn_norm = Tensor(w[f"{prefix}.ffn_norm.weight"])
+        self.attn_norm = from_numpy(np.asarray(w[f"{prefix}.attn_norm.weight"], np.float32))
+        self.ffn_norm = from_numpy(np.asarray(w[f"{prefix}.ffn_norm.weight"], np.float32))
         self.attention = Attention(config, w, prefix)
         self.ffn = FeedForward(w, prefix)
 
@@ -197,7 +198,7 @@ class ShardModel:
         self.blocks = [Block(c, w, i) for i in range(start, end + 1)]
         self.is_last = is_last
         if is_last:
-            self.norm = Tensor(w["output_norm.weight"])
+            self.norm = from_numpy(np.asarray(w["output_norm.weight"], np.float32))
             self.head = Linear([w["token_embd.weight" if c.tied_embeddings else "output.weight"]])
         self.rope = rope_table(c, c.max_context)
 
@@ -205,7 +206,11 @@ class ShardModel:
         """One request's KV cache: per layer, keys and values for `capacity` positions."""
         c = self.config
         shape = (2, capacity, c.n_kv_heads, c.head_dim)
-        return [Tensor.zeros(*shape, dtype=dtypes.float32).contiguous() for _ in self.blocks]
+        return [zeros(shape) for _ in self.blocks]
+
+    def cache_bytes_per_position(self) -> int:
+        c = self.config
+        return len(self.blocks) * 2 * c.n_kv_heads * c.head_dim * 4
 
     def __call__(
         self,

@@ -17,14 +17,19 @@ Everything here runs on the engine's one worker thread (tinygrad is not thread-s
 from __future__ import annotations
 
 import itertools
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp, dtypes
+from tinygrad import Tensor, TinyJit, UOp
 from tinygrad.nn.state import get_parameters
 
 from exo_core.engine import EngineError
 from exo_core.models.shard import Shard
+from exo_tinygrad.buffers import host_view, write, zeros
+from exo_tinygrad.graphs import GraphStore
 from exo_tinygrad.loader import ShardWeights
 from exo_tinygrad.model import ShardModel
 from exo_tinygrad.replay import Replay
@@ -32,6 +37,8 @@ from exo_tinygrad.replay import Replay
 PREFILL_CHUNK = 32
 MIN_CAPACITY = 256
 MAX_DECODE_BATCH = 8
+# scratch KV caches `prepare` may allocate at once to capture a batched decode graph
+PREPARE_CACHE_BUDGET = 256 << 20
 
 
 @dataclass
@@ -61,33 +68,50 @@ class _Jits:
 
 
 class _Graph:
-    """A TinyJit'd step: captured on its first call (the weights are realized already, so the
-    usual un-jitted warm-up call would only cost another full schedule), then replayed by
-    `replay.Replay` when it can, by TinyJit otherwise."""
+    """A TinyJit'd step: read from the graph store when it holds it, else captured on its
+    first call (the weights are realized already, so the usual un-jitted warm-up call would
+    only cost another full schedule) and saved there; then replayed by `replay.Replay` when
+    it can, by TinyJit otherwise."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, store: GraphStore | None = None, name: str = "") -> None:
         self.jit = TinyJit(fn)
         self.jit.cnt = 1
         self.replay: Replay | None = None
-        self._built = False
+        self.store, self.name = store, name
+        self.loaded = False  # read from the store rather than captured
+        captured = store.load(name) if store is not None else None
+        if captured is not None:
+            self.jit.captured, self.jit.cnt, self.loaded = captured, 2, True
+            self.replay = Replay.build(self.jit)
+
+    @property
+    def ready(self) -> bool:
+        return self.jit.captured is not None
 
     def __call__(self, *args) -> Tensor:
         if self.replay is not None:
             return self.replay(*args)
+        captured = self.jit.captured is not None
         out = self.jit(*args)
-        if not self._built and self.jit.captured is not None:
-            self._built = True
+        if not captured and self.jit.captured is not None:
             self.replay = Replay.build(self.jit)
+            if self.store is not None:
+                try:
+                    self.store.save(self.name, self.jit.captured)
+                except (OSError, pickle.PicklingError, RecursionError):
+                    pass  # an unwritable cache only costs the next process a capture
         return out
 
 
 class ShardRunner:
-    def __init__(self, weights: ShardWeights, shard: Shard) -> None:
+    def __init__(self, weights: ShardWeights, shard: Shard, graph_dir: Path | None = None) -> None:
         self.shard = shard
         self.config = weights.config
         self.embed = weights.embed
         self.model = ShardModel(weights, shard.start_layer, shard.end_layer, shard.is_last)
-        Tensor.realize(*get_parameters(self.model))
+        parameters = get_parameters(self.model)
+        Tensor.realize(*parameters)
+        self.store = GraphStore(graph_dir, parameters) if graph_dir is not None else None
         self.max_context = weights.config.max_context
         self.requests: dict[str, _Request] = {}
         self._jits = _Jits()
@@ -118,19 +142,104 @@ class ShardRunner:
         needed = end if step.length == 1 else length + _round_up(step.length, PREFILL_CHUNK)
         if req is not None and req.capacity >= needed:
             return req
-        capacity = MIN_CAPACITY
-        while capacity < needed:
-            capacity *= 2
-        capacity = min(capacity, _round_up(self.max_context, PREFILL_CHUNK) + PREFILL_CHUNK)
-        if req is None:
-            cache = self.model.new_cache(capacity)
-        else:  # the same positions, more room after them
-            grow = ((0, 0), (0, capacity - req.capacity), (0, 0), (0, 0))
-            cache = [old.pad(grow).contiguous() for old in req.cache]
-        Tensor.realize(*cache)
+        capacity = self.capacity_for(needed)
+        cache = self.model.new_cache(capacity)
+        if req is not None:  # the same positions, more room after them
+            for old, new in zip(req.cache, cache, strict=True):
+                _copy_positions(old, new, length)
         grown = _Request(cache, capacity, length)
         self.requests[step.request_id] = grown
         return grown
+
+    def capacity_for(self, needed: int) -> int:
+        """The cache capacity a request needing `needed` positions gets (a doubling ladder)."""
+        capacity = MIN_CAPACITY
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, self.max_capacity)
+
+    @property
+    def max_capacity(self) -> int:
+        return _round_up(self.max_context, PREFILL_CHUNK) + PREFILL_CHUNK
+
+    def capacities(self) -> list[int]:
+        """Every capacity a request can get, smallest first."""
+        caps = [self.capacity_for(1)]
+        while caps[-1] < self.max_capacity:
+            caps.append(self.capacity_for(caps[-1] + 1))
+        return caps
+
+    # ---- graphs --------------------------------------------------------------------------
+
+    def _graph(self, kind: str, capacity: int, batch: int = 1) -> _Graph:
+        graphs = self._jits.prefill if kind == "prefill" else self._jits.decode
+        key = capacity if kind == "prefill" else (capacity, batch)
+        graph = graphs.get(key)  # type: ignore[call-overload]
+        if graph is None:
+            fn = self._prefill_fn if kind == "prefill" else self._decode_fn
+            graph = graphs[key] = _Graph(fn, self.store, self._name(kind, capacity, batch))  # type: ignore[index]
+        return graph
+
+    def graph_plan(self, cache_budget: int = PREPARE_CACHE_BUDGET) -> list[tuple[str, int, int]]:
+        """The graphs `prepare` builds, in the order the first requests need them: (kind,
+        capacity, batch). Decode batches whose scratch caches would pass `cache_budget` bytes
+        are left to be captured on first use."""
+        per_position = self.model.cache_bytes_per_position()
+        plan: list[tuple[str, int, int]] = []
+        for cap in self.capacities():
+            plan.append(("prefill", cap, 1))
+            plan += [
+                ("decode", cap, b)
+                for b in range(1, MAX_DECODE_BATCH + 1)
+                if b == 1 or b * cap * per_position <= cache_budget
+            ]
+        return plan
+
+    def prepare(self, kind: str, capacity: int, batch: int = 1, keep: bool = True) -> bool:
+        """Make one graph ready: read it from the store, or capture it on scratch caches (and
+        save it). Returns True when it had to be captured. `keep=False` drops a graph that
+        was not in memory already once it is saved (it is read back when first used)."""
+        graphs = self._jits.prefill if kind == "prefill" else self._jits.decode
+        key = capacity if kind == "prefill" else (capacity, batch)
+        held = key in graphs
+        graph = self._graph(kind, capacity, batch)
+        if graph.ready:
+            return False
+        ids = [f"\0prepare-{b}" for b in range(batch)]
+        try:
+            for rid in ids:
+                self.requests[rid] = _Request(self.model.new_cache(capacity), capacity, 0)
+            if kind == "prefill":
+                self._prefill(Step(ids[0], hidden=np.zeros((2, self.config.dim), np.float32)))
+            else:
+                self._decode([Step(rid, hidden=np.zeros((1, self.config.dim), np.float32)) for rid in ids])
+        finally:
+            for rid in ids:
+                self.requests.pop(rid, None)
+        if not keep and not held and self.store is not None and self.store.has(graph.name):
+            graphs.pop(key)  # type: ignore[arg-type]
+            self._inputs.pop((kind, capacity, batch) if kind == "decode" else (kind, capacity), None)
+        return True
+
+    def prepare_all(self, progress: Callable[[str, float], None] | None = None) -> Iterator[str]:
+        """Prepare every graph of `graph_plan` (one per step of the iterator, so a caller can
+        interleave other work): the smallest capacity's graphs stay in memory."""
+        plan = self.graph_plan()
+        smallest = plan[0][1]
+        for done, (kind, cap, batch) in enumerate(plan):
+            if progress is not None:
+                what = f"{kind} graph, capacity {cap}" + (f", batch {batch}" if kind == "decode" else "")
+                progress(what, done / len(plan))
+            if self.store is not None and self.store.has(self._name(kind, cap, batch)) and cap != smallest:
+                continue  # on disk; read when first used
+            self.prepare(kind, cap, batch, keep=cap == smallest)
+            yield self._name(kind, cap, batch)
+        if progress is not None:
+            progress("graphs ready", 1.0)
+
+    @staticmethod
+    def _name(kind: str, capacity: int, batch: int) -> str:
+        return f"prefill-{capacity}" if kind == "prefill" else f"decode-{capacity}x{batch}"
 
     # ---- running -------------------------------------------------------------------------
 
@@ -179,11 +288,16 @@ class ShardRunner:
         straight into their buffers (a fresh Tensor per step costs a schedule each)."""
         tensors = self._inputs.get(key)
         if tensors is None:
-            tensors = [Tensor.zeros(*a.shape, dtype=dtypes.float32).contiguous().realize() for a in arrays]
+            tensors = [zeros(a.shape) for a in arrays]
             self._inputs[key] = tensors
         for t, a in zip(tensors, arrays, strict=True):
-            host = np.frombuffer(t.uop.buffer.as_memoryview(force_zero_copy=True), dtype=np.float32)
-            host[:] = a.reshape(-1)
+            host = host_view(t)
+            if host is not None:
+                host[...] = a
+            else:
+                write(
+                    t.uop.buffer, memoryview(np.ascontiguousarray(a, np.float32).reshape(-1).view(np.uint8))
+                )
         return tensors
 
     def _variable(self, name: str, low: int, high: int) -> UOp:
@@ -196,9 +310,7 @@ class ShardRunner:
         x = self._input(step)
         req = self._reserve(step)
         C, cap = PREFILL_CHUNK, req.capacity
-        jit = self._jits.prefill.get(cap)
-        if jit is None:
-            jit = self._jits.prefill[cap] = _Graph(self._prefill_fn)
+        jit = self._graph("prefill", cap)
         pos_var = self._variable("pos", 0, cap - C)
         last_var = self._variable("last", 0, C - 1)
         hidden_out = []
@@ -223,9 +335,7 @@ class ShardRunner:
     def _decode(self, steps: list[Step]) -> list[np.ndarray]:
         reqs = [self.requests[s.request_id] for s in steps]
         cap = reqs[0].capacity  # run() groups decode steps by capacity
-        jit = self._jits.decode.get((cap, len(reqs)))
-        if jit is None:
-            jit = self._jits.decode[(cap, len(reqs))] = _Graph(self._decode_fn)
+        jit = self._graph("decode", cap, len(reqs))
         x = np.stack([self._input(s) for s in steps])  # [B, 1, dim]
         positions = [self._variable(f"pos{b}", 0, cap - 1).bind(r.length) for b, r in enumerate(reqs)]
         # the JIT finds tensors in a flat list only: all layers of request 0, then request 1, ...
@@ -244,8 +354,20 @@ class ShardRunner:
 
 def _read(t: Tensor) -> np.ndarray:
     """A copy of a realized float32 tensor's contents (straight from its buffer)."""
-    view = np.frombuffer(t.uop.buffer.as_memoryview(force_zero_copy=True), dtype=np.float32)
-    return view.reshape(t.shape).copy()
+    view = host_view(t)
+    if view is None:
+        return t.numpy()
+    return view.copy()
+
+
+def _copy_positions(old: Tensor, new: Tensor, length: int) -> None:
+    """new[:, :length] = old[:, :length] for [2, capacity, kv, hd] caches."""
+    src, dst = host_view(old), host_view(new)
+    if src is not None and dst is not None:
+        dst[:, :length] = src[:, :length]
+        return
+    grow = ((0, 0), (0, new.shape[1] - old.shape[1]), (0, 0), (0, 0))
+    write(new.uop.buffer, memoryview(old.pad(grow).contiguous().realize().numpy().reshape(-1).view(np.uint8)))
 
 
 def _round_up(n: int, multiple: int) -> int:
