@@ -135,34 +135,32 @@ def files_present(card: ModelCard) -> dict[str, bool]:
 
 def local_snapshot(repo_or_dir: str) -> Path | None:
     """A local directory for a Hugging Face repo (or the directory itself), if present."""
-    if os.path.isabs(repo_or_dir):
-        return Path(repo_or_dir) if Path(repo_or_dir).is_dir() else None
-    for base in [*seed_dirs(), models_dir()]:
-        candidate = base / repo_or_dir.replace("/", "--")
-        if (candidate / "config.json").is_file():
-            return candidate
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_or_dir, cache_dir=models_dir() / "hub", local_files_only=True))
-    except Exception:  # not in the cache (or hub library missing)
-        return None
+    return _local_repo(repo_or_dir, CONFIG_FILE, default_cache=False)
 
 
 def local_snapshot_any(repo_or_dir: str) -> Path | None:
-    """Like local_snapshot, for repos that hold only a tokenizer (no config.json)."""
+    """Like local_snapshot, for repos that hold only a tokenizer (no config.json); also looks
+    in the default Hugging Face cache, where `huggingface-cli download` puts them."""
+    return _local_repo(repo_or_dir, None, default_cache=True)
+
+
+def _local_repo(repo_or_dir: str, marker: str | None, *, default_cache: bool) -> Path | None:
     if os.path.isabs(repo_or_dir):
         return Path(repo_or_dir) if Path(repo_or_dir).is_dir() else None
     for base in [*seed_dirs(), models_dir()]:
         candidate = base / repo_or_dir.replace("/", "--")
-        if candidate.is_dir():
+        if (candidate / marker).is_file() if marker else candidate.is_dir():
             return candidate
     try:
         from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_or_dir, local_files_only=True))
-    except Exception:  # not in the default Hugging Face cache either
+    except ImportError:
         return None
+    for cache in [models_dir() / "hub", *([None] if default_cache else [])]:
+        try:
+            return Path(snapshot_download(repo_or_dir, cache_dir=cache, local_files_only=True))
+        except Exception:  # not in this cache
+            continue
+    return None
 
 
 def shard_checkpoint(
