@@ -1,1 +1,34 @@
-"""Test kits for exo and its plugins (real processes, real servers)."""
+"""The test kit for exo and its plugins: real processes, real servers, no mocks.
+
+Public, like the names in `exo_core.__all__` (see `docs/plugins.md`):
+
+- `engine_checks`: the engine contract as checks (`Subject`, `CHECKS`, `run`) for a plugin's tests;
+- `node`, `chat`, `api_url`, `Answer`: a node in the test's process and a request through it;
+- `check_registration`, `engine_class`, `default_engine`, `model_card`: is a plugin installed
+  and wired, and what did the plugins register;
+- `cluster`: several `exo run` processes on 127.0.0.1 forming a cluster (`Cluster.manual`).
+"""
+
+from exo_core.testing import engine_checks
+from exo_core.testing.inprocess import Answer, Usage, api_url, chat, node
+from exo_core.testing.registration import (
+    Registration,
+    check_registration,
+    default_engine,
+    engine_class,
+    model_card,
+)
+
+__all__ = [
+    "Answer",
+    "Registration",
+    "Usage",
+    "api_url",
+    "chat",
+    "check_registration",
+    "default_engine",
+    "engine_checks",
+    "engine_class",
+    "model_card",
+    "node",
+]

@@ -1,31 +1,46 @@
-"""Reusable checks of the engine contract, for any InferenceEngine that shards and caches.
+"""Reusable checks of the engine contract, for any tensor InferenceEngine (one that shards and caches).
 
-A plugin's tests load engines once (fixtures) and call these async checks with them::
+The whole suite, as one parametrised pytest test (what `docs/plugins.md` describes)::
 
+    import pytest
     from exo_core.testing import engine_checks
+
+    @pytest.fixture
+    def subject():
+        return engine_checks.Subject(make_engine=MyEngine, model=CARD, prompts=[[1, 2, 3], [4, 5, 6, 7, 8]])
+
+    @pytest.mark.parametrize("check", engine_checks.CHECKS)
+    async def test_engine_contract(subject, check):
+        await engine_checks.run(check, subject)
+
+Or single checks on engines a plugin's fixtures already loaded (loading can cost seconds)::
 
     async def test_shards_chain(whole_engine, first_half, second_half, card, prompt):
         await engine_checks.check_shards_chain(whole_engine, first_half, second_half, card, prompt, split=15)
 
 Each check drives the engine only through the `InferenceEngine` interface (load, forward,
-forward_batch, release), decodes greedily from the last stage's logits, raises
-AssertionError with a readable message on a mismatch, and releases every request it made.
-Request ids are unique per call, so checks can share engines.
+forward_batch, release, loaded_shards, cached_requests), gives every step its `start_pos`,
+decodes greedily from the last stage's logits, raises AssertionError with a readable message on
+a mismatch, and releases every request it made. Request ids are unique per call, so checks can
+share engines. Text engines (`works_on_text`) sample themselves and are not covered.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from exo_core.engine import InferenceEngine, StageInput, StageOutput
+from exo_core.errors import EngineError
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 
 _ids = itertools.count()
+
+Stages = Sequence[tuple[InferenceEngine, Shard]]
 
 
 def _request_id(tag: str) -> str:
@@ -58,28 +73,30 @@ def _hidden(out: StageOutput, length: int, where: str) -> np.ndarray:
     return hidden
 
 
-async def _step(
-    stages: Sequence[tuple[InferenceEngine, Shard]], request_id: str, tokens: Sequence[int]
-) -> np.ndarray:
-    """Run new tokens through a chain of stages; the last stage's logits."""
-    item = StageInput(request_id, tokens=np.asarray(tokens, dtype=np.int64))
+def _tokens(tokens: Sequence[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int64)
+
+
+async def _step(stages: Stages, request_id: str, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    """Run new tokens (at positions start_pos..) through a chain of stages; the last stage's logits."""
+    item = StageInput(request_id, tokens=_tokens(tokens), start_pos=start_pos)
     for engine, shard in stages[:-1]:
         out = await engine.forward(shard, item)
-        item = StageInput(request_id, hidden=_hidden(out, len(tokens), f"{engine.name} {shard}"))
+        hidden = _hidden(out, len(tokens), f"{engine.name} {shard}")
+        item = StageInput(request_id, hidden=hidden, start_pos=start_pos)
     engine, shard = stages[-1]
     return _logits(await engine.forward(shard, item), f"{engine.name} {shard}")
 
 
-async def greedy(
-    stages: Sequence[tuple[InferenceEngine, Shard]], prompt: Sequence[int], steps: int, tag: str = "greedy"
-) -> Run:
+async def greedy(stages: Stages, prompt: Sequence[int], steps: int, tag: str = "greedy") -> Run:
     """Prefill `prompt`, then decode `steps` tokens greedily, through a chain of (engine, shard)."""
     request_id = _request_id(tag)
     run = Run()
     try:
-        new = list(prompt)
+        new, pos = list(prompt), 0
         for _ in range(steps):
-            logits = await _step(stages, request_id, new)
+            logits = await _step(stages, request_id, new, pos)
+            pos += len(new)
             run.logits.append(logits)
             run.tokens.append(int(np.argmax(logits)))
             new = [run.tokens[-1]]
@@ -93,6 +110,24 @@ def _same_run(a: Run, b: Run, what: str, rtol: float, atol: float) -> None:
     assert a.tokens == b.tokens, f"{what}: greedy tokens differ: {a.tokens} != {b.tokens}"
     for i, (x, y) in enumerate(zip(a.logits, b.logits, strict=True)):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=f"{what}: logits of step {i} differ")
+
+
+def _whole(model: ModelCard, shard: Shard | None) -> Shard:
+    return shard or Shard.whole(model.id, model.n_layers)
+
+
+async def check_loaded_shards(
+    engine: InferenceEngine, model: ModelCard, *, shard: Shard | None = None
+) -> None:
+    """After `load(shard)` the engine reports the shard in `loaded_shards`; loading it again
+    changes nothing (load is idempotent)."""
+    shard = _whole(model, shard)
+    await engine.load(shard, model)
+    held = tuple(engine.loaded_shards)
+    assert shard in held, f"loaded_shards is {held} after load({shard})"
+    await engine.load(shard, model)
+    again = tuple(engine.loaded_shards)
+    assert again == held, f"loading {shard} a second time changed loaded_shards from {held} to {again}"
 
 
 async def check_shards_chain(
@@ -136,17 +171,19 @@ async def check_interleaved_equals_alone(
 ) -> list[Run]:
     """Requests whose steps alternate (A prefill, B prefill, A step, B step, ...) give the same
     tokens and logits as each request run alone: caches never mix."""
-    shard = shard or Shard.whole(model.id, model.n_layers)
+    shard = _whole(model, shard)
     await engine.load(shard, model)
     stages = [(engine, shard)]
     alone = [await greedy(stages, p, steps, "alone") for p in prompts]
     ids = [_request_id("interleaved") for _ in prompts]
     runs = [Run() for _ in prompts]
     new = [list(p) for p in prompts]
+    pos = [0 for _ in prompts]
     try:
         for _ in range(steps):
             for k, request_id in enumerate(ids):
-                logits = await _step(stages, request_id, new[k])
+                logits = await _step(stages, request_id, new[k], pos[k])
+                pos[k] += len(new[k])
                 runs[k].logits.append(logits)
                 runs[k].tokens.append(int(np.argmax(logits)))
                 new[k] = [runs[k].tokens[-1]]
@@ -171,21 +208,22 @@ async def check_batch_equals_single(
     """Decode steps of several requests sent as one `forward_batch` give the same logits and
     tokens as the same requests decoded one `forward` at a time (prompts of different lengths,
     so the batched requests sit at different positions)."""
-    shard = shard or Shard.whole(model.id, model.n_layers)
+    shard = _whole(model, shard)
     await engine.load(shard, model)
     stages = [(engine, shard)]
     single = [await greedy(stages, p, steps, "single") for p in prompts]
     ids = [_request_id("batched") for _ in prompts]
     runs = [Run() for _ in prompts]
+    pos = [len(p) for p in prompts]
     try:
         for k, request_id in enumerate(ids):  # prefill one by one
-            logits = await _step(stages, request_id, prompts[k])
+            logits = await _step(stages, request_id, prompts[k], 0)
             runs[k].logits.append(logits)
             runs[k].tokens.append(int(np.argmax(logits)))
         for _ in range(steps - 1):
             items = [
-                StageInput(rid, tokens=np.asarray([r.tokens[-1]], np.int64))
-                for rid, r in zip(ids, runs, strict=True)
+                StageInput(rid, tokens=_tokens([r.tokens[-1]]), start_pos=p)
+                for rid, r, p in zip(ids, runs, pos, strict=True)
             ]
             outs = await engine.forward_batch(shard, items)
             assert len(outs) == len(items), (
@@ -195,12 +233,53 @@ async def check_batch_equals_single(
                 logits = _logits(out, f"{engine.name} batched request {k}")
                 runs[k].logits.append(logits)
                 runs[k].tokens.append(int(np.argmax(logits)))
+                pos[k] += 1
     finally:
         for request_id in ids:
             await engine.release(request_id)
     for k, (a, b) in enumerate(zip(single, runs, strict=True)):
         _same_run(a, b, f"request {k} batched vs single", rtol, atol)
     return runs
+
+
+async def check_batch_mixes_prefill_and_decode(
+    engine: InferenceEngine,
+    model: ModelCard,
+    prompts: Sequence[Sequence[int]],
+    *,
+    shard: Shard | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+) -> None:
+    """One `forward_batch` may hold a decode step of one request and the whole prompt of another
+    (the node batches whatever is waiting); each gets the logits it would get alone."""
+    assert len(prompts) >= 2, "check_batch_mixes_prefill_and_decode needs two prompts"
+    shard = _whole(model, shard)
+    await engine.load(shard, model)
+    stages = [(engine, shard)]
+    a_prompt, b_prompt = prompts[0], prompts[1]
+    a_alone = await greedy(stages, a_prompt, 2, "mixed-alone")
+    b_alone = await greedy(stages, b_prompt, 1, "mixed-alone")
+    a, b = _request_id("mixed"), _request_id("mixed")
+    try:
+        await _step(stages, a, a_prompt, 0)
+        items = [
+            StageInput(a, tokens=_tokens([a_alone.tokens[0]]), start_pos=len(a_prompt)),
+            StageInput(b, tokens=_tokens(b_prompt), start_pos=0),
+        ]
+        outs = await engine.forward_batch(shard, items)
+        assert len(outs) == 2, f"forward_batch returned {len(outs)} outputs for 2 steps"
+        a_logits = _logits(outs[0], f"{engine.name} decode beside a prefill")
+        b_logits = _logits(outs[1], f"{engine.name} prefill beside a decode")
+    finally:
+        await engine.release(a)
+        await engine.release(b)
+    np.testing.assert_allclose(
+        a_logits, a_alone.logits[1], rtol=rtol, atol=atol, err_msg="a decode batched with a prefill differs"
+    )
+    np.testing.assert_allclose(
+        b_logits, b_alone.logits[0], rtol=rtol, atol=atol, err_msg="a prefill batched with a decode differs"
+    )
 
 
 async def check_release_frees_cache(
@@ -213,23 +292,22 @@ async def check_release_frees_cache(
     atol: float = 1e-4,
 ) -> None:
     """After `release`, the request id starts from an empty cache (same logits as the first
-    time, not a continuation); releasing an unknown id is not an error. Engines that report
-    `cached_requests()` must count one fewer after the release."""
-    shard = shard or Shard.whole(model.id, model.n_layers)
+    time, not a continuation); releasing an unknown id is not an error; `cached_requests()`
+    counts the request while it holds a cache and not after its release."""
+    shard = _whole(model, shard)
     await engine.load(shard, model)
     stages = [(engine, shard)]
     request_id = _request_id("release")
-    count = getattr(engine, "cached_requests", None)
-    before: int = count() if count else 0
-    first = await _step(stages, request_id, prompt)
-    if count:
-        assert count() == before + 1, (
-            f"cached_requests() is {count()} after one request, expected {before + 1}"
-        )
+    before = engine.cached_requests()
+    first = await _step(stages, request_id, prompt, 0)
+    assert engine.cached_requests() == before + 1, (
+        f"cached_requests() is {engine.cached_requests()} after one request, expected {before + 1}"
+    )
     await engine.release(request_id)
-    if count:
-        assert count() == before, f"cached_requests() is {count()} after release, expected {before}"
-    again = await _step(stages, request_id, prompt)
+    assert engine.cached_requests() == before, (
+        f"cached_requests() is {engine.cached_requests()} after release, expected {before}"
+    )
+    again = await _step(stages, request_id, prompt, 0)
     await engine.release(request_id)
     np.testing.assert_allclose(
         again,
@@ -239,3 +317,190 @@ async def check_release_frees_cache(
         err_msg="the same prompt after release gave other logits: the cache was kept",
     )
     await engine.release("engine-check-never-used")  # must not raise
+
+
+async def check_cached_requests(
+    engine: InferenceEngine,
+    model: ModelCard,
+    prompts: Sequence[Sequence[int]],
+    *,
+    shard: Shard | None = None,
+) -> None:
+    """`cached_requests()` goes up by one for each request that ran a step, stays put while a
+    request goes on, and comes back down as each is released."""
+    shard = _whole(model, shard)
+    await engine.load(shard, model)
+    stages = [(engine, shard)]
+    before = engine.cached_requests()
+    ids = [_request_id("count") for _ in prompts]
+    try:
+        for k, (request_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
+            logits = await _step(stages, request_id, prompt, 0)
+            await _step(stages, request_id, [int(np.argmax(logits))], len(prompt))
+            count = engine.cached_requests()
+            assert count == before + k + 1, (
+                f"cached_requests() is {count} with {k + 1} requests running, expected {before + k + 1}"
+            )
+    finally:
+        for k, request_id in enumerate(ids):
+            await engine.release(request_id)
+            left = len(ids) - k - 1
+            count = engine.cached_requests()
+            assert count == before + left, (
+                f"cached_requests() is {count} after releasing {k + 1} of {len(ids)}, expected {before + left}"
+            )
+
+
+async def check_start_pos_is_enforced(
+    engine: InferenceEngine,
+    model: ModelCard,
+    prompt: Sequence[int],
+    *,
+    shard: Shard | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> None:
+    """A step whose `start_pos` is not where the request's cache is raises `EngineError` (both
+    ahead and behind) and changes nothing: the right step afterwards gives the logits it would
+    have given anyway."""
+    shard = _whole(model, shard)
+    await engine.load(shard, model)
+    stages = [(engine, shard)]
+    expected = await greedy(stages, prompt, 2, "positions-alone")
+    request_id = _request_id("positions")
+    n = len(prompt)
+    try:
+        await _step(stages, request_id, prompt, 0)
+        for wrong in (n + 3, n - 1):
+            try:
+                await _step(stages, request_id, [expected.tokens[0]], wrong)
+            except EngineError:
+                pass
+            else:
+                raise AssertionError(
+                    f"a step at start_pos={wrong} was accepted while the request's cache holds {n} "
+                    "positions; raise EngineError naming both"
+                )
+        logits = await _step(stages, request_id, [expected.tokens[0]], n)
+    finally:
+        await engine.release(request_id)
+    np.testing.assert_allclose(
+        logits,
+        expected.logits[1],
+        rtol=rtol,
+        atol=atol,
+        err_msg="a refused step at a wrong start_pos changed the request's cache",
+    )
+
+
+# ---- the suite ------------------------------------------------------------------------------
+
+
+@dataclass
+class Subject:
+    """An engine under test: how to make one, the model it runs, and prompts (token ids) for it.
+
+    `make_engine()` returns a fresh, unloaded engine (the class itself will do, or a lambda
+    passing options); the suite loads what each check needs and closes every engine it made.
+    Give at least two prompts of different lengths. `split` is the first layer of the second
+    shard in the shards check (default: half the layers).
+    """
+
+    make_engine: Callable[[], InferenceEngine]
+    model: ModelCard
+    prompts: Sequence[Sequence[int]]
+    split: int | None = None
+    steps: int = 4
+    rtol: float = 1e-3
+    atol: float = 1e-3
+
+
+async def _suite_loaded_shards(s: Subject, engines: list[InferenceEngine]) -> None:
+    engine = _made(s, engines)
+    await check_loaded_shards(engine, s.model)
+    if s.model.n_layers >= 2:  # a later shard of another engine holds only that shard
+        part = Shard(s.model.id, s.model.n_layers - 1, s.model.n_layers - 1, s.model.n_layers)
+        await check_loaded_shards(_made(s, engines), s.model, shard=part)
+
+
+async def _suite_shards_chain(s: Subject, engines: list[InferenceEngine]) -> None:
+    if s.model.n_layers < 2:
+        return  # nothing to cut
+    split = s.split if s.split is not None else s.model.n_layers // 2
+    whole, first, second = _made(s, engines), _made(s, engines), _made(s, engines)
+    await check_shards_chain(
+        whole, first, second, s.model, s.prompts[0], split, steps=s.steps, rtol=s.rtol, atol=s.atol
+    )
+
+
+async def _suite_interleaved(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_interleaved_equals_alone(
+        _made(s, engines), s.model, s.prompts, steps=s.steps, rtol=s.rtol, atol=s.atol
+    )
+
+
+async def _suite_batch(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_batch_equals_single(
+        _made(s, engines), s.model, s.prompts, steps=s.steps, rtol=s.rtol, atol=s.atol
+    )
+
+
+async def _suite_mixed_batch(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_batch_mixes_prefill_and_decode(
+        _made(s, engines), s.model, s.prompts, rtol=s.rtol, atol=s.atol
+    )
+
+
+async def _suite_release(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_release_frees_cache(_made(s, engines), s.model, s.prompts[0])
+
+
+async def _suite_cached_requests(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_cached_requests(_made(s, engines), s.model, s.prompts)
+
+
+async def _suite_start_pos(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_start_pos_is_enforced(_made(s, engines), s.model, s.prompts[0], rtol=s.rtol, atol=s.atol)
+
+
+def _made(s: Subject, engines: list[InferenceEngine]) -> InferenceEngine:
+    engine = s.make_engine()
+    assert isinstance(engine, InferenceEngine), f"make_engine() returned {engine!r}, not an InferenceEngine"
+    engines.append(engine)
+    return engine
+
+
+_SUITE: dict[str, Callable[[Subject, list[InferenceEngine]], Awaitable[None]]] = {
+    "loaded_shards": _suite_loaded_shards,
+    "shards_chain": _suite_shards_chain,
+    "interleaved_equals_alone": _suite_interleaved,
+    "batch_equals_single": _suite_batch,
+    "batch_mixes_prefill_and_decode": _suite_mixed_batch,
+    "release_frees_cache": _suite_release,
+    "cached_requests": _suite_cached_requests,
+    "start_pos_is_enforced": _suite_start_pos,
+}
+
+# The names of the suite's checks, for `@pytest.mark.parametrize("check", engine_checks.CHECKS)`.
+CHECKS: tuple[str, ...] = tuple(_SUITE)
+
+
+async def run(check: str, subject: Subject) -> None:
+    """Run one check of the suite (a name from `CHECKS`) on fresh engines, closing them after."""
+    try:
+        suite_check = _SUITE[check]
+    except KeyError:
+        raise ValueError(f"no engine check {check!r}; the checks are: {', '.join(CHECKS)}") from None
+    assert len(subject.prompts) >= 2, "give the Subject at least two prompts (of different lengths)"
+    engines: list[InferenceEngine] = []
+    try:
+        await suite_check(subject, engines)
+    finally:
+        for engine in engines:
+            await engine.close()
+
+
+async def run_all(subject: Subject) -> None:
+    """Every check of the suite, one after another (the first failure stops it)."""
+    for check in CHECKS:
+        await run(check, subject)
