@@ -4,13 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from exo_core.engines.dummy import DUMMY_ANSWER
 
-ROOT = Path(__file__).resolve().parents[1]
 EXO = [sys.executable, "-m", "exo_core"]
 
 
@@ -104,27 +102,3 @@ def test_help_mentions_the_commands():
     assert out.returncode == 0
     for word in ("run", "plugins", "models"):
         assert word in out.stdout
-
-
-@pytest.fixture
-def hello_plugin():
-    """Install the outside example plugin into this environment, as a third-party author would."""
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-    fixture = ROOT / "tests" / "fixtures" / "exo-hello-plugin"
-    subprocess.run([*pip, str(fixture)], check=True, capture_output=True, timeout=300)
-    yield
-    subprocess.run(
-        [sys.executable, "-m", "pip", "uninstall", "-q", "-y", "exo-hello-plugin"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
-def test_outside_plugin_extends_exo(hello_plugin):
-    listed = {r["name"]: r for r in json.loads(exo("plugins", "--json").stdout)}
-    assert listed["hello"]["version"] == "0.0.1"
-    assert listed["hello"]["hooks"] == ["register_commands", "register_models"]
-    assert exo("hello").stdout.strip() == "hello from exo-hello-plugin"
-    models = {c["id"] for c in json.loads(exo("models", "--json").stdout)}
-    assert "hello-smol" in models

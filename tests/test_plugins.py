@@ -1,8 +1,19 @@
-"""The plugin loader: built-ins and entry points through the same hooks; broken plugins are skipped."""
+"""The plugin loader: built-ins and entry points through the same hooks; broken plugins are skipped.
+
+The example outside plugin (tests/fixtures/exo-hello-plugin) is built and installed with pip,
+as its author would, but into a directory of its own put on the PYTHONPATH of the `exo`
+processes: the shared environment never changes.
+"""
 
 import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -88,9 +99,7 @@ def test_misspelled_hook_fails_loudly(fresh_plugins, tmp_path):
 def test_hooks_register_through_callbacks(fresh_plugins):
     import click
 
-    from exo_core.models.cards import EMBEDDED, ModelCard
-
-    from exo_core import Discovery
+    from exo_core import EMBEDDED, Discovery, ModelCard
 
     class Other(DummyEngine):
         name = "other"
@@ -229,3 +238,68 @@ def test_every_hook_has_a_test():
         h for h in hooks if f"def {h}(" not in text.replace("def " + h + "(self", "def " + h + "(")
     )
     assert not untested, f"hooks without a test implementation: {untested}"
+
+
+# ---- an outside plugin, installed as its author would ------------------------------------------
+
+HELLO = Path(__file__).parent / "fixtures" / "exo-hello-plugin"
+HELLO_ANSWER = re.compile(r"(\w+)! You sent me (\d+) tokens\. This is the exo hello plugin\.")
+
+
+@pytest.fixture(scope="module")
+def hello_site(tmp_path_factory):
+    """(source copy, install dir) of exo-hello-plugin: `pip install --target` builds it from its
+    pyproject (entry point, dist-info) without touching the shared environment."""
+    root = tmp_path_factory.mktemp("hello-plugin")
+    src, site = root / "src", root / "site"
+    shutil.copytree(HELLO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    out = subprocess.run([*pip, "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return src, site
+
+
+def with_hello(site, *args, cwd=None, timeout=120):
+    """A subprocess (python ARGS) that sees the installed example plugin."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+def test_outside_plugin_is_found_through_its_entry_point(hello_site, fresh_plugins):
+    _, site = hello_site
+    out = with_hello(site, "-m", "exo_core", "plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = {r["name"]: r for r in json.loads(out.stdout)}
+    assert listed["hello"]["version"] == "0.0.1" and listed["hello"]["error"] is None
+    assert listed["hello"]["hooks"] == ["register_commands", "register_engines", "register_models"]
+    assert with_hello(site, "-m", "exo_core", "hello").stdout.strip() == "hello from exo-hello-plugin"
+    models = {c["id"] for c in json.loads(with_hello(site, "-m", "exo_core", "models", "--json").stdout)}
+    assert "hello-smol" in models
+    # This process does not see it: nothing was installed into the shared environment.
+    assert "hello" not in {r.name for r in plugins.plugin_records()}
+
+
+def test_outside_engine_answers_exo_run(hello_site):
+    _, site = hello_site
+    out = with_hello(site, "-m", "exo_core", "run", "--engine", "hello", "--prompt", "Hi")
+    assert out.returncode == 0, out.stderr
+    answer = HELLO_ANSWER.fullmatch(out.stdout.strip())
+    assert answer is not None, out.stdout
+    assert answer.group(1) == "Hello" and int(answer.group(2)) > 1  # the chat-templated prompt
+    args = ["run", "hello-smol", "--engine", "hello", "--hello-greeting", "Bonjour", "--prompt", "Hi"]
+    greeted = with_hello(site, "-m", "exo_core", *args)
+    assert greeted.returncode == 0, greeted.stderr
+    assert greeted.stdout.strip() == out.stdout.strip().replace("Hello", "Bonjour", 1)
+
+
+def test_outside_plugins_own_tests_pass(hello_site):
+    """The example's tests (engine contract suite, a node in-process, registration), as its author runs them."""
+    src, site = hello_site
+    out = with_hello(site, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=src, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
