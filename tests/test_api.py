@@ -12,7 +12,7 @@ import pytest
 from exo_core.api.testing import BackgroundNode, connect, request
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.models.tokenizer import load_tokenizer
-from exo_core.node.node import GenerationError
+from exo_core.node.messages import GenerationError
 from exo_core.node.partitioning import NoPlanError
 from exo_core.runtime import NodeConfig
 
@@ -337,6 +337,7 @@ def test_metrics(client, server):
     assert 'exo_time_to_first_token_seconds_count{model="smollm2-135m"}' in text
     assert 'exo_decode_tokens_per_second_count{model="smollm2-135m"}' in text
     assert "exo_api_active_requests 0.0" in text
+    assert "exo_replans_total 0.0" in text  # read from the node: no stage failed
 
 
 def test_web_page_and_cors(server):

@@ -15,7 +15,7 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node.node import StepMessage
+from exo_core.node.messages import StepMessage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
 from exo_core.testing.cluster import Cluster, stream_text

@@ -7,7 +7,8 @@ import pytest
 from exo_core.engines.dummy import DummyEngine
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
-from exo_core.node.node import Node, PeerUnavailable
+from exo_core.node.messages import PeerUnavailable
+from exo_core.node.node import Node
 from exo_core.node.partitioning import NoPlanError, ring_memory_weighted
 from exo_core.node.topology import DeviceCapabilities, NodeInfo
 from exo_core.plugins import registry
@@ -118,7 +119,7 @@ def test_non_sharding_engines_only_ever_get_whole_models():
     plan = n.make_plan(CARD)
     assert len(plan) == 1 and plan[0].shard == Shard.whole("m", 30)
     assert plan[0].node_id == "self"  # least loaded, and local on a tie
-    n._inflight["self"] = 2
+    n.origin.inflight["self"] = 2
     assert n.make_plan(CARD)[0].node_id == "w1"  # w2 reports more load
 
 

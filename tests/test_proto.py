@@ -6,7 +6,7 @@ import pytest
 from exo_core.models.shard import Shard
 from exo_core.networking import proto_gen, wire
 from exo_core.networking.generated import node_service_pb2 as pb
-from exo_core.node.node import StageFailure, StepMessage, TokenMessage
+from exo_core.node.messages import StageFailure, StepMessage, TokenMessage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
 from exo_core.node.topology import DeviceCapabilities, NodeInfo

@@ -8,134 +8,24 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from exo_core import __version__
 from exo_core.api import protocol
 from exo_core.api.completions import CompletionRun
-from exo_core.api.metrics import CONTENT_TYPE, ApiMetrics
+from exo_core.api.metrics import CONTENT_TYPE
 from exo_core.api.protocol import APIError
+from exo_core.api.state import ApiState
 from exo_core.models import files
-from exo_core.models.cards import ModelCard, UnknownModelError, find_card
-from exo_core.models.tokenizer import TokenizerError
-from exo_core.node.generate import ContextLengthError, Generator
-from exo_core.node.node import GenerationError, Node
+from exo_core.node.node import Node
 from exo_core.node.partitioning import NoPlanError
 from exo_core.runtime import Runtime
 
 STATIC_DIR = Path(__file__).parent / "static"
-log = structlog.get_logger("exo.api")
-
-
-@dataclass
-class ApiState:
-    """What the handlers share: the runtime they serve and the app's metrics."""
-
-    runtime: Runtime
-    metrics: ApiMetrics = field(default_factory=ApiMetrics)
-    created: int = field(default_factory=protocol.now)
-    fingerprint: str = f"fp_exo_{__version__}"
-    log: Any = log
-    warm_models: set[str] = field(default_factory=set)  # tokenizer loaded: prepare needs no thread
-
-    def is_warm(self, card: ModelCard) -> bool:
-        return card.id in self.warm_models
-
-    async def warm_up(self) -> None:
-        """Load the default model's tokenizer ahead of the first request (it reads the model file)."""
-        card = self.runtime.default_model
-        try:
-            await asyncio.to_thread(self.generator.tokenizer, card)
-        except Exception as exc:  # the first request will say what is wrong
-            log.info("tokenizer not loaded ahead", model=card.id, error=str(exc))
-            return
-        self.warm_models.add(card.id)
-
-    @property
-    def node(self) -> Node:
-        assert self.runtime.node is not None, "the runtime is not started"
-        return self.runtime.node
-
-    @property
-    def generator(self) -> Generator:
-        assert self.runtime.generator is not None, "the runtime is not started"
-        return self.runtime.generator
-
-    def find_model(self, model_id: str) -> ModelCard:
-        try:
-            return find_card(self.node.models, model_id)
-        except UnknownModelError as exc:
-            served = ", ".join(sorted(self.servers_by_model())) or "none"
-            raise APIError(
-                404,
-                f"The model {model_id!r} does not exist; models this cluster serves: {served}",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            ) from exc
-
-    def check_servable(self, card: ModelCard) -> None:
-        try:
-            self.node.make_plan(card)
-        except NoPlanError as exc:
-            raise _no_node(str(exc)) from exc
-
-    def servers_by_model(self) -> dict[str, list[str]]:
-        """Model id -> ids of the nodes that can serve it now (a node listing no models serves any)."""
-        out: dict[str, list[str]] = {}
-        for info in self.node.cluster():
-            for model_id in info.models or tuple(self.node.models):
-                if model_id in self.node.models:
-                    out.setdefault(model_id, []).append(info.node_id)
-        return out
-
-    def api_error(self, exc: BaseException, endpoint: str) -> APIError:
-        """Map, count and log one failure."""
-        error = to_api_error(exc)
-        self.metrics.errors.labels(endpoint, error.type).inc()
-        if error.status >= 500 and not isinstance(exc, APIError | GenerationError | TokenizerError):
-            log.error("request failed", endpoint=endpoint, exc_info=exc)
-        else:
-            log.info("request refused", endpoint=endpoint, status=error.status, error=error.message)
-        return error
-
-
 STATE = web.AppKey("exo_api_state", ApiState)
-
-
-def _no_node(message: str) -> APIError:
-    return APIError(503, message, type="server_error", code="no_node_available")
-
-
-def to_api_error(exc: BaseException) -> APIError:
-    """The one place exceptions become OpenAI-shaped errors with an HTTP status."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return APIError(
-            413,
-            f"The request body is larger than the limit of {protocol.MAX_BODY_BYTES} bytes",
-            code="request_too_large",
-        )
-    if isinstance(exc, web.HTTPException):
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return APIError(exc.status, exc.text or exc.reason, type=kind)
-    if isinstance(exc, ContextLengthError):
-        return protocol.invalid(str(exc), exc.param, "context_length_exceeded")
-    if isinstance(exc, NoPlanError) or (
-        isinstance(exc, GenerationError) and isinstance(exc.__cause__, NoPlanError)
-    ):
-        return _no_node(str(exc))
-    if isinstance(exc, TokenizerError):
-        return APIError(503, str(exc), type="server_error", code="model_not_available")
-    if isinstance(exc, GenerationError):
-        return APIError(500, str(exc), type="server_error", code="generation_failed")
-    return APIError(500, f"internal error ({type(exc).__name__}); see the node's log", type="server_error")
 
 
 def _endpoint(request: web.Request) -> str:
@@ -378,7 +268,9 @@ def init(runtime: Runtime) -> web.Application:
         middlewares=[preflight_middleware, error_middleware, auth_middleware],
         client_max_size=protocol.MAX_BODY_BYTES,
     )
-    app[STATE] = ApiState(runtime)
+    state = ApiState(runtime)
+    state.metrics.count_replans(lambda: state.node.origin.replans_total)
+    app[STATE] = state
     app.cleanup_ctx.append(_warm_up)
     app.on_response_prepare.append(_cors_headers)
     app.add_routes(

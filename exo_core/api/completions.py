@@ -17,12 +17,13 @@ import json
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from exo_core.api import protocol
 from exo_core.api.protocol import APIError, ChatRequest, CompletionRequest, TokenLogprob
+from exo_core.api.state import ApiState
 from exo_core.models.cards import ModelCard
 from exo_core.node.generate import (
     ContextLengthError,
@@ -32,9 +33,6 @@ from exo_core.node.generate import (
     Usage,
     token_bytes,
 )
-
-if TYPE_CHECKING:
-    from exo_core.api.app import ApiState
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",

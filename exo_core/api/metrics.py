@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -10,6 +12,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -55,5 +59,24 @@ class ApiMetrics:
             "exo_api_active_requests", "Generation requests in progress.", registry=r
         )
 
+    def count_replans(self, read: Callable[[], int]) -> None:
+        """Report the node's count of re-planned requests (`exo_replans_total`), read at each scrape."""
+        self.registry.register(_ReadCounter("exo_replans", "Requests re-planned after a stage failed.", read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReadCounter(Collector):
+    """A counter kept elsewhere (the node counts; the registry only reports)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read = read
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())

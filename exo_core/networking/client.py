@@ -10,13 +10,10 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.node.node import (
-    ACTIVE,
-    QUEUED,
-    RELEASED,
-    UNKNOWN,
+from exo_core.node.messages import (
     PeerTimeout,
     PeerUnavailable,
+    RequestState,
     StageFailure,
     StepMessage,
     TokenMessage,
@@ -25,10 +22,10 @@ from exo_core.node.topology import NodeInfo
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 _STATES = {
-    pb.REQUEST_ACTIVE: ACTIVE,
-    pb.REQUEST_QUEUED: QUEUED,
-    pb.REQUEST_RELEASED: RELEASED,
-    pb.REQUEST_UNKNOWN: UNKNOWN,
+    pb.REQUEST_ACTIVE: RequestState.ACTIVE,
+    pb.REQUEST_QUEUED: RequestState.QUEUED,
+    pb.REQUEST_RELEASED: RequestState.RELEASED,
+    pb.REQUEST_UNKNOWN: RequestState.UNKNOWN,
 }
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -106,16 +103,16 @@ class GrpcPeerClient:
         request = pb.ReleaseRequest(request_id=request_id, up_to_attempt=up_to_attempt)
         await self._call("Release", request, self.call_timeout)
 
-    async def health(self, request_id: str = "", attempt: int = 0) -> str:
+    async def health(self, request_id: str = "", attempt: int = 0) -> RequestState:
         """Raises unless the peer answers in time as the node we think it is; with a request id,
-        returns the peer's state of that attempt (node.ACTIVE, QUEUED, RELEASED or UNKNOWN)."""
+        returns the peer's state of that attempt (a `RequestState`)."""
         request = pb.HealthRequest(request_id=request_id, attempt=attempt)
         reply = await self._call("Health", request, self.health_timeout)
         if not reply.ok:
             raise PeerUnavailable(f"{self.node_id} at {self.target} reports it is not healthy")
         if self.node_id and reply.node_id != self.node_id:
             raise PeerUnavailable(f"{self.target} is node {reply.node_id}, not {self.node_id}")
-        return _STATES.get(reply.request_state, UNKNOWN)
+        return _STATES.get(reply.request_state, RequestState.UNKNOWN)
 
     # ---- discovery -----------------------------------------------------------------------------
 

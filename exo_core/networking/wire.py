@@ -15,7 +15,7 @@ import numpy as np
 
 from exo_core.models.shard import Shard
 from exo_core.networking.generated import node_service_pb2 as pb
-from exo_core.node.node import StageFailure, StepMessage, TokenMessage
+from exo_core.node.messages import StageFailure, StepMessage, TokenMessage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
 from exo_core.node.topology import DeviceCapabilities, NodeInfo

@@ -19,7 +19,8 @@ from tokenizers import decoders
 
 from exo_core.models.cards import ModelCard
 from exo_core.models.tokenizer import Tokenizer, load_tokenizer
-from exo_core.node.node import GeneratedToken, GenerationRequest, Node
+from exo_core.node.messages import GeneratedToken, GenerationRequest
+from exo_core.node.node import Node
 from exo_core.node.sampling import SamplingParams
 
 

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
 from exo_rkllm.testing import chat, rkllm_runtime
 
-from exo_core.node.node import Node, PeerUnavailable, StageFailure, StepMessage, TokenMessage
+from exo_core.node.messages import PeerUnavailable, StageFailure, StepMessage, TokenMessage
+from exo_core.node.node import Node
 from exo_core.runtime import Runtime
 
 

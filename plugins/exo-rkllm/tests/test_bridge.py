@@ -11,7 +11,7 @@ from exo_rkllm.testing import CONVERSATION, FAST, Answer, chat, registry_with, r
 
 from exo_core.models.cards import ModelCard
 from exo_core.models.tokenizer import TokenizerError
-from exo_core.node.node import GenerationError
+from exo_core.node.messages import GenerationError
 from exo_core.node.sampling import SamplingParams
 
 
@@ -109,7 +109,7 @@ async def test_waiting_in_the_queue_longer_than_the_step_timeout_is_not_a_failur
         started = time.perf_counter()
         answers = await asyncio.gather(*(chat(runtime, [{"role": "user", "content": q}]) for q in questions))
         waited = time.perf_counter() - started
-        assert runtime.node.replans_total == 0
+        assert runtime.node.origin.replans_total == 0
     for question, answer in zip(questions, answers, strict=True):
         assert answer.text == fake_answer([{"role": "user", "content": question}])
     assert waited > 2 * 0.5 + 0.5  # the second one really queued past the step timeout

@@ -9,7 +9,7 @@ import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA, Fault, fake_answer
 from exo_rkllm.testing import FAST, chat, rkllm_runtime
 
-from exo_core.node.node import GenerationError
+from exo_core.node.messages import GenerationError
 
 QUESTION = [{"role": "user", "content": "Une question, s'il vous plaît"}]
 EXPECTED = fake_answer(QUESTION)

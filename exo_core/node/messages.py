@@ -1,0 +1,143 @@
+"""The peer protocol's types: what nodes send each other, and what the origin hands its caller.
+
+`networking/` turns these into protobuf messages and back; the node never sees gRPC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import numpy as np
+
+from exo_core.models.cards import ModelCard
+from exo_core.node.partitioning import PlanStage
+from exo_core.node.sampling import SamplingParams
+
+
+class RequestState(StrEnum):
+    """A node's stage of one attempt of a request, as its health RPC reports it."""
+
+    UNKNOWN = "unknown"
+    ACTIVE = "active"
+    QUEUED = "queued"  # waiting its turn in the engine: healthy, not stuck
+    RELEASED = "released"
+
+
+@dataclass
+class StepMessage:
+    """One step of one request for one stage; carries the plan and what the last stage needs."""
+
+    request_id: str
+    attempt: int
+    origin: str
+    plan: tuple[PlanStage, ...]
+    stage_index: int
+    sampling: SamplingParams
+    max_tokens: int
+    eos_token_ids: tuple[int, ...]
+    step: int  # tokens generated before this step
+    start_pos: int = 0  # positions already in this request's caches (of this attempt)
+    tokens: np.ndarray | None = None
+    hidden: np.ndarray | None = None
+    messages: list[dict[str, Any]] | None = None
+    # Tokens generated before this attempt (a replay); the last stage seeds its history with them.
+    replayed: tuple[int, ...] = ()
+    # The token just sampled, riding along to stage 0 when stage 0 is the origin (saves an RPC).
+    deliver: TokenMessage | None = None
+
+    @property
+    def stage(self) -> PlanStage:
+        return self.plan[self.stage_index]
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.request_id}#{self.attempt}"
+
+    @property
+    def length(self) -> int:
+        """How many new positions this step adds."""
+        if self.tokens is not None:
+            return int(self.tokens.shape[0])
+        if self.hidden is not None:
+            return int(self.hidden.shape[0])
+        return 0
+
+
+@dataclass
+class TokenMessage:
+    """A sampled token (or a stage's error) on its way to the origin."""
+
+    request_id: str
+    attempt: int
+    step: int
+    token: int = -1
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | None
+    error: str | None = None
+
+
+@dataclass
+class StageFailure:
+    """A stage of a request's plan is gone (an RPC failed, or discovery dropped it)."""
+
+    request_id: str
+    attempt: int
+    node_id: str
+    reason: str
+
+
+class PeerClient(Protocol):
+    """How a node talks to another (gRPC in networking/, direct calls for itself).
+
+    Every method raises `PeerUnavailable` when the peer cannot be reached in time.
+    """
+
+    async def send_step(self, msg: StepMessage) -> None: ...
+
+    async def send_token(self, msg: TokenMessage) -> bool:
+        """Deliver to the origin; False when the origin no longer runs that request attempt."""
+        ...
+
+    async def report_failure(self, failure: StageFailure) -> None: ...
+    async def release(self, request_id: str, up_to_attempt: int) -> None: ...
+
+    async def health(self, request_id: str = "", attempt: int = 0) -> RequestState:
+        """Liveness; with a request, this node's `request_state` of that attempt."""
+        ...
+
+
+class PeerUnavailable(ConnectionError):
+    """A peer could not be reached (raised by PeerClient implementations)."""
+
+
+class PeerTimeout(PeerUnavailable):
+    """A peer did not answer within the call's deadline (it may only be busy)."""
+
+
+@dataclass
+class GenerationRequest:
+    """What the origin needs to run one generation."""
+
+    model: ModelCard
+    prompt_tokens: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    eos_token_ids: tuple[int, ...] = ()
+    messages: list[dict[str, Any]] | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class GeneratedToken:
+    token: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+
+
+class GenerationError(RuntimeError):
+    """A generation failed; the message is safe to show to the API client."""

@@ -1,0 +1,327 @@
+"""The origin of a request: plan it, start it, watch it, replay it, stream its tokens, release it.
+
+The origin picks a plan (ordered stages of node + shard) and sends the prompt to stage 0; tokens
+come back from the last stage and go to the caller of `generate`. The plan travels in every step
+message, so no node has to agree on a global partition first. When a stage fails, the origin
+re-plans without it and replays prompt + tokens so far under a new attempt number; stale
+messages of an old attempt are dropped.
+
+How a failure is noticed: an RPC to a stage fails or times out (the sender reports it to the
+origin), discovery drops a node (`peer_removed`), or the origin, waiting more than
+`liveness_interval` for a token, pings the stages of the plan and one is unreachable (at once)
+or silent for `liveness_timeout`. A request that makes no progress for `step_timeout` is
+replayed. When no plan is left the caller gets a `GenerationError`, never a hang.
+
+Releases carry the attempt they free (`up_to_attempt`), so a late release of an abandoned
+attempt never frees the replay. The origin talks to every stage through a `PeerClient`, its
+own node's stage included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Set
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from exo_core.models.cards import ModelCard
+from exo_core.models.shard import Shard
+from exo_core.node.messages import (
+    GeneratedToken,
+    GenerationError,
+    GenerationRequest,
+    PeerClient,
+    PeerTimeout,
+    PeerUnavailable,
+    RequestState,
+    StageFailure,
+    StepMessage,
+    TokenMessage,
+)
+from exo_core.node.partitioning import NoPlanError, Partitioner, PlanStage, ring_memory_weighted
+from exo_core.node.topology import NodeInfo
+
+log = structlog.get_logger("exo.node")
+
+MAX_DEPARTED = 64
+
+
+@dataclass
+class _OriginState:
+    request: GenerationRequest
+    events: asyncio.Queue[TokenMessage | StageFailure]
+    plan: tuple[PlanStage, ...] = ()
+    attempt: int = 0
+    generated: list[int] = field(default_factory=list)
+    excluded: set[str] = field(default_factory=set)
+    touched: set[str] = field(default_factory=set)  # nodes that may hold caches for it
+    progress_at: float = field(default_factory=time.monotonic)  # last token or (re)start
+    silent_since: dict[str, float] = field(default_factory=dict)  # node -> first missed ping
+
+
+class Origin:
+    """The requests this node received from its callers, from plan to release."""
+
+    def __init__(
+        self,
+        node_id: str,
+        cluster: Callable[[], list[NodeInfo]],
+        client_for: Callable[[str], PeerClient],
+        *,
+        partitioner: Partitioner = ring_memory_weighted,
+        step_timeout: float = 120.0,
+        max_replans: int = 8,
+        liveness_interval: float = 1.0,
+        liveness_timeout: float = 10.0,
+    ) -> None:
+        self.node_id = node_id
+        self.partitioner = partitioner
+        self.step_timeout = step_timeout
+        self.max_replans = max_replans
+        self.liveness_interval = liveness_interval
+        self.liveness_timeout = liveness_timeout
+        self.replans_total = 0  # requests re-planned after a stage failed (all time)
+        self.inflight: dict[str, int] = {}  # node id -> this origin's requests planned on it
+        self._cluster = cluster
+        self._client_for = client_for
+        self._requests: dict[str, _OriginState] = {}
+        # Clients of peers discovery dropped, kept a while so releases still reach them.
+        self._departed: OrderedDict[str, PeerClient] = OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def active_requests(self) -> int:
+        """Requests generating now."""
+        return len(self._requests)
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def make_plan(self, card: ModelCard, exclude: Set[str] = frozenset()) -> tuple[PlanStage, ...]:
+        """Stages for a request: whole-model nodes get one-stage plans, the rest are partitioned."""
+        candidates = [
+            n for n in self._cluster() if n.node_id not in exclude and (not n.models or card.id in n.models)
+        ]
+        if not candidates:
+            raise NoPlanError(f"no node in the cluster can serve {card.id} right now")
+        whole = [n for n in candidates if not n.supports_sharding]
+        sharding = [n for n in candidates if n.supports_sharding]
+        if whole and not sharding:
+            # Whole-model engines serve whole requests: the least-loaded one takes it.
+            pick = min(
+                whole,
+                key=lambda n: (self._load_of(n), n.node_id != self.node_id, n.node_id),
+            )
+            return (PlanStage(pick.node_id, Shard.whole(card.id, card.n_layers)),)
+        return tuple(self.partitioner(sharding, card.id, card.n_layers))
+
+    def _load_of(self, info: NodeInfo) -> tuple[int, int]:
+        """Requests this origin has in flight on the node, then what the node last reported
+        (this node's own info is current: the cluster list is made when asked)."""
+        return (self.inflight.get(info.node_id, 0), info.active_requests)
+
+    # ---- a request, from start to release ----------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GeneratedToken]:
+        """Run a request through the cluster, yielding tokens as the last stage samples them.
+
+        Closing the iterator early (client gone, stop string) releases every stage's cache.
+        """
+        if request.request_id in self._requests:
+            raise GenerationError(f"request id {request.request_id} is already running")
+        state = _OriginState(request, asyncio.Queue())
+        self._requests[request.request_id] = state
+        replans = 0
+        try:
+            await self._start_attempt(state)
+            while True:
+                try:
+                    event = await asyncio.wait_for(state.events.get(), self.liveness_interval)
+                except TimeoutError:
+                    failure = await self._check_stages(state)
+                    if failure is None:
+                        continue
+                    event = failure
+                if event.attempt != state.attempt:
+                    continue  # from an attempt already abandoned
+                if isinstance(event, StageFailure):
+                    replans += 1
+                    self.replans_total += 1
+                    log.warning(
+                        "stage failed; re-planning",
+                        request=request.request_id,
+                        node=event.node_id,
+                        reason=event.reason,
+                        generated=len(state.generated),
+                    )
+                    if replans > self.max_replans:
+                        raise GenerationError(
+                            f"generation failed after {self.max_replans} re-plans: {event.reason}"
+                        )
+                    if event.node_id and event.node_id != self.node_id:
+                        state.excluded.add(event.node_id)
+                    self._release_attempt(state)
+                    state.attempt += 1
+                    await self._start_attempt(state)
+                    continue
+                if event.error is not None:
+                    raise GenerationError(event.error)
+                if event.step != len(state.generated):
+                    continue  # a duplicate after a replay
+                state.progress_at = time.monotonic()
+                state.silent_since.clear()
+                state.generated.append(event.token)
+                yield GeneratedToken(event.token, event.logprob, event.top_logprobs, event.finish_reason)
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._requests.pop(request.request_id, None)
+            await self._release_all(state)
+
+    async def _start_attempt(self, state: _OriginState) -> None:
+        request = state.request
+        try:
+            state.plan = self.make_plan(request.model, state.excluded)
+        except NoPlanError as exc:
+            raise GenerationError(
+                f"{exc} (nodes lost: {', '.join(sorted(state.excluded)) or 'none'})"
+            ) from exc
+        state.progress_at = time.monotonic()
+        state.silent_since.clear()
+        state.touched.update(stage.node_id for stage in state.plan)
+        for stage in state.plan:
+            self.inflight[stage.node_id] = self.inflight.get(stage.node_id, 0) + 1
+        tokens = np.asarray([*request.prompt_tokens, *state.generated], dtype=np.int64)
+        msg = StepMessage(
+            request_id=request.request_id,
+            attempt=state.attempt,
+            origin=self.node_id,
+            plan=state.plan,
+            stage_index=0,
+            sampling=request.sampling,
+            max_tokens=request.max_tokens,
+            eos_token_ids=request.eos_token_ids,
+            step=len(state.generated),
+            start_pos=0,
+            tokens=tokens,
+            messages=request.messages,
+            replayed=tuple(state.generated),
+        )
+        first = state.plan[0].node_id
+        try:
+            await self._client_for(first).send_step(msg)
+        except PeerUnavailable as exc:
+            state.events.put_nowait(StageFailure(request.request_id, state.attempt, first, str(exc)))
+
+    # ---- what the stages say -----------------------------------------------------------------
+
+    async def receive_token(self, msg: TokenMessage) -> bool:
+        """A token for a request of this origin; False when it is no longer wanted."""
+        state = self._requests.get(msg.request_id)
+        if state is None or msg.attempt < state.attempt:
+            return False
+        state.events.put_nowait(msg)
+        return True
+
+    async def receive_failure(self, failure: StageFailure) -> None:
+        state = self._requests.get(failure.request_id)
+        if state is not None:
+            state.events.put_nowait(failure)
+
+    def peer_removed(self, node_id: str, client: PeerClient, reason: str) -> None:
+        """Discovery dropped a node: re-plan the requests using it (and keep its client for releases)."""
+        self._departed[node_id] = client
+        while len(self._departed) > MAX_DEPARTED:
+            self._departed.popitem(last=False)
+        for state in self._requests.values():
+            if any(stage.node_id == node_id for stage in state.plan):
+                state.events.put_nowait(
+                    StageFailure(state.request.request_id, state.attempt, node_id, reason)
+                )
+
+    async def _check_stages(self, state: _OriginState) -> StageFailure | None:
+        """No token for a while: ping the plan's stages; a failure when one is gone."""
+        rid, attempt = state.request.request_id, state.attempt
+        now = time.monotonic()
+        remote = [s.node_id for s in state.plan if s.node_id != self.node_id]
+
+        async def ping(node_id: str) -> StageFailure | None:
+            try:
+                held = await self._client_for(node_id).health(rid, attempt)
+            except PeerTimeout as exc:
+                first = state.silent_since.setdefault(node_id, now)
+                if now - first >= self.liveness_timeout:
+                    return StageFailure(rid, attempt, node_id, f"silent for {now - first:.1f} s ({exc})")
+                return None
+            except PeerUnavailable as exc:
+                return StageFailure(rid, attempt, node_id, str(exc))
+            state.silent_since.pop(node_id, None)
+            if held == RequestState.QUEUED:  # waiting its turn on a busy engine: healthy, not stuck
+                state.progress_at = time.monotonic()
+            if held == RequestState.RELEASED:  # it gave up on the request (e.g. could not reach us)
+                return StageFailure(rid, attempt, node_id, f"{node_id} dropped the request")
+            return None
+
+        results = await asyncio.gather(*(ping(n) for n in remote))
+        failure = next((r for r in results if r is not None), None)
+        if failure is not None:
+            return failure
+        if any(s.node_id == self.node_id for s in state.plan):
+            here = await self._client_for(self.node_id).health(rid, attempt)
+            if here == RequestState.QUEUED:
+                state.progress_at = time.monotonic()
+        if time.monotonic() - state.progress_at > self.step_timeout:
+            return StageFailure(rid, attempt, "", f"no progress for {self.step_timeout:.0f} s")
+        return None
+
+    # ---- releases ----------------------------------------------------------------------------
+
+    def _forget_plan(self, state: _OriginState) -> None:
+        for stage in state.plan:
+            self.inflight[stage.node_id] = self.inflight.get(stage.node_id, 1) - 1
+        state.plan = ()
+
+    def _release_attempt(self, state: _OriginState) -> None:
+        """Free the abandoned attempt's caches, in the background (a dead node may not answer)."""
+        nodes = {s.node_id for s in state.plan}
+        self._forget_plan(state)
+        self._spawn(self._release_on(state.request.request_id, state.attempt, nodes))
+
+    async def _release_all(self, state: _OriginState) -> None:
+        """Free every cache of the request: here at once, on the peers in the background."""
+        self._forget_plan(state)
+        rid = state.request.request_id
+        await self._client_for(self.node_id).release(rid, state.attempt)
+        self._spawn(self._release_on(rid, state.attempt, state.touched - {self.node_id}))
+
+    async def _release_on(self, request_id: str, up_to_attempt: int, node_ids: Set[str]) -> None:
+        async def one(node_id: str) -> None:
+            try:
+                await self._release_client(node_id).release(request_id, up_to_attempt)
+            except Exception as exc:  # a dead peer holds no cache worth freeing
+                log.debug("release failed", peer=node_id, error=str(exc))
+
+        await asyncio.gather(*(one(n) for n in node_ids))
+
+    def _release_client(self, node_id: str) -> PeerClient:
+        """The node's client, or the one it had when discovery dropped it."""
+        try:
+            return self._client_for(node_id)
+        except PeerUnavailable:
+            departed = self._departed.get(node_id)
+            if departed is None:
+                raise
+            return departed
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
