@@ -4,7 +4,7 @@ Public, like the names in `exo_core.__all__` (see `docs/plugins.md`):
 
 - `engine_checks`: the engine contract as checks (`Subject`, `CHECKS`, `run`) for a plugin's tests;
 - `node`, `chat`, `api_url`, `Answer`: a node in the test's process and a request through it;
-- `check_registration`, `engine_class`, `default_engine`, `model_card`: is a plugin installed
+- `check_registration`, `check_lazy_imports`, `engine_class`, `default_engine`, `model_card`: is a plugin installed
   and wired, and what did the plugins register;
 - `cluster`: several `exo run` processes on 127.0.0.1 forming a cluster (`Cluster.manual`).
 """
@@ -13,6 +13,7 @@ from exo_core.testing import engine_checks
 from exo_core.testing.inprocess import Answer, Usage, api_url, chat, node
 from exo_core.testing.registration import (
     Registration,
+    check_lazy_imports,
     check_registration,
     default_engine,
     engine_class,
@@ -25,6 +26,7 @@ __all__ = [
     "Usage",
     "api_url",
     "chat",
+    "check_lazy_imports",
     "check_registration",
     "default_engine",
     "engine_checks",

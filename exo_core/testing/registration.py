@@ -36,7 +36,14 @@ from exo_core.models.cards import ModelCard
 from exo_core.plugins import ENTRY_POINT_GROUP, plugin_records, registry
 from exo_core.runtime import choose_engine
 
-__all__ = ["Registration", "check_registration", "default_engine", "engine_class", "model_card"]
+__all__ = [
+    "Registration",
+    "check_lazy_imports",
+    "check_registration",
+    "default_engine",
+    "engine_class",
+    "model_card",
+]
 
 
 @dataclass
@@ -58,9 +65,14 @@ def check_registration(
     discovery: Sequence[str] = (),
     hooks: Sequence[str] = (),
     lazy_modules: Sequence[str] = (),
+    lazy_available: bool = True,
     timeout: float = 120.0,
 ) -> Registration:
-    """Check that `plugin` (its entry-point name) is installed and registers what it should."""
+    """Check that `plugin` (its entry-point name) is installed and registers what it should.
+
+    `lazy_modules` are the heavy libraries that neither loading the plugin nor (unless
+    `lazy_available=False`) its engines' `available()` may import.
+    """
     eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=plugin)
     assert eps, (
         f"no entry point {plugin!r} in the group {ENTRY_POINT_GROUP!r}: declare "
@@ -91,7 +103,7 @@ def check_registration(
 
     _check_listed_by_cli(plugin, timeout)
     if lazy_modules:
-        _check_lazy(list(engines), list(lazy_modules), timeout)
+        check_lazy_imports(lazy_modules, engines=engines if lazy_available else (), timeout=timeout)
     return found
 
 
@@ -125,17 +137,23 @@ def _check_listed_by_cli(plugin: str, timeout: float) -> None:
 _LAZY_PROBE = """
 import json, sys
 from exo_core.plugins import plugin_records, registry
+modules, engines = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 plugin_records()
 reg = registry()
-for name in json.loads(sys.argv[1]):
+listed = sorted(m for m in modules if m in sys.modules)
+for name in engines:
     reg.engines[name].available()
-print(json.dumps(sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)))
+print(json.dumps([listed, sorted(m for m in modules if m in sys.modules)]))
 """
 
 
-def _check_lazy(engines: list[str], modules: list[str], timeout: float) -> None:
+def check_lazy_imports(
+    modules: Sequence[str], *, engines: Sequence[str] = (), timeout: float = 120.0
+) -> None:
+    """In a fresh process, loading every plugin and collecting their registrations imports none of
+    `modules`, and neither does calling `available()` on the `engines` named."""
     out = subprocess.run(
-        [sys.executable, "-c", _LAZY_PROBE, json.dumps(engines), json.dumps(modules)],
+        [sys.executable, "-c", _LAZY_PROBE, json.dumps(list(modules)), json.dumps(list(engines))],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -143,10 +161,14 @@ def _check_lazy(engines: list[str], modules: list[str], timeout: float) -> None:
         check=False,
     )
     assert out.returncode == 0, f"listing plugins failed:\n{out.stderr[-3000:]}"
-    imported = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not imported, (
-        f"listing plugins and calling available() imported {imported}: import heavy libraries "
-        "inside the engine's methods (and check for them with importlib.util.find_spec in available())"
+    listed, checked = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not listed, (
+        f"loading plugins imported {listed}: import heavy libraries inside the engine's methods, "
+        "not at the top of the plugin's modules"
+    )
+    assert not checked, (
+        f"available() of {list(engines)} imported {checked}: look for the library with "
+        "importlib.util.find_spec instead of importing it"
     )
 
 

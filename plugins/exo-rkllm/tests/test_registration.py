@@ -1,11 +1,8 @@
 """The plugin is installed and wired: exo's loader finds it through its entry point."""
 
-from exo_core.plugins import plugin_records
+from exo_core.testing import check_registration
 
 
-def test_plugin_is_listed_without_error():
-    records = {r.name: r for r in plugin_records()}
-    name = "rkllm"
-    assert name in records, sorted(records)
-    assert records[name].error is None
-    assert records[name].version
+def test_registration():
+    found = check_registration("rkllm", engines=["rkllm"], hooks=["register_engines", "register_models"])
+    assert not found.engines["rkllm"].supports_sharding
