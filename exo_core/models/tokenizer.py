@@ -250,7 +250,7 @@ def from_hf_directory(path: Path) -> Tokenizer:
     )
 
 
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
+def _read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file, vocabulary included (tensor data is not read)."""
     from exo_core.models.checkpoint import CheckpointError, read_gguf
 
@@ -264,7 +264,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def from_gguf_file(path: Path) -> Tokenizer:
-    return from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+    return from_gguf_metadata(_read_gguf_metadata(path), source=str(path))
 
 
 def load_tokenizer(card: ModelCard) -> Tokenizer:

@@ -1,5 +1,7 @@
 """Loading one shard of a Llama-family model into MLX from GGUF or safetensors files.
 
+Headers, the model config and tensor names come from `exo_core.models.checkpoint`; this
+module keeps what is MLX's own: turning the shard's tensors into MLX arrays and layers.
 GGUF goes through `mx.load(path, return_metadata=True)`, which keeps Q4_0, Q4_1 and Q8_0
 tensors quantised as MLX affine triples (uint32 `weight`, float16 `scales` and `biases`,
 group size 32; the bit width follows from the shapes), so matmuls run `mx.quantized_matmul`.
@@ -29,6 +31,7 @@ from exo_core.models.checkpoint import (
     GGUF,
     GGUF_PERMUTED_QK,
     HF,
+    Format,
     LlamaConfig,
     ggml_type_name,
     module_name,
@@ -37,7 +40,6 @@ from exo_core.models.checkpoint import (
     read_hf_checkpoint,
     shard_modules,
 )
-from exo_core.models.checkpoint.names import Format
 from exo_core.models.shard import Shard
 from exo_mlx.model import MLP, Attention, Block, Linear, ShardModel
 
