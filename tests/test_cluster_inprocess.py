@@ -121,6 +121,7 @@ async def test_step_timeout_replays_when_a_stage_never_answers(tmp_path):
         with pytest.raises(GenerationError, match="no progress"):
             await chat(a)
         assert time.monotonic() - started < 5  # max_replans x step_timeout, not forever
+        assert a.node.origin.replans_total == 3  # the third failure is one re-plan too many
 
 
 async def test_same_secret_joins_and_caches_are_released(tmp_path):

@@ -60,8 +60,10 @@ class ApiMetrics:
         )
 
     def count_replans(self, read: Callable[[], int]) -> None:
-        """Report the node's count of re-planned requests (`exo_replans_total`), read at each scrape."""
-        self.registry.register(_ReadCounter("exo_replans", "Requests re-planned after a stage failed.", read))
+        """Report the node's count of re-plans (`exo_replans_total`), read at each scrape."""
+        self.registry.register(
+            _ReadCounter("exo_replans", "Re-plans of running requests after a stage failed.", read)
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

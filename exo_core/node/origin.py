@@ -85,7 +85,7 @@ class Origin:
         self.max_replans = max_replans
         self.liveness_interval = liveness_interval
         self.liveness_timeout = liveness_timeout
-        self.replans_total = 0  # requests re-planned after a stage failed (all time)
+        self.replans_total = 0  # re-plans after a stage failed, all requests, all time
         self.inflight: dict[str, int] = {}  # node id -> this origin's requests planned on it
         self._cluster = cluster
         self._client_for = client_for
