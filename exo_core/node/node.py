@@ -81,6 +81,7 @@ class Node:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the stage's engine worker (a first step starts it too: an origin needs none)."""
         await self.stage.start()
 
     async def stop(self) -> None:
