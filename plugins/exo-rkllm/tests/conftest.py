@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA
-from exo_rkllm.testing import FAST
 
 from exo_core.log import configure_logging
+
+# Test modules import rkllm_helpers by name (pytest's importlib mode puts nothing on sys.path).
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,5 +36,7 @@ def dialect(request) -> str:
 
 @pytest.fixture
 async def server(dialect) -> AsyncIterator[FakeRKLLAMA]:
+    from rkllm_helpers import FAST
+
     async with FakeRKLLAMA(dialect=dialect, **FAST) as fake:
         yield fake

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -11,26 +10,15 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA, Fault, fake_answer
-from exo_rkllm.testing import CONVERSATION, FAST
+from rkllm_helpers import CONVERSATION, FAST
 
-from exo_core.runtime import NodeConfig, Runtime
-
-_ids = itertools.count()
+from exo_core.testing import api_url, node
 
 
 @contextlib.asynccontextmanager
 async def api_for(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    config = NodeConfig(
-        engine="rkllm",
-        engine_options={"rkllm_server": url},
-        discovery="none",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_id=f"rkllm-api-{next(_ids)}",
-    )
-    async with Runtime(config) as runtime:
-        (frontend,) = [f for f in runtime.frontends if hasattr(f, "url")]
-        client = openai.AsyncOpenAI(base_url=frontend.url + "/v1", api_key="unused", max_retries=0)
+    async with node("rkllm", api=True, engine_options={"rkllm_server": url}) as runtime:
+        client = openai.AsyncOpenAI(base_url=api_url(runtime) + "/v1", api_key="unused", max_retries=0)
         async with client:
             yield client
 

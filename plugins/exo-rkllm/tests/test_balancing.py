@@ -9,11 +9,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
-from exo_rkllm.testing import chat, rkllm_runtime
+from rkllm_helpers import rkllm_runtime
 
+from exo_core import Runtime
 from exo_core.node.messages import PeerUnavailable, StageFailure, StepMessage, TokenMessage
 from exo_core.node.node import Node
-from exo_core.runtime import Runtime
+from exo_core.testing import chat
 
 
 class DirectPeer:

@@ -7,12 +7,10 @@ import time
 
 import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
-from exo_rkllm.testing import CONVERSATION, FAST, Answer, chat, registry_with, rkllm_runtime
+from rkllm_helpers import CONVERSATION, FAST, rkllm_runtime
 
-from exo_core.models.cards import ModelCard
-from exo_core.models.tokenizer import TokenizerError
-from exo_core.node.messages import GenerationError
-from exo_core.node.sampling import SamplingParams
+from exo_core import GenerationError, ModelCard, SamplingParams, TokenizerError
+from exo_core.testing import Answer, chat
 
 
 def sent_messages(server: FakeRKLLAMA) -> list[dict]:
@@ -183,7 +181,7 @@ async def test_switching_models_unloads_and_loads(dialect):
     models = ("SmolLM2-135M-Instruct", "SmolLM2-Alt")
     async with (
         FakeRKLLAMA(dialect=dialect, models=models, **FAST) as server,
-        rkllm_runtime(server.url, registry_with(ALT)) as runtime,
+        rkllm_runtime(server.url, [ALT]) as runtime,
     ):
         for model in ("smollm2-135m", "smollm2-135m-alt", "smollm2-135m"):
             answer = await chat(runtime, [{"role": "user", "content": model}], model=model)
@@ -252,12 +250,11 @@ async def test_a_missing_tokenizer_names_what_to_download(server):
         {"rkllm": "SmolLM2-135M-Instruct"},
         tokenizer="exo-test-org/no-such-tokenizer",
     )
-    async with rkllm_runtime(server.url, registry_with(card)) as runtime:
+    async with rkllm_runtime(server.url, [card]) as runtime:
         with pytest.raises(TokenizerError, match="huggingface-cli download exo-test-org/no-such-tokenizer"):
             await chat(runtime, [{"role": "user", "content": "hi"}], model=card.id)
         # The engine says the same when asked directly (a node that is not the origin).
-        from exo_core.engine import EngineError
-        from exo_core.models.shard import Shard
+        from exo_core import EngineError, Shard
 
         with pytest.raises(EngineError, match="exo-test-org/no-such-tokenizer"):
             await runtime.node.engine.load(Shard.whole(card.id, card.n_layers), card)

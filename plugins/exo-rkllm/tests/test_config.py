@@ -8,10 +8,8 @@ from exo_rkllm.client import _message, fork_messages, upstream_messages
 from exo_rkllm.engine import RKLLMEngine, folder_overrides, sampling_options, server_url
 from exo_rkllm.fake_server import FLASK_500
 
-from exo_core.engine import EngineError
-from exo_core.node.sampling import SamplingParams
-from exo_core.plugins import registry
-from exo_core.runtime import choose_engine
+from exo_core import EngineError, SamplingParams
+from exo_core.testing import default_engine, model_card
 
 
 def test_server_url_from_option_then_environment_then_default():
@@ -28,8 +26,8 @@ def test_engine_reads_its_cli_options(monkeypatch):
     assert RKLLMEngine().server_url == "http://npu-box:8080"
     engine = RKLLMEngine({"rkllm_server": "127.0.0.1:1234", "rkllm_model_dir": ("qwen-2.5-1.5b=My-Qwen",)})
     assert engine.server_url == "http://127.0.0.1:1234"
-    assert engine.folder_for(registry().models["qwen-2.5-1.5b"]) == "My-Qwen"
-    assert engine.folder_for(registry().models["qwen-2.5-3b"]) == "Qwen2.5-3B"
+    assert engine.folder_for(model_card("qwen-2.5-1.5b")) == "My-Qwen"
+    assert engine.folder_for(model_card("qwen-2.5-3b")) == "Qwen2.5-3B"
     names = {p.name for p in RKLLMEngine.cli_options if isinstance(p, click.Option)}
     assert names == {"rkllm_server", "rkllm_model_dir"}
 
@@ -46,13 +44,12 @@ def test_rkllm_is_the_default_engine_only_on_an_rk3588(monkeypatch):
 
     monkeypatch.setattr(engine_module, "is_rk3588", lambda: False)
     assert RKLLMEngine.default_priority() < 0
-    assert choose_engine(registry(), None).name != "rkllm"
+    assert default_engine() != "rkllm"
     monkeypatch.setattr(engine_module, "is_rk3588", lambda: True)
-    assert choose_engine(registry(), None).name == "rkllm"
+    assert default_engine() == "rkllm"
 
 
 def test_cards_for_the_rk3588_models():
-    models = registry().models
     expected = {
         "smollm2-135m": (30, "SmolLM2-135M-Instruct", None),
         "qwen-2.5-0.5b": (24, "Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct"),
@@ -71,11 +68,11 @@ def test_cards_for_the_rk3588_models():
         "tinyllama-1.1b": (22, "TinyLlama-1.1B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
     }
     for card_id, (layers, folder, tokenizer) in expected.items():
-        card = models[card_id]
+        card = model_card(card_id)
         assert (card.n_layers, card.sources["rkllm"], card.tokenizer) == (layers, folder, tokenizer)
         assert RKLLMEngine.can_serve(card)
     # Merged, not replaced: the embedded card keeps its GGUF for the other engines.
-    assert models["smollm2-135m"].sources["gguf"] == "embedded"
+    assert model_card("smollm2-135m").sources["gguf"] == "embedded"
 
 
 def test_fork_gets_system_prompt_folded_and_roles_alternating():

@@ -7,9 +7,10 @@ import socket
 
 import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA, Fault, fake_answer
-from exo_rkllm.testing import FAST, chat, rkllm_runtime
+from rkllm_helpers import FAST, rkllm_runtime
 
-from exo_core.node.messages import GenerationError
+from exo_core import GenerationError
+from exo_core.testing import chat
 
 QUESTION = [{"role": "user", "content": "Une question, s'il vous plaît"}]
 EXPECTED = fake_answer(QUESTION)

@@ -11,8 +11,9 @@ from exo_rkllm.fragments import FragmentEncoder
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
-from exo_core.models.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
-from exo_core.plugins import registry
+from exo_core import Tokenizer, load_tokenizer
+from exo_core.models.tokenizer import ChatTemplate
+from exo_core.testing import model_card
 
 TEXT = (
     "Hello world! Bonjour le monde, café naïve — 日本語のテキスト, Ελληνικά, emoji 🚀🎉👩‍💻. "
@@ -36,7 +37,7 @@ def llama2_style_tokenizer() -> Tokenizer:
 
 
 def embedded() -> Tokenizer:
-    return load_tokenizer(registry().models["smollm2-135m"])
+    return load_tokenizer(model_card("smollm2-135m"))
 
 
 def streamed_text(tokenizer: Tokenizer, ids: list[int]) -> str:

@@ -8,16 +8,14 @@ import pytest
 from exo_rkllm.engine import RKLLMEngine
 from exo_rkllm.fake_server import fake_answer
 
-from exo_core.engine import EngineError, StageInput, TextStageInput
-from exo_core.models.shard import Shard
-from exo_core.models.tokenizer import load_tokenizer
-from exo_core.plugins import registry
+from exo_core import EngineError, Shard, StageInput, TextStageInput, load_tokenizer
+from exo_core.testing import model_card
 
 QUESTION = [{"role": "user", "content": "emoji, s'il vous plaît"}]
 
 
 async def start(engine, key, tokens, replayed=0):
-    card = registry().models["smollm2-135m"]
+    card = model_card("smollm2-135m")
     shard = Shard.whole(card.id, card.n_layers)
     await engine.load(shard, card)
     item = TextStageInput(key, np.asarray(tokens, dtype=np.int64), messages=QUESTION, replayed=replayed)
@@ -33,7 +31,7 @@ async def read_all(engine, shard, key, first, eos) -> list[int]:
 
 @pytest.mark.parametrize("stop", ["mid-character", "after-a-word"])
 async def test_a_replay_goes_on_where_the_first_attempt_stopped(server, stop):
-    tokenizer = load_tokenizer(registry().models["smollm2-135m"])
+    tokenizer = load_tokenizer(model_card("smollm2-135m"))
     prompt = tokenizer.encode_chat(QUESTION)
     engine = RKLLMEngine({"rkllm_server": server.url})
     try:
@@ -59,7 +57,7 @@ async def test_a_replay_goes_on_where_the_first_attempt_stopped(server, stop):
 
 
 async def test_a_replay_that_answers_differently_is_an_error(server):
-    tokenizer = load_tokenizer(registry().models["smollm2-135m"])
+    tokenizer = load_tokenizer(model_card("smollm2-135m"))
     prompt = tokenizer.encode_chat(QUESTION)
     engine = RKLLMEngine({"rkllm_server": server.url})
     try:
