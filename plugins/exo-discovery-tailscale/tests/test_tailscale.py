@@ -10,9 +10,10 @@ import pytest
 from exo_discovery_tailscale.api import TailscaleAPI, TailscaleAPIError, parse_attributes
 from exo_discovery_tailscale.fake_api import FakeTailscaleAPI
 
+from exo_core import ConfigError, Runtime
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.node.generate import TextRequest
-from exo_core.runtime import ConfigError, NodeConfig, Runtime
+from exo_core.runtime import NodeConfig
 from exo_core.testing.cluster import free_ports
 
 pytestmark = pytest.mark.timeout(60)

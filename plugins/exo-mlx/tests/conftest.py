@@ -14,10 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from exo_core.engine import StageInput
+from exo_core import ModelCard, Shard, StageInput
 from exo_core.models.builtin import BUILTIN_CARDS
-from exo_core.models.cards import ModelCard
-from exo_core.models.shard import Shard
 
 # The llama.cpp reference lives in the repository's core tests (copied from shared/reference).
 REFERENCE = Path(__file__).parents[3] / "tests" / "data" / "smollm2-135m-llamacpp.json"

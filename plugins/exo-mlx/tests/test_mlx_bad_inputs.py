@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 from exo_mlx.engine import MLXEngine
 
-from exo_core.engine import EngineError
-from exo_core.models.cards import ModelCard
-from exo_core.models.files import embedded_gguf_path
-from exo_core.models.shard import Shard
+from exo_core import EngineError, ModelCard, Shard, embedded_gguf_path
 
 
 def card_for(path, n_layers: int = 30, kind: str = "gguf") -> ModelCard:

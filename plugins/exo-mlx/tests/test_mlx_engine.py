@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from exo_core.engine import EngineError, StageInput
-from exo_core.models.tokenizer import load_tokenizer
+from exo_core import EngineError, StageInput, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 from exo_mlx.loader import load_gguf
 from gguf import quants
 
-from exo_core.models.shard import Shard
+from exo_core import Shard
 
 HIDDEN = 256  # K-quant rows are made of 256-value super-blocks
 

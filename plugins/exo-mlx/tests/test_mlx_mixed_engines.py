@@ -62,7 +62,7 @@ def test_two_process_cluster_gives_one_node_answer(card, reference, tmp_path, ki
     still exercised (the in-process mixed test above then says why it skipped).
     """
     second_engine = "tinygrad" if tinygrad_usable() else "mlx"
-    from exo_core.models.tokenizer import load_tokenizer
+    from exo_core import load_tokenizer
     from exo_core.testing.cluster import Cluster
 
     chat = reference["greedy"][0]

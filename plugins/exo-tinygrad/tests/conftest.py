@@ -10,10 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
+from exo_core import ModelCard, Shard, embedded_gguf_path
 from exo_core.models.builtin import BUILTIN_CARDS
-from exo_core.models.cards import ModelCard
-from exo_core.models.files import embedded_gguf_path
-from exo_core.models.shard import Shard
 
 REPO = Path(__file__).parents[3]
 REFERENCE = REPO / "tests" / "data" / "smollm2-135m-llamacpp.json"

@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 from exo_tinygrad import loader
 
-from exo_core.engine import StageInput
-from exo_core.models.cards import ModelCard
+from exo_core import ModelCard, Shard, StageInput
 from exo_core.models.checkpoint import read_gguf, to_hf
-from exo_core.models.shard import Shard
 from exo_core.testing import engine_checks
 
 EOS = 2
@@ -43,7 +41,7 @@ def prompts(reference) -> list[list[int]]:
 
 async def test_reference_chats_match_llamacpp(engine, card, reference):
     """Greedy answers equal llama.cpp's first 8 completion tokens; France's says Paris."""
-    from exo_core.models.tokenizer import load_tokenizer
+    from exo_core import load_tokenizer
 
     stages = [(engine, Shard.whole(card.id, card.n_layers))]
     answers = []

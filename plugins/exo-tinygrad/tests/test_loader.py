@@ -14,8 +14,7 @@ import pytest
 from exo_tinygrad import loader, quant
 from exo_tinygrad.engine import TinygradEngine
 
-from exo_core.engine import EngineError, StageInput
-from exo_core.models.shard import Shard
+from exo_core import EngineError, Shard, StageInput
 
 
 def llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -15,8 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
-from exo_core.engine import StageInput
-from exo_core.models.shard import Shard
+from exo_core import Shard, StageInput
 
 
 def reference_logits(path, tokens: list[int], dims: dict, arch: str) -> np.ndarray:
