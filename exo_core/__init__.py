@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MODEL_ID": "exo_core.models.cards",
     "ModelFilesError": "exo_core.models.files",
     "embedded_gguf_path": "exo_core.models.files",
+    "shard_checkpoint": "exo_core.models.files",
     "Tokenizer": "exo_core.models.tokenizer",
     "TokenizerError": "exo_core.models.tokenizer",
     "load_tokenizer": "exo_core.models.tokenizer",
@@ -59,6 +60,9 @@ _EXPORTS: dict[str, str] = {
     "Runtime": "exo_core.runtime",
     "GenerationError": "exo_core.node.messages",
 }
+
+# public submodules: the checkpoint readers (GGUF, safetensors, Llama-family config, tensor names)
+_MODULES: dict[str, str] = {"checkpoint": "exo_core.models.checkpoint"}
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -90,14 +94,20 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "checkpoint",
     "embedded_gguf_path",
     "hookimpl",
     "is_rk3588",
     "load_tokenizer",
+    "shard_checkpoint",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        module_value = importlib.import_module(_MODULES[name])
+        globals()[name] = module_value
+        return module_value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'exo_core' has no attribute {name!r}")
@@ -123,8 +133,9 @@ if TYPE_CHECKING:
     from exo_core.errors import ConfigError, EngineError, PluginError
     from exo_core.frontend import Frontend
     from exo_core.hookspecs import hookimpl
+    from exo_core.models import checkpoint
     from exo_core.models.cards import DEFAULT_MODEL_ID, EMBEDDED, ModelCard
-    from exo_core.models.files import ModelFilesError, embedded_gguf_path
+    from exo_core.models.files import ModelFilesError, embedded_gguf_path, shard_checkpoint
     from exo_core.models.shard import Shard
     from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
     from exo_core.node.messages import GenerationError

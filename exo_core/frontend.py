@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from exo_core.runtime import Runtime
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 __all__ = ["Frontend"]
 
 
 @runtime_checkable
 class Frontend(Protocol):
-    """A frontend class is constructed with the started node's `Runtime` and started once.
+    """A frontend class is constructed with the started node's `exo_core.Runtime` and started once.
 
     From the runtime a frontend uses `runtime.generator` (prepare and stream text requests),
     `runtime.node` (the cluster, for status pages), `runtime.registry.models` and
@@ -21,7 +18,7 @@ class Frontend(Protocol):
 
     name: ClassVar[str]
 
-    def __init__(self, runtime: Runtime) -> None: ...
+    def __init__(self, runtime: Any) -> None: ...  # exo_core.Runtime (not imported: no cycle)
 
     async def start(self) -> None: ...
 

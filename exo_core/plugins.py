@@ -33,7 +33,7 @@ ENTRY_POINT_GROUP = "exo"
 DEFAULT_PLUGINS: dict[str, str] = {
     "dummy": "exo_core.engines.dummy",
     "builtin_models": "exo_core.models.builtin",
-    "partitioning": "exo_core.node.partitioning",
+    "partitioning": "exo_core.node.builtin_partitioners",
     "discovery_builtin": "exo_core.networking.discovery_builtin",
     "frontend": "exo_core.api.frontend",
 }

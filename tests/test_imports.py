@@ -18,18 +18,6 @@ import exo_core
 PACKAGE = "exo_core"
 ROOT = Path(exo_core.__file__).parent
 
-# Known cycles, each closed by an import made only for type hints (under TYPE_CHECKING), from
-# the typed plugin contracts: hookspecs names the partitioner type while partitioning registers
-# its strategy with `hookimpl`, and the Frontend protocol names the Runtime the runtime loads
-# frontends into. Nothing else may close a cycle; delete each edge as its cycle goes, and the
-# constant with the last. (The runtime <-> networking cycles of issue 10 are gone.)
-KNOWN_TYPE_ONLY_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("exo_core.hookspecs", "exo_core.node.partitioning"),
-        ("exo_core.frontend", "exo_core.runtime"),
-    }
-)
-
 
 def module_names() -> dict[str, Path]:
     """Dotted name -> file of every module in the package (a package is its `__init__`)."""
@@ -124,16 +112,8 @@ def _describe(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
 
 def test_exo_core_has_no_import_cycles():
     graph = import_graph()
-    for a, b in KNOWN_TYPE_ONLY_CYCLE_EDGES:
-        graph.get(a, {}).pop(b, None)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle in exo_core:\n" + _describe(cycle, graph)
-
-
-def test_the_known_cycle_edges_still_exist():
-    graph = import_graph()
-    gone = sorted(edge for edge in KNOWN_TYPE_ONLY_CYCLE_EDGES if edge[1] not in graph.get(edge[0], {}))
-    assert not gone, f"remove these from KNOWN_TYPE_ONLY_CYCLE_EDGES, they are gone: {gone}"
 
 
 def test_the_graph_sees_every_kind_of_import():

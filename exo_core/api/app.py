@@ -195,10 +195,8 @@ def _model_objects(state: ApiState, only: str | None = None) -> list[dict[str, A
 
 
 def _loaded_model_ids(node: Node) -> set[str]:
-    """Models this node's engine holds weights of (engines keep their loaded shard in `shard`)."""
-    shard = getattr(node.engine, "shard", None)
-    model_id = getattr(shard, "model_id", None)
-    return {model_id} if isinstance(model_id, str) else set()
+    """Models this node's engine holds weights of now."""
+    return {shard.model_id for shard in node.engine.loaded_shards}
 
 
 async def topology(request: web.Request) -> web.Response:

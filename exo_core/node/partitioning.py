@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from exo_core.hookspecs import hookimpl
 from exo_core.models.shard import Shard
 from exo_core.node.topology import NodeInfo
 
@@ -61,8 +60,3 @@ def ring_memory_weighted(nodes: Sequence[NodeInfo], model_id: str, n_layers: int
         plan.append(PlanStage(node.node_id, Shard(model_id, start, start + count - 1, n_layers)))
         start += count
     return plan
-
-
-@hookimpl
-def register_partitioners(register):
-    register("ring-memory-weighted", ring_memory_weighted)
