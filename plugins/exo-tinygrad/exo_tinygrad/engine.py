@@ -230,18 +230,23 @@ def tinygrad_thread() -> ThreadPoolExecutor:
 _configured = False
 
 
-def _configure_tinygrad(options: dict[str, Any]) -> None:
+def _configure_tinygrad(options: dict[str, Any] | None = None) -> None:
     """Settings tinygrad reads when it is first imported (an explicit environment wins; the
     first engine of the process decides for all)."""
     global _configured
     if _configured:
         return
-    from exo_tinygrad.device import choose_device
+    from exo_tinygrad.device import choose_device, is_cpu, physical_cores
 
+    options = options or {}
     # choose before tinygrad is imported, so it never probes every backend itself
-    os.environ["DEV"] = choose_device(options.get("device"), os.environ)
-    # CPU kernels' THREAD opt runs its parts one after another on this tinygrad version: no gain.
-    os.environ.setdefault("THREADS", "0")
+    os.environ["DEV"] = device = choose_device(options.get("device"), os.environ)
+    if is_cpu(device):
+        # kernels split into THREAD parts; exo_tinygrad.executor runs the parts in parallel
+        if options.get("threads"):
+            os.environ["NUM_CPU_THREADS"] = str(options["threads"])
+        os.environ.setdefault("NUM_CPU_THREADS", str(physical_cores()))
+        os.environ.setdefault("THREADS", "1" if int(os.environ["NUM_CPU_THREADS"]) > 1 else "0")
     # Compile in-process: the process pool can hang pickling deep kernel graphs.
     os.environ.setdefault("PARALLEL", "0")
     _configured = True

@@ -13,6 +13,7 @@ kernels, and BEAM search costs minutes per shape.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,6 +25,13 @@ from exo_tinygrad import quant
 from exo_tinygrad.buffers import from_numpy
 
 ROWS = 8  # output rows per SIMD group
+
+
+def threads() -> int:
+    """CPU threads a kernel is split into (tinygrad's THREAD opt; 1: not split)."""
+    if os.environ.get("THREADS", "1") == "0":
+        return 1
+    return max(1, int(os.environ.get("NUM_CPU_THREADS") or os.cpu_count() or 1))
 
 
 @dataclass
@@ -144,6 +152,10 @@ def _opts(n_rows: int, out_blocks: int) -> tuple[Opt, ...]:
     # axes: 0 = token row n, 1 = row block o, 2 = row within block r (size-1 axes are dropped)
     axis_n, axis_o, axis_r = (0, 1, 2) if n_rows > 1 else (None, 0, 1)
     opts = [Opt(OptOps.UPCAST, axis_r, ROWS)]
+    parts = threads()
+    if parts > 1 and out_blocks % parts == 0:  # each thread takes a contiguous slice of rows
+        opts.append(Opt(OptOps.THREAD, axis_o, parts))
+        out_blocks //= parts
     if n_rows == 1:
         for up in (4, 2):
             if out_blocks % up == 0:

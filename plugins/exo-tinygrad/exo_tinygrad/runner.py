@@ -28,6 +28,7 @@ from tinygrad.nn.state import get_parameters
 
 from exo_core.engine import EngineError
 from exo_core.models.shard import Shard
+from exo_tinygrad import kernels
 from exo_tinygrad.buffers import host_view, write, zeros
 from exo_tinygrad.graphs import GraphStore
 from exo_tinygrad.loader import ShardWeights
@@ -82,7 +83,7 @@ class _Graph:
         captured = store.load(name) if store is not None else None
         if captured is not None:
             self.jit.captured, self.jit.cnt, self.loaded = captured, 2, True
-            self.replay = Replay.build(self.jit)
+            self.replay = Replay.build(self.jit, kernels.threads())
 
     @property
     def ready(self) -> bool:
@@ -94,7 +95,7 @@ class _Graph:
         captured = self.jit.captured is not None
         out = self.jit(*args)
         if not captured and self.jit.captured is not None:
-            self.replay = Replay.build(self.jit)
+            self.replay = Replay.build(self.jit, kernels.threads())
             if self.store is not None:
                 try:
                     self.store.save(self.name, self.jit.captured)
