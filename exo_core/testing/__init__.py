@@ -4,12 +4,14 @@ Public, like the names in `exo_core.__all__` (see `docs/plugins.md`):
 
 - `engine_checks`: the engine contract as checks (`Subject`, `CHECKS`, `run`) for a plugin's tests;
 - `node`, `chat`, `api_url`, `Answer`: a node in the test's process and a request through it;
-- `check_registration`, `check_lazy_imports`, `engine_class`, `default_engine`, `model_card`: is a plugin installed
-  and wired, and what did the plugins register;
-- `cluster`: several `exo run` processes on 127.0.0.1 forming a cluster (`Cluster.manual`).
+- `check_registration`, `check_lazy_imports`: is a plugin installed and wired;
+- `engine_class`, `default_engine`, `model_card`: what the installed plugins registered;
+- `Cluster` (`exo_core.testing.cluster`): several `exo run` processes on 127.0.0.1 forming a
+  cluster (`Cluster.manual`).
 """
 
 from exo_core.testing import engine_checks
+from exo_core.testing.cluster import Cluster
 from exo_core.testing.inprocess import Answer, Usage, api_url, chat, node
 from exo_core.testing.registration import (
     Registration,
@@ -22,6 +24,7 @@ from exo_core.testing.registration import (
 
 __all__ = [
     "Answer",
+    "Cluster",
     "Registration",
     "Usage",
     "api_url",
