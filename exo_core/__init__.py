@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "ModelFilesError": "exo_core.models.files",
     "embedded_gguf_path": "exo_core.models.files",
     "shard_checkpoint": "exo_core.models.files",
+    "exo_home": "exo_core.models.files",
     "Tokenizer": "exo_core.models.tokenizer",
     "TokenizerError": "exo_core.models.tokenizer",
     "load_tokenizer": "exo_core.models.tokenizer",
@@ -96,6 +97,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "embedded_gguf_path",
+    "exo_home",
     "hookimpl",
     "is_rk3588",
     "load_tokenizer",
@@ -135,7 +137,7 @@ if TYPE_CHECKING:
     from exo_core.hookspecs import hookimpl
     from exo_core.models import checkpoint
     from exo_core.models.cards import DEFAULT_MODEL_ID, EMBEDDED, ModelCard
-    from exo_core.models.files import ModelFilesError, embedded_gguf_path, shard_checkpoint
+    from exo_core.models.files import ModelFilesError, embedded_gguf_path, exo_home, shard_checkpoint
     from exo_core.models.shard import Shard
     from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
     from exo_core.node.messages import GenerationError
