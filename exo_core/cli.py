@@ -141,8 +141,6 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
             raise ExoUsageError("give the model once: MODEL or --run-model, not both")
         params["model"] = params["run_model"]
         params["prompt"] = params.get("prompt") or "Who are you?"
-    if params.get("models_seed_dir"):
-        os.environ["EXO_MODELS_SEED_DIR"] = str(params["models_seed_dir"])
     discovery_options = {
         "timeout": params.get("discovery_timeout"),
         "broadcast_port": params.get("broadcast_port"),
@@ -170,6 +168,7 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         wait_for_peers=params["wait_for_peers"],
         max_context=params.get("max_context"),
         step_timeout=params["step_timeout"],
+        models_seed_dirs=[params["models_seed_dir"]] if params.get("models_seed_dir") else [],
     )
     try:
         runtime = Runtime(config)

@@ -51,6 +51,7 @@ class NodeConfig:
     step_timeout: float = 120.0
     rpc_timeout: float = 10.0  # deadline of every peer RPC but health checks
     capabilities: DeviceCapabilities | None = None
+    models_seed_dirs: list[str] = field(default_factory=list)  # searched before downloading
 
 
 def choose_engine(reg: Registry, name: str | None) -> type[InferenceEngine]:
@@ -130,6 +131,7 @@ class Runtime:
                 f"unknown partitioner {cfg.partitioner!r}; choose one of: "
                 f"{', '.join(sorted(self.registry.partitioners))}"
             )
+        files.set_seed_dirs([Path(d) for d in cfg.models_seed_dirs])
         engine = self.engine_cls({**cfg.engine_options, "max_context": cfg.max_context})
         node_id = cfg.node_id or persistent_node_id()
         self.node = Node(

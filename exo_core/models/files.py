@@ -40,10 +40,19 @@ def models_dir() -> Path:
     return exo_home() / "models"
 
 
+# Set by the runtime from NodeConfig.models_seed_dirs (--models-seed-dir).
+_configured_seed_dirs: list[Path] = []
+
+
+def set_seed_dirs(dirs: list[Path]) -> None:
+    """The node's --models-seed-dir directories (searched before EXO_MODELS_SEED_DIR's)."""
+    _configured_seed_dirs[:] = [Path(d) for d in dirs]
+
+
 def seed_dirs() -> list[Path]:
-    """Directories searched before downloading (--models-seed-dir / EXO_MODELS_SEED_DIR)."""
+    """Directories searched before downloading: --models-seed-dir, then EXO_MODELS_SEED_DIR."""
     raw = os.environ.get("EXO_MODELS_SEED_DIR", "")
-    return [Path(p) for p in raw.split(os.pathsep) if p]
+    return [*_configured_seed_dirs, *(Path(p) for p in raw.split(os.pathsep) if p)]
 
 
 def embedded_gguf_path() -> Path:
