@@ -303,3 +303,18 @@ def test_outside_plugins_own_tests_pass(hello_site):
     out = with_hello(site, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=src, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_the_plugin_guide_quotes_the_example_as_it_is():
+    """docs/plugins.md quotes the example plugin's files; a change to either must reach both."""
+    guide = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(?:python|toml)\n(.*?)```", guide, flags=re.S)
+    for name in ("pyproject.toml", "exo_hello/__init__.py", "tests/test_hello.py"):
+        assert (HELLO / name).read_text(encoding="utf-8") in blocks, (
+            f"the guide does not quote {name} in full"
+        )
+    engine = (HELLO / "exo_hello" / "engine.py").read_text(encoding="utf-8")
+    quoted = [b for b in blocks if "class HelloEngine" in b or "def _forward_batch" in b]
+    assert len(quoted) == 2
+    for block in quoted:
+        assert block in engine, f"the guide's engine code is not in engine.py:\n{block[:300]}"
