@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from exo_core import __version__
-from exo_core.api import protocol
+from exo_core.api import ollama, protocol
 from exo_core.api.completions import CompletionRun
 from exo_core.api.metrics import CONTENT_TYPE
 from exo_core.api.protocol import APIError
@@ -46,9 +46,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _error_response(state.api_error(_routing_error(request, exc), endpoint))
+        response = _error_response(state.api_error(_routing_error(request, exc), endpoint), request.path)
     except Exception as exc:
-        response = _error_response(state.api_error(exc, endpoint))
+        response = _error_response(state.api_error(exc, endpoint), request.path)
     state.metrics.requests.labels(endpoint, str(response.status)).inc()
     return response
 
@@ -59,6 +59,13 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> BaseExceptio
         allowed = ", ".join(sorted(exc.allowed_methods))
         return APIError(405, f"{request.method} is not allowed on {request.path}; use {allowed}")
     if isinstance(exc, web.HTTPNotFound) and request.match_info.route.resource is None:
+        if request.path.startswith("/api/"):
+            return APIError(
+                404,
+                f"There is no {request.path}: exo serves Ollama's /api/chat, /api/generate, /api/tags, "
+                "/api/show, /api/ps and /api/version (no pulls, embeddings or model management)",
+                type="not_found_error",
+            )
         return APIError(
             404,
             f"There is no {request.path}: the API is under /v1 (/v1/chat/completions, /v1/completions, "
@@ -68,18 +75,20 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> BaseExceptio
     return exc
 
 
-def _error_response(error: APIError) -> web.Response:
+def _error_response(error: APIError, path: str = "") -> web.Response:
+    """OpenAI's error shape, or Ollama's under /api/."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return web.json_response(error.body(), status=error.status, headers=headers)
+    body = ollama.error_body(error) if path.startswith("/api/") else error.body()
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 def _needs_key(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/metrics"
+    return path.startswith(("/v1/", "/api/")) or path == "/metrics"
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """With an API key set, /v1/* and /metrics need `Authorization: Bearer <key>`."""
+    """With an API key set, /v1/*, /api/* and /metrics need `Authorization: Bearer <key>`."""
     key = request.app[STATE].runtime.config.api_key
     if key and _needs_key(request.path):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -282,6 +291,7 @@ def init(runtime: Runtime) -> web.Application:
             web.post("/v1/chat/completions", chat_completions),
             web.post("/v1/completions", completions),
             web.get("/v1/topology", topology),
+            *ollama.ROUTES,
         ]
     )
     return app

@@ -250,6 +250,25 @@ class CompletionRun:
         completion = sum(c.usage.completion_tokens for c in self.choices)
         return protocol.usage_body(prompt, completion)
 
+    # ---- the answer's text (tool calls are taken out of it) -------------------------------------
+
+    def feed_text(self, choice: Choice, chunk: TextChunk) -> None:
+        """Keep a chunk of a whole (unstreamed) answer."""
+        choice.text.append(chunk.text)
+
+    def stream_text(self, choice: Choice, chunk: TextChunk) -> str:
+        """The text of a chunk to stream now."""
+        choice.text.append(chunk.text)
+        return chunk.text
+
+    def final_text(self, choice: Choice) -> str:
+        """The whole answer's content."""
+        return "".join(choice.text)
+
+    def tool_calls_of(self, choice: Choice) -> list[dict[str, Any]]:
+        """The tool calls of a finished answer, in OpenAI's shape."""
+        return []
+
     # ---- whole responses -------------------------------------------------------------------------
 
     async def _collect(self) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class GenerationParams:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}; None: plain text
+    response_format: dict[str, Any] | None = None
 
     def sampling_for_choice(self, index: int) -> SamplingParams:
         """Choice i of n samples with seed + i, so choices differ yet each is reproducible."""

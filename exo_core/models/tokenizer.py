@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -42,12 +43,28 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_template_error
         return env.from_string(self.source)
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the template reads a `tools` variable (renders tool definitions)."""
+        env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+        try:
+            return "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.source))
+        except jinja2.TemplateSyntaxError:
+            return False
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        extra = {"tools": list(tools)} if tools else {}
         return self._template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            **extra,
         )
 
 
