@@ -2,8 +2,9 @@
 
 This is the one place that finds or fetches a card's files for a shard (`shard_checkpoint`);
 engines only read what it hands them. Downloads go through `huggingface_hub` into EXO_HOME
-(HF_ENDPOINT is honoured) and, for safetensors repos, fetch only the files that hold the
-shard's tensors.
+(HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE honoured): for safetensors repos only the files that
+hold the shard's tensors, for a GGUF only its header and the shard's byte ranges, into a
+sparse file with a manifest of the ranges present (`exo_core.models.download`).
 """
 
 from __future__ import annotations
@@ -92,11 +93,59 @@ def local_gguf(card: ModelCard) -> Path | None:
     if os.path.isabs(source):
         return Path(source) if Path(source).is_file() else None
     repo, filename = _split_repo_file(source)
-    for base in [*seed_dirs(), models_dir()]:
-        for candidate in (base / repo.replace("/", "--") / filename, base / filename):
-            if candidate.is_file():
-                return candidate
+    for candidate in _gguf_candidates(repo, filename):
+        # A file with a ranges manifest beside it holds only some shards' bytes (models.download).
+        if candidate.is_file() and not _manifest_of(candidate).exists():
+            return candidate
     return _hub_cached(repo, filename)
+
+
+def _gguf_candidates(repo: str, filename: str) -> list[Path]:
+    return [
+        candidate
+        for base in [*seed_dirs(), models_dir()]
+        for candidate in (base / repo.replace("/", "--") / filename, base / filename)
+    ]
+
+
+def _manifest_of(file: Path) -> Path:
+    from exo_core.models.download import manifest_path
+
+    return manifest_path(file)
+
+
+def local_gguf_header(card: ModelCard) -> Path | None:
+    """A GGUF of the card on this node whose header is here: the whole file, or a partial one
+    holding some shards' byte ranges (enough for the tokenizer and the model's metadata)."""
+    whole = local_gguf(card)
+    if whole is not None:
+        return whole
+    source = card.sources.get("gguf")
+    if source is None or source == EMBEDDED or os.path.isabs(source):
+        return None
+    from exo_core.models.download import Manifest, header_on_disk
+
+    for candidate in _gguf_candidates(*_split_repo_file(source)):
+        manifest = Manifest.load(_manifest_of(candidate))
+        if manifest is not None and header_on_disk(candidate, manifest) is not None:
+            return candidate
+    return None
+
+
+def local_gguf_shard(card: ModelCard, shard: Shard) -> Path | None:
+    """The card's GGUF if this node has every byte `shard` needs (a whole or a partial file)."""
+    whole = local_gguf(card)
+    if whole is not None:
+        return whole
+    source = card.sources.get("gguf")
+    if source is None or source == EMBEDDED or os.path.isabs(source):
+        return None
+    from exo_core.models.download import holds_shard
+
+    for candidate in _gguf_candidates(*_split_repo_file(source)):
+        if _manifest_of(candidate).exists() and holds_shard(candidate, shard):
+            return candidate
+    return None
 
 
 def _hub_cached(repo: str, filename: str) -> Path | None:
@@ -108,9 +157,10 @@ def _hub_cached(repo: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def gguf_path(card: ModelCard, *, download: bool = True) -> Path:
-    """The card's GGUF file, downloading it into EXO_HOME when allowed."""
-    found = local_gguf(card)
+def gguf_path(card: ModelCard, *, download: bool = True, shard: Shard | None = None) -> Path:
+    """The card's GGUF file, downloading it into EXO_HOME when allowed. With `shard`, a file
+    holding only that shard's byte ranges (the rest sparse) will do, and only they are fetched."""
+    found = local_gguf(card) if shard is None else local_gguf_shard(card, shard)
     if found is not None:
         return found
     source = card.sources.get("gguf")
@@ -123,12 +173,12 @@ def gguf_path(card: ModelCard, *, download: bool = True) -> Path:
     repo, filename = _split_repo_file(source)
     if not download:
         raise ModelFilesError(f"model {card.id!r}: {filename} from {repo} is not downloaded")
-    from huggingface_hub import hf_hub_download
+    from exo_core.models.download import fetch_gguf
 
     try:
-        return Path(hf_hub_download(repo, filename, cache_dir=models_dir() / "hub"))
-    except Exception as exc:  # network, authorisation, a missing file: all the user's to fix
-        raise ModelFilesError(f"model {card.id!r}: could not download {filename} from {repo}: {exc}") from exc
+        return fetch_gguf(repo, filename, shard, model_id=card.id)
+    except ModelFilesError as exc:
+        raise type(exc)(f"model {card.id!r}: {exc}") from exc
 
 
 def files_present(card: ModelCard) -> dict[str, bool]:
@@ -188,7 +238,7 @@ def shard_checkpoint(
             f"model {card.id!r} has no {' or '.join(kinds)} source (it has: {', '.join(card.sources) or 'none'})"
         )
     for kind in offered:
-        found = local_gguf(card) if kind == "gguf" else local_snapshot(card.sources[kind])
+        found = local_gguf_shard(card, shard) if kind == "gguf" else local_snapshot(card.sources[kind])
         # A directory the card names is used as it is (the loader says what it lacks); a
         # cached snapshot may hold only another shard's files, and then this one's are fetched.
         if found is not None and (
@@ -197,7 +247,7 @@ def shard_checkpoint(
             return kind, found
     kind, source = offered[0], card.sources[offered[0]]
     if kind == "gguf":
-        return kind, gguf_path(card, download=download)
+        return kind, gguf_path(card, download=download, shard=shard)
     if os.path.isabs(source):
         raise ModelFilesError(f"model {card.id!r}: directory {source} does not exist")
     if not download:

@@ -301,7 +301,7 @@ def load_tokenizer(card: ModelCard) -> Tokenizer:
         )
         if path is not None:
             return _from_directory_cached(path)
-    gguf_file = files.local_gguf(card)
+    gguf_file = files.local_gguf_header(card)
     if gguf_file is not None:
         return from_gguf_file(gguf_file)
     for kind in ("safetensors", "mlx"):

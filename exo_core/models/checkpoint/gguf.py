@@ -185,12 +185,36 @@ def read_gguf(path: str | Path, *, string_arrays: bool = True) -> GGUFFile:
         ) from exc
 
 
+class GGUFHeaderIncomplete(GGUFFormatError):
+    """The bytes given end inside the header: fetch more of the file's start and parse again."""
+
+
+def read_gguf_header_bytes(data: bytes, size: int, name: str | Path) -> GGUFFile:
+    """Parse a GGUF header from the first bytes of a file of `size` bytes (a download's prefix).
+
+    The header ends at `data_offset`; raises `GGUFHeaderIncomplete` when `data` stops before
+    that, and `GGUFFormatError` for anything malformed. `metadata` leaves out string arrays.
+    """
+    path = Path(name)
+    if len(data) < 24 and size >= 24:
+        raise GGUFHeaderIncomplete(f"{path}: the header needs more than {len(data)} bytes")
+    try:
+        parsed = _parse(path, data, size, False)
+    except (struct.error, IndexError) as exc:
+        if len(data) < size:
+            raise GGUFHeaderIncomplete(f"{path}: the header needs more than {len(data)} bytes") from exc
+        raise GGUFFormatError(f"{path}: not a complete GGUF file (the header is truncated: {exc})") from exc
+    except (UnicodeDecodeError, OverflowError) as exc:
+        raise GGUFFormatError(f"{path}: the GGUF header is corrupt ({exc})") from exc
+    return parsed
+
+
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Every key/value pair of a GGUF header, vocabulary included."""
     return read_gguf(path).metadata
 
 
-def _parse(path: Path, buf: mmap.mmap, size: int, string_arrays: bool) -> GGUFFile:
+def _parse(path: Path, buf: mmap.mmap | bytes, size: int, string_arrays: bool) -> GGUFFile:
     if buf[:4] != b"GGUF":
         raise GGUFFormatError(f"{path}: not a GGUF file (no GGUF magic number)")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -235,7 +259,7 @@ def _parse(path: Path, buf: mmap.mmap, size: int, string_arrays: bool) -> GGUFFi
 _LEFT_OUT = object()
 
 
-def _string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
+def _string(buf: mmap.mmap | bytes, pos: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", buf, pos)
     pos += 8
     if pos + n > len(buf):
@@ -243,7 +267,7 @@ def _string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
     return buf[pos : pos + n].decode("utf-8", errors="replace"), pos + n
 
 
-def _value(path: Path, buf: mmap.mmap, pos: int, vtype: int, string_arrays: bool) -> tuple[Any, int]:
+def _value(path: Path, buf: mmap.mmap | bytes, pos: int, vtype: int, string_arrays: bool) -> tuple[Any, int]:
     if vtype == _STRING:
         return _string(buf, pos)
     if vtype in _SCALARS:
