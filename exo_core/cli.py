@@ -60,7 +60,12 @@ def _run_options() -> list[click.Parameter]:
             show_default=True,
             help="With --prompt: sampling temperature.",
         ),
-        opt(["--api-host"], default="0.0.0.0", show_default=True, help="Address the API listens on."),
+        opt(
+            ["--api-host"],
+            default="127.0.0.1",
+            show_default=True,
+            help="Address the API listens on (0.0.0.0: every interface; then set --api-key).",
+        ),
         opt(
             ["--api-port", "--chatgpt-api-port", "api_port"],
             type=int,
@@ -69,6 +74,12 @@ def _run_options() -> list[click.Parameter]:
             help="API port.",
         ),
         opt(["--api-key"], envvar="EXO_API_KEY", help="Require this bearer key on the API (or EXO_API_KEY)."),
+        opt(
+            ["--cors-origin", "cors_origins"],
+            multiple=True,
+            metavar="ORIGIN",
+            help="Let web pages on this origin (e.g. http://localhost:3000) call the API; repeatable.",
+        ),
         opt(["--node-id"], help="This node's id (default: a UUID kept in EXO_HOME)."),
         opt(
             ["--node-host"],
@@ -99,9 +110,16 @@ def _run_options() -> list[click.Parameter]:
         ),
         opt(["--node-id-filter"], default=None, help="Only accept peers with these ids (comma-separated)."),
         opt(
-            ["--cluster-secret"],
-            envvar="EXO_CLUSTER_SECRET",
-            help="Shared secret every peer must prove (or EXO_CLUSTER_SECRET).",
+            ["--join", "--cluster-secret", "cluster_secret"],
+            envvar=["EXO_CLUSTER_TOKEN", "EXO_CLUSTER_SECRET"],
+            metavar="TOKEN",
+            help="Join the cluster of this token (`exo token` on a member prints it; or EXO_CLUSTER_TOKEN). "
+            "Default: this machine's own key, created on first start.",
+        ),
+        opt(
+            ["--insecure"],
+            is_flag=True,
+            help="No cluster key: plaintext peer links, and anyone on the network can join (trusted LANs only).",
         ),
         opt(
             ["--wait-for-peers"],
@@ -148,6 +166,8 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         "node_id_filter": _csv(params.get("node_id_filter")),
         **{k: v for k, v in params.items() if k in discovery_option_names},
     }
+    if params.get("insecure") and params.get("cluster_secret"):
+        raise ExoUsageError("--insecure runs without a cluster key: give it or --join TOKEN, not both")
     prompt = params.get("prompt")
     config = NodeConfig(
         model=params.get("model"),
@@ -159,11 +179,13 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         api_host=params["api_host"],
         api_port=params["api_port"],
         api_key=params.get("api_key"),
+        cors_origins=tuple(params.get("cors_origins") or ()),
         frontends=() if prompt else None,
         discovery="none" if prompt and params["discovery_module"] == "udp" else params["discovery_module"],
         discovery_config_path=params.get("discovery_config_path"),
         discovery_options=discovery_options,
         cluster_secret=params.get("cluster_secret"),
+        insecure=bool(params.get("insecure")),
         partitioner=params["partitioner"],
         wait_for_peers=params["wait_for_peers"],
         max_context=params.get("max_context"),
@@ -221,6 +243,12 @@ async def _serve_forever(runtime: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with runtime:
+        if runtime.cluster_key_created and sys.stderr.isatty():
+            # On the terminal only: the token is a secret, so it never goes to the logs.
+            token = runtime.cluster_auth.key.token
+            click.echo(
+                f"\nTo add a machine to this cluster, run there:\n\n    exo run --join {token}\n", err=True
+            )
         await stop.wait()
 
 
@@ -274,6 +302,26 @@ def _models_command() -> click.Command:
     return models
 
 
+def _token_command() -> click.Command:
+    @click.command("token")
+    def token() -> None:
+        """Print this machine's cluster join token (creating the key on first use).
+
+        On another machine, `exo run --join TOKEN` (or EXO_CLUSTER_TOKEN=TOKEN exo run) joins it.
+        Anyone with the token can join the cluster and read its prompts: share it like a password.
+        """
+        from exo_core.models.files import exo_home
+        from exo_core.networking import keys
+
+        try:
+            key, _ = keys.load_or_create(exo_home())
+        except (keys.ClusterKeyError, OSError) as exc:
+            raise ExoUsageError(str(exc)) from None
+        click.echo(key.token)
+
+    return token
+
+
 def build_cli() -> click.Group:
     """The `exo` command group, with every loaded engine's and discovery module's `run` options."""
     from exo_core.plugins import pm, registry
@@ -305,6 +353,7 @@ def build_cli() -> click.Group:
     )
     cli.add_command(_plugins_command())
     cli.add_command(_models_command())
+    cli.add_command(_token_command())
     pm.hook.register_commands(cli=cli)
     return cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import Any
 import structlog
 
 from exo_core.discovery import Discovery, DiscoveryContext
-from exo_core.engine import InferenceEngine
+from exo_core.engine import InferenceEngine, TextEngine
 from exo_core.errors import ConfigError
 from exo_core.models import files
 from exo_core.models.cards import DEFAULT_MODEL_ID, ModelCard, find_card
@@ -37,14 +38,18 @@ class NodeConfig:
     node_host: str = "0.0.0.0"
     node_port: int | None = None  # gRPC; None = pick a free one
     advertise_address: str | None = None
-    api_host: str = "0.0.0.0"
+    api_host: str = "127.0.0.1"
     api_port: int = 52415
     api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()  # browser origins (besides the API's own) that may call it
     frontends: tuple[str, ...] | None = None  # None = all registered
     discovery: str = "udp"
     discovery_config_path: str | None = None
     discovery_options: dict[str, Any] = field(default_factory=dict)
+    # The join token (`--join`; an old `--cluster-secret` string works too). None: this
+    # machine's key under EXO_HOME, created on first start.
     cluster_secret: str | None = None
+    insecure: bool = False  # no key: plaintext peer links, unsigned announcements (open LAN)
     partitioner: str = "ring-memory-weighted"
     wait_for_peers: int = 0
     max_context: int | None = None
@@ -102,17 +107,27 @@ class Runtime:
         self.config = config
         self.registry = reg or registry()
         self.engine_cls = choose_engine(self.registry, config.engine)
-        self.default_model = choose_model(self.registry, config.model)
+        self._served: dict[str, ModelCard] | None = None  # a text engine's, once it looked
+        try:
+            self.default_model = choose_model(self.registry, config.model)
+        except ConfigError:
+            if not issubclass(self.engine_cls, TextEngine):
+                raise
+            # Maybe a model the engine's servers offer: known once it has asked them (start).
+            self.default_model = choose_model(self.registry, None)
         self.node: Node | None = None
         self.generator: Generator | None = None
         self.frontends: list[Any] = []
         self.discovery: Discovery | None = None
         self.peer_tracker: Any = None  # networking.peers.PeerTracker, the discovery's peer sink
         self.server: Any = None
-        self.cluster_auth: Any = None  # networking.auth.ClusterAuth when a cluster secret is set
+        self.cluster_auth: Any = None  # networking.auth.ClusterAuth unless --insecure
+        self.cluster_key_created = False  # the first start on this machine made a new key
 
     @property
     def served_models(self) -> dict[str, ModelCard]:
+        if self._served is not None:
+            return self._served
         return {cid: c for cid, c in self.registry.models.items() if self.engine_cls.can_serve(c)}
 
     async def start(self) -> None:
@@ -133,11 +148,19 @@ class Runtime:
             )
         files.set_seed_dirs([Path(d) for d in cfg.models_seed_dirs])
         engine = self.engine_cls({**cfg.engine_options, "max_context": cfg.max_context})
+        models = dict(self.registry.models)
+        if isinstance(engine, TextEngine):
+            # Whole-request engines may find models on their servers (an upstream's /v1/models).
+            for card in await engine.discover_models():
+                models[card.id] = card
+            self._served = {cid: c for cid, c in models.items() if engine.serves(c)}
+            if cfg.model:
+                self.default_model = choose_model(dataclasses.replace(self.registry, models=models), cfg.model)
         node_id = cfg.node_id or persistent_node_id()
         self.node = Node(
             node_id,
             engine,
-            dict(self.registry.models),
+            models,
             capabilities=cfg.capabilities or device_capabilities(),
             partitioner=partitioner,
             step_timeout=cfg.step_timeout,
@@ -183,8 +206,13 @@ class Runtime:
         from exo_core.networking.auth import ClusterAuth
         from exo_core.networking.peers import PeerTracker
 
-        if cfg.cluster_secret:
-            self.cluster_auth = ClusterAuth(cfg.cluster_secret)
+        if cfg.insecure:
+            log.warning(
+                "--insecure: peer links are plaintext and anyone on the network can join this "
+                "cluster, read prompts and answer for layers; use it only on a network you trust"
+            )
+        else:
+            self.cluster_auth = ClusterAuth(self._cluster_key(), self.node.node_id)
         peers_file = cfg.discovery_config_path
         if cfg.node_port is None and cfg.discovery == "manual" and peers_file:
             from exo_core.networking.manual import own_entry
@@ -229,6 +257,32 @@ class Runtime:
         self.discovery = discovery_cls(context)
         await self.discovery.start()
         await self.peer_tracker.start()
+
+    def _cluster_key(self) -> Any:
+        """The key given (saved as this machine's from now on), or the stored one, or a new one."""
+        from exo_core.networking import keys
+
+        home = files.exo_home()
+        try:
+            if self.config.cluster_secret:
+                key = keys.ClusterKey.from_token(self.config.cluster_secret)
+                if keys.load(home) != key:
+                    keys.save(home, key)
+                    log.info(
+                        "joined a cluster; its key is kept for the next start", cluster_key=key.fingerprint
+                    )
+            else:
+                key, self.cluster_key_created = keys.load_or_create(home)
+                if self.cluster_key_created:
+                    log.info(
+                        "created this cluster's key; to add a machine, run `exo token` here and "
+                        "`exo run --join TOKEN` there",
+                        cluster_key=key.fingerprint,
+                        path=str(keys.key_path(home)),
+                    )
+        except (keys.ClusterKeyError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        return key
 
     def _frontend_classes(self) -> list[tuple[str, Any]]:
         wanted = self.config.frontends

@@ -345,14 +345,40 @@ def test_web_page_and_cors(server):
     assert page.status == 200 and 'id="model"' in page.text
     for asset in ("chat.js", "chat.css"):
         assert request("GET", f"{server.url}/static/{asset}").status == 200
+    # the built-in page is same-origin: its requests carry the API's own origin
+    own = request("GET", f"{server.url}/v1/models", headers={"Origin": server.url})
+    assert own.status == 200
+    # any other site's page is refused (no --cors-origin), preflight or not
     pre = request(
         "OPTIONS",
         f"{server.url}/v1/chat/completions",
         headers={"Origin": "http://elsewhere", "Access-Control-Request-Method": "POST"},
     )
-    assert pre.status == 204
-    assert pre.headers["Access-Control-Allow-Origin"] == "*"
-    assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+    assert pre.status == 403 and "Access-Control-Allow-Origin" not in pre.headers
+    simple = request(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        headers={"Origin": "http://elsewhere", "Content-Type": "text/plain"},
+        content=b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}',
+    )
+    assert simple.status == 403
+    assert "--cors-origin http://elsewhere" in simple.json()["error"]["message"]
+
+
+def test_cors_origin_lets_that_site_in():
+    with BackgroundNode(node_config(cors_origins=("http://app.test:3000",))) as node:
+        pre = request(
+            "OPTIONS",
+            f"{node.url}/v1/chat/completions",
+            headers={"Origin": "http://app.test:3000", "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.status == 204
+        assert pre.headers["Access-Control-Allow-Origin"] == "http://app.test:3000"
+        assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+        reply = request("GET", f"{node.url}/v1/models", headers={"Origin": "http://app.test:3000"})
+        assert reply.status == 200 and reply.headers["Access-Control-Allow-Origin"] == "http://app.test:3000"
+        other = request("GET", f"{node.url}/v1/models", headers={"Origin": "http://app.test:4000"})
+        assert other.status == 403
 
 
 # ---- errors through the client -------------------------------------------------------------------

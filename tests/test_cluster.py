@@ -1,5 +1,5 @@
 """A cluster of real `exo` processes on 127.0.0.1 (manual discovery, dummy engine): plans, replays,
-concurrency, the cluster secret and malformed peer messages.
+concurrency and malformed peer messages (the cluster key: test_cluster_security.py).
 """
 
 import concurrent.futures
@@ -15,6 +15,7 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
+from exo_core.networking.keys import ClusterKey
 from exo_core.node.messages import StepMessage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
@@ -80,7 +81,9 @@ def test_malformed_tensor_is_refused_and_the_node_keeps_serving(cluster3):
     )
     request = wire.step_to_pb(step)
     request.hidden.data = request.hidden.data[:10]  # 10 bytes for a [2, 8] float32 tensor
-    with grpc.insecure_channel(f"127.0.0.1:{spec.node_port}") as channel:
+    auth = ClusterAuth(ClusterKey.from_token(cluster3.token), "test")  # a member may still send junk
+    target = f"127.0.0.1:{spec.node_port}"
+    with grpc.secure_channel(target, auth.channel_credentials(), auth.channel_options) as channel:
         stub = pb_grpc.NodeServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.SendStep(request, timeout=5)
@@ -147,49 +150,3 @@ def test_stopping_a_stream_early_releases_every_stage(cluster2):
     stream.close()  # the client goes away mid-generation
     assert _wait_idle(cluster2) == {}
     assert cluster2.chat("b", CHAT) == DUMMY_ANSWER
-
-
-def test_cluster_secret_admits_equals_and_refuses_others(tmp_path):
-    with Cluster.manual(
-        ["a", "b", "c"],
-        tmp=tmp_path,
-        per_node_args={
-            "a": ["--cluster-secret", "s3cret"],
-            "b": ["--cluster-secret", "s3cret"],
-            "c": ["--cluster-secret", "wrong"],
-        },
-        extra_args=["--wait-for-peers", "0"],
-    ) as cluster:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            seen = {
-                nid: {n["node_id"] for n in cluster.get(nid, "/v1/topology")[1]["nodes"]}
-                for nid in cluster.nodes
-            }
-            if (
-                seen["a"] == {"a", "b"}
-                and seen["b"] == {"a", "b"}
-                and "refused peer RPC" in cluster.nodes["a"].log()
-            ):
-                break
-            time.sleep(0.2)
-        time.sleep(1.5)  # a few more discovery rounds: c must still be out
-        seen = {
-            nid: {n["node_id"] for n in cluster.get(nid, "/v1/topology")[1]["nodes"]} for nid in cluster.nodes
-        }
-        assert seen == {"a": {"a", "b"}, "b": {"a", "b"}, "c": {"c"}}
-        assert "wrong cluster secret" in cluster.nodes["a"].log()
-        assert "UNAUTHENTICATED" in cluster.nodes["c"].log()
-        assert cluster.chat("b", CHAT) == DUMMY_ANSWER  # the two with the secret work together
-
-        port = cluster.nodes["a"].spec.node_port
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.NodeServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Health(pb.HealthRequest(), timeout=5)  # no proof at all
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            method = "/exo.node.v1.NodeService/Health"
-            reply = stub.Health(
-                pb.HealthRequest(), timeout=5, metadata=ClusterAuth("s3cret").metadata(method, "t")
-            )
-            assert reply.node_id == "a"

@@ -1,5 +1,5 @@
 """Cluster behaviour with several nodes in one process over real gRPC on 127.0.0.1: the peers file
-is re-read, discovery drops re-plan in-flight requests, a lost cluster fails fast, secrets sign."""
+is re-read, discovery drops re-plan in-flight requests, a lost cluster fails fast, a shared token joins."""
 
 import asyncio
 import contextlib
@@ -8,7 +8,6 @@ import time
 import pytest
 
 from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.manual import PeersFileError, parse_peers_file
 from exo_core.node.generate import TextRequest
 from exo_core.node.messages import GenerationError
@@ -129,31 +128,6 @@ async def test_same_secret_joins_and_caches_are_released(tmp_path):
         await until(lambda: set(rts["a"].node.peers) == {"b"} and set(rts["b"].node.peers) == {"a"})
         assert await chat(rts["b"]) == DUMMY_ANSWER
         await until(lambda: not any(rt.node.engine.caches for rt in rts.values()))
-
-
-def test_rpc_proofs():
-    auth, other = ClusterAuth("s"), ClusterAuth("t")
-    method = "/exo.node.v1.NodeService/Health"
-    proof = auth.proof(method)
-    assert auth.check(proof, method) is None
-    assert auth.check(proof, method) == "replayed cluster secret proof"
-    assert other.check(other.proof(method), method) is None
-    assert auth.check(other.proof(method), method) == "wrong cluster secret"
-    assert auth.check(auth.proof("/exo.node.v1.NodeService/Release"), method) == "wrong cluster secret"
-    assert "no cluster secret" in auth.check(None, method)
-    assert "clock" in auth.check(auth.proof(method, now=time.time() - 3600), method)
-    with pytest.raises(ValueError):
-        ClusterAuth("")
-
-
-def test_announcement_signatures():
-    auth = ClusterAuth("s")
-    signed = auth.sign_announcement({"node_id": "x", "grpc_port": 1})
-    assert auth.check_announcement(signed) is None
-    assert "different cluster secret" in ClusterAuth("t").check_announcement(signed)
-    assert "unsigned" in auth.check_announcement({"node_id": "x"})
-    tampered = {**signed, "grpc_port": 2}
-    assert "different cluster secret" in auth.check_announcement(tampered)
 
 
 def test_peers_file_errors_say_what_to_fix():

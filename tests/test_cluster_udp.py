@@ -52,7 +52,7 @@ def _until(predicate, timeout=20.0):
 
 
 def test_udp_discovery_on_loopback(tmp_path):
-    """Loopback variant (runs everywhere): filters, a secret mismatch, and a dropped peer."""
+    """Loopback variant (runs everywhere): filters, a node with another key, and a dropped peer."""
     ports = free_ports(9)
     bport = str(ports[8])
     common = ["--interface-type-filter", "loopback", "--broadcast-port", bport]
@@ -62,13 +62,13 @@ def test_udp_discovery_on_loopback(tmp_path):
         cluster.add(specs["a"], _udp_args(specs["a"], *common, "--wait-for-peers", "2"), tmp_path)
         cluster.add(specs["b"], _udp_args(specs["b"], *common, "--wait-for-peers", "1"), tmp_path)
         cluster.add(specs["c"], _udp_args(specs["c"], *common, "--node-id-filter", "a"), tmp_path)
-        cluster.add(specs["d"], _udp_args(specs["d"], *common, "--cluster-secret", "other"), tmp_path)
+        cluster.add(specs["d"], _udp_args(specs["d"], *common), tmp_path, env={"EXO_CLUSTER_TOKEN": "other"})
         cluster.wait_ready(60)
         assert _until(lambda: _peer_ids(cluster, "a") == {"b", "c"} and _peer_ids(cluster, "c") == {"a"})
         assert _peer_ids(cluster, "b") == {"a", "c"}
-        assert _peer_ids(cluster, "d") == set()  # its secret differs: nobody gets in either way
-        assert "refused discovery announcement" in cluster.nodes["d"].log()
-        assert "refused peer RPC" in cluster.nodes["d"].log()
+        assert _peer_ids(cluster, "d") == set()  # its key differs: nobody gets in either way
+        assert "node a at 127.0.0.1 has another cluster key" in cluster.nodes["d"].log()
+        assert "node d at 127.0.0.1 has another cluster key" in cluster.nodes["a"].log()
         assert cluster.chat("b", CHAT) == DUMMY_ANSWER  # a 3-stage plan found by broadcast
 
         cluster.nodes["c"].kill()  # dropped after failed health checks / the discovery timeout

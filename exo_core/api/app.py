@@ -103,14 +103,41 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     return await handler(request)
 
 
+def _cross_origin(request: web.Request) -> str | None:
+    """The browser origin of a request from another site's page (None: no browser, or this API's page)."""
+    origin = request.headers.get("Origin")
+    if not origin or origin == f"{request.scheme}://{request.host}":
+        return None
+    return origin
+
+
 async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Let browser apps on other origins call the API (the key, when set, still guards it)."""
-    response.headers["Access-Control-Allow-Origin"] = "*"
+    """Let pages on the origins given with --cors-origin read the API's answers (the key still guards it)."""
+    origin = _cross_origin(request)
+    if origin is not None and origin in request.app[STATE].runtime.config.cors_origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
 
 
 @web.middleware
 async def preflight_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Answer CORS preflights for every path (browsers send them without the API key)."""
+    """Refuse other sites' pages unless --cors-origin allows them; answer their CORS preflights.
+
+    A browser sends some cross-site requests without asking first, so refusing only the
+    preflight would still let any page the user visits drive the API.
+    """
+    origin = _cross_origin(request)
+    if origin is None:
+        return await handler(request)
+    if origin not in request.app[STATE].runtime.config.cors_origins:
+        return _error_response(
+            APIError(
+                403,
+                f"This API does not take requests from pages on {origin}; start exo with "
+                f"--cors-origin {origin} to allow that site",
+                type="permission_error",
+            )
+        )
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return web.Response(
             status=204,

@@ -52,11 +52,27 @@ class OpenAIFrontend:
         await site.start()
         self.port = int(self.runner.addresses[0][1])
         log.info("API listening", url=self.url, chat=f"{self.url}/")
+        if not _loopback(self.host) and not self.runtime.config.api_key:
+            log.warning(
+                f"the API listens on {self.host or 'every address'} without --api-key: anyone who "
+                "can reach this machine can use it; set --api-key (or EXO_API_KEY)"
+            )
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @hookimpl

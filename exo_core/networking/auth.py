@@ -1,141 +1,199 @@
-"""The cluster secret: HMAC proofs on every RPC and signatures on discovery announcements.
+"""Cluster membership from the cluster key: mutual TLS on every peer link, signed announcements.
 
-A call carries `x-exo-auth: <unix ms>.<nonce>.<hmac>` where the HMAC-SHA256, keyed by the
-secret, covers the timestamp, the nonce and the RPC method. The server refuses a call whose
-proof is missing, wrong, older than `WINDOW_S`, or a nonce it has already seen in that window.
-UDP announcements carry a `sig` over their canonical JSON and a timestamp checked the same way.
+Every node derives the same certificate authority from the cluster key (HKDF -> an ECDSA P-256
+key), makes itself a fresh key pair at start and signs its own certificate with that CA. Peer
+links are gRPC over TLS 1.3 where both sides must show a certificate of the cluster's CA: a
+node without the key cannot complete a handshake, so it cannot read steps or prompts, inject
+one, or replay a captured call (TLS records are bound to their session). The CA's private key
+exists only in memory, re-derived from the key; no certificate files are kept.
 
-The secret proves membership; it does not encrypt traffic. Across networks you do not trust,
-run the cluster over a VPN.
+Peers are addressed by IP, so certificates name a fixed host (`TLS_NAME`) that every client
+asks for; identity is the CA, not a hostname.
+
+Announcements (UDP, Tailscale attributes) carry an HMAC over their whole content, including
+the sender's address and a sequence number that only grows: a copy heard from another address,
+or an older one, is refused.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import json
-import secrets
+import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-log = structlog.get_logger("exo.auth")
+from exo_core.networking.keys import ClusterKey
 
-AUTH_HEADER = "x-exo-auth"
-NODE_HEADER = "x-exo-node"
-WINDOW_S = 120.0
+TLS_NAME = "exo-node"  # the name in every node certificate (peers are addressed by IP)
+WINDOW_S = 120.0  # announcements older than this (or from a clock this far off) are refused
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_PEM = serialization.Encoding.PEM
 
 
-def _key(secret: str) -> bytes:
-    return hashlib.sha256(b"exo-cluster-secret\x00" + secret.encode("utf-8")).digest()
+def _cluster_ca(key: ClusterKey) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The cluster's CA: the same key on every node holding the cluster key."""
+    scalar = int.from_bytes(key.derive("tls-ca", 48)) % (_P256_ORDER - 1) + 1
+    private = ec.derive_private_key(scalar, ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"exo cluster {key.fingerprint}")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2100, 1, 1, tzinfo=datetime.UTC))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(private.public_key()), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    return private, cert
+
+
+def _node_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, node_id: str
+) -> tuple[bytes, bytes]:
+    """A fresh key pair for this node and its certificate from the cluster CA (PEM)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id[:64] or "exo")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))  # a peer's clock may be behind
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = private.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key_pem, cert.public_bytes(_PEM)
 
 
 class ClusterAuth:
-    """Signs outgoing calls and checks incoming ones for one cluster secret."""
+    """One node's membership: its TLS credentials and the announcement signer of its cluster."""
 
-    def __init__(self, secret: str) -> None:
-        if not secret:
-            raise ValueError("an empty cluster secret authenticates nothing")
-        self._key = _key(secret)
-        self._seen: dict[int, set[str]] = {}  # time bucket -> nonces seen
+    def __init__(self, key: ClusterKey, node_id: str) -> None:
+        self.key = key
+        ca_key, ca_cert = _cluster_ca(key)
+        self.ca_pem = ca_cert.public_bytes(_PEM)
+        self._key_pem, self.cert_pem = _node_certificate(ca_key, ca_cert, node_id)
+        self._announce_key = key.derive("announcements")
+        self._seq = time.time_ns()  # grows across restarts too
+        self._seq_lock = threading.Lock()
+        self._last_seq: dict[str, int] = {}
 
-    # ---- RPCs --------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"ClusterAuth(key {self.key.fingerprint})"
 
-    def proof(self, method: str, now: float | None = None) -> str:
-        ts = int((time.time() if now is None else now) * 1000)
-        nonce = secrets.token_hex(8)
-        return f"{ts}.{nonce}.{self._mac(f'{ts}.{nonce}.{method}')}"
+    @property
+    def fingerprint(self) -> str:
+        return self.key.fingerprint
 
-    def check(self, value: str | None, method: str, now: float | None = None) -> str | None:
-        """None when the proof is good, else why it is refused."""
-        if not value:
-            return "no cluster secret proof (this cluster needs --cluster-secret)"
-        try:
-            ts_text, nonce, mac = value.split(".")
-            ts = int(ts_text)
-        except ValueError:
-            return "malformed cluster secret proof"
-        if not hmac.compare_digest(mac, self._mac(f"{ts}.{nonce}.{method}")):
-            return "wrong cluster secret"
-        now = time.time() if now is None else now
-        skew = abs(now - ts / 1000)
-        if skew > WINDOW_S:
-            return f"cluster secret proof is {skew:.0f} s off this node's clock (check the clocks)"
-        return None if self._first_use(nonce, now) else "replayed cluster secret proof"
+    # ---- TLS -----------------------------------------------------------------------------------
 
-    def _first_use(self, nonce: str, now: float) -> bool:
-        bucket = int(now // WINDOW_S)
-        for old in [b for b in self._seen if b < bucket - 2]:
-            del self._seen[old]
-        if any(nonce in seen for seen in self._seen.values()):
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self._key_pem, self.cert_pem)], root_certificates=self.ca_pem, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca_pem, self._key_pem, self.cert_pem)
+
+    channel_options: tuple[tuple[str, Any], ...] = (("grpc.ssl_target_name_override", TLS_NAME),)
+
+    # ---- announcements ---------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq = max(self._seq + 1, time.time_ns())
+            return self._seq
+
+    def mac(self, text: str, length: int = 64) -> str:
+        """A hex HMAC-SHA256 of `text` under the announcement key (`length` hex digits)."""
+        return hmac.new(self._announce_key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+
+    def verify_mac(self, text: str, sig: Any, length: int = 64) -> bool:
+        if not isinstance(sig, str) or len(sig) != length or not sig.isascii():
             return False
-        self._seen.setdefault(bucket, set()).add(nonce)
-        return True
+        return hmac.compare_digest(sig, self.mac(text, length))
 
-    def metadata(self, method: str, node_id: str) -> tuple[tuple[str, str], ...]:
-        return ((AUTH_HEADER, self.proof(method)), (NODE_HEADER, node_id))
-
-    # ---- announcements -----------------------------------------------------------------------
-
-    def sign_announcement(self, message: dict[str, Any]) -> dict[str, Any]:
+    def sign_announcement(self, message: dict[str, Any], address: str) -> dict[str, Any]:
+        """`message` with the address it is sent from, a timestamp, a sequence number and a `sig`."""
         body = {k: v for k, v in message.items() if k != "sig"}
-        body.setdefault("ts", time.time())
-        return {**body, "sig": self._mac(_canonical(body))}
+        body.update(address=address, ts=time.time(), seq=self.next_seq())
+        return {**body, "sig": self.mac(canonical(body))}
 
-    def check_announcement(self, message: dict[str, Any], now: float | None = None) -> str | None:
+    def check_announcement(
+        self, message: dict[str, Any], source: str, now: float | None = None
+    ) -> str | None:
+        """None when the announcement is genuine, fresh and from `source`; else why not.
+
+        A message whose signature fails starts with "signed with another cluster key" (or
+        "unsigned"), so callers can tell strangers from replays.
+        """
         sig = message.get("sig")
-        if not isinstance(sig, str):
-            return "unsigned announcement (this cluster needs --cluster-secret)"
+        if sig is None:
+            return "unsigned (the sender runs without a cluster key: --insecure)"
         body = {k: v for k, v in message.items() if k != "sig"}
-        if not hmac.compare_digest(sig, self._mac(_canonical(body))):
-            return "announcement signed with a different cluster secret"
-        ts = body.get("ts")
+        if not self.verify_mac(canonical(body), sig):
+            return "signed with another cluster key"
+        if body.get("address") != source:
+            return f"replayed: signed for {body.get('address')}, heard from {source}"
+        ts, seq, node_id = body.get("ts"), body.get("seq"), str(body.get("node_id"))
         now = time.time() if now is None else now
         if not isinstance(ts, int | float) or abs(now - ts) > WINDOW_S:
-            return "announcement too old (or the clocks disagree)"
+            return "too old (or the clocks disagree)"
+        return self.check_seq(node_id, seq)
+
+    def check_seq(self, node_id: str, seq: Any) -> str | None:
+        """None (and remembered) when `seq` is newer than any seen from `node_id`."""
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return "no sequence number"
+        if seq <= self._last_seq.get(node_id, -1):
+            return "replayed: not newer than one already heard"
+        if len(self._last_seq) > 10_000:
+            self._last_seq.clear()
+        self._last_seq[node_id] = seq
         return None
 
-    def _mac(self, text: str) -> str:
-        return hmac.new(self._key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
-
-def _canonical(body: dict[str, Any]) -> str:
+def canonical(body: dict[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC without a valid proof of the cluster secret (and logs who tried)."""
-
-    def __init__(self, auth: ClusterAuth) -> None:
-        self._auth = auth
-        self._last_log: dict[str, float] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        metadata = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
-        method = handler_call_details.method  # type: ignore[attr-defined]
-        reason = self._auth.check(metadata.get(AUTH_HEADER), method)
-        if reason is None:
-            return await continuation(handler_call_details)
-        claimed = metadata.get(NODE_HEADER, "?")
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._log_refusal(context.peer(), claimed, method, reason)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"refused: {reason}")
-
-        return grpc.unary_unary_rpc_method_handler(refuse)
-
-    def _log_refusal(self, peer: str, claimed: str, method: str, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(claimed, -1e9) < 60:
-            return  # one line per claimed node a minute
-        if len(self._last_log) > 1000:
-            self._last_log.clear()
-        self._last_log[claimed] = now
-        log.warning("refused peer RPC", peer=peer, claimed_node=claimed, method=method, reason=reason)
+def is_handshake_failure(details: str) -> bool:
+    """Whether a gRPC error says the TLS handshake failed (the peer holds another key, or none)."""
+    text = details.lower()
+    return any(s in text for s in ("handshake", "certificate", "ssl", "wrong_version"))

@@ -1,4 +1,4 @@
-"""The gRPC side of PeerClient: one channel per peer, a deadline on every call."""
+"""The gRPC side of PeerClient: one channel per peer (TLS with the cluster key), a deadline on every call."""
 
 from __future__ import annotations
 
@@ -68,7 +68,12 @@ class GrpcPeerClient:
         self.call_timeout = call_timeout
         self.health_timeout = health_timeout
         self._auth = auth
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if auth is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, auth.channel_credentials(), options=CHANNEL_OPTIONS + auth.channel_options
+            )
         self._stub = pb_grpc.NodeServiceStub(self._channel)
 
     def __repr__(self) -> str:
@@ -76,11 +81,8 @@ class GrpcPeerClient:
 
     async def _call(self, name: str, request: Any, timeout: float) -> Any:
         method = getattr(self._stub, name)
-        metadata = (
-            self._auth.metadata(f"/exo.node.v1.NodeService/{name}", self.own_id) if self._auth else None
-        )
         try:
-            return await method(request, timeout=timeout, metadata=metadata)
+            return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             text = f"{self.node_id} at {self.target}: {name}: {exc.code().name}: {exc.details()}"
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

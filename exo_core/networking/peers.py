@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from exo_core.networking.auth import is_handshake_failure
 from exo_core.networking.client import GrpcPeerClient
 from exo_core.node.messages import PeerTimeout, PeerUnavailable
 from exo_core.node.topology import DeviceCapabilities
@@ -71,6 +72,7 @@ class PeerTracker:
         self._tracked: dict[str, _Tracked] = {}
         self._task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
+        self._strangers: set[tuple[str, str]] = set()  # (node id, address) already reported
 
     # ---- what discovery calls ------------------------------------------------------------------
 
@@ -222,12 +224,35 @@ class PeerTracker:
     def _unreachable(self, tracked: _Tracked, error: str) -> None:
         tracked.hard_failures += 1
         if error != tracked.last_error:
-            # A peer refusing our proof means the secrets differ: say so loudly, once.
-            emit = log.warning if "UNAUTHENTICATED" in error else log.debug
-            emit("peer check failed", peer=tracked.node_id, error=error)
             tracked.last_error = error
+            if is_handshake_failure(error):
+                self._report_stranger(tracked)
+            else:
+                log.debug("peer check failed", peer=tracked.node_id, error=error)
         if tracked.added and tracked.hard_failures >= HARD_FAILURES_TO_DROP:
             self._drop(tracked, error)
+
+    def _report_stranger(self, tracked: _Tracked) -> None:
+        """A failed TLS handshake: the peer holds another cluster key, or none. Said once."""
+        where = (tracked.node_id, tracked.address)
+        if where in self._strangers:
+            return
+        if len(self._strangers) > 1000:
+            self._strangers.clear()
+        self._strangers.add(where)
+        if self.auth is None:
+            log.warning(
+                f"node {tracked.node_id} at {tracked.address}:{tracked.port} uses a cluster key and "
+                "this node runs --insecure; run this node with --join TOKEN (`exo token` there prints it)",
+                peer=tracked.node_id,
+            )
+        else:
+            log.warning(
+                f"node {tracked.node_id} at {tracked.address}:{tracked.port} has another cluster key "
+                "(or none); run it with --join TOKEN (`exo token` here prints it)",
+                peer=tracked.node_id,
+                cluster_key=self.auth.fingerprint,
+            )
 
     def _drop(self, tracked: _Tracked, reason: str) -> None:
         """Out of the node's peers; still tracked, so it comes back when it answers again."""

@@ -9,7 +9,7 @@ import grpc
 import structlog
 
 from exo_core.networking import wire
-from exo_core.networking.auth import AuthInterceptor, ClusterAuth
+from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
@@ -94,13 +94,19 @@ class PeerServerError(OSError):
 async def serve(
     node: Node, host: str = "0.0.0.0", port: int = 0, auth: ClusterAuth | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the node service on host:port (0 = a free port); returns the server and its port."""
-    interceptors = [AuthInterceptor(auth)] if auth is not None else []
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    """Start the node service on host:port (0 = a free port); returns the server and its port.
+
+    With `auth`, only TLS clients holding a certificate of the cluster's CA get through the
+    handshake; without it (--insecure) anyone who reaches the port may call.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
     error: RuntimeError | None = None
     try:
-        bound = server.add_insecure_port(grpc_target(host, port))
+        if auth is None:
+            bound = server.add_insecure_port(grpc_target(host, port))
+        else:
+            bound = server.add_secure_port(grpc_target(host, port), auth.server_credentials())
     except RuntimeError as exc:
         bound, error = 0, exc
     if not bound:
@@ -123,7 +129,8 @@ async def start_peer_server(
         "peer server listening",
         node=node.node_id,
         address=grpc_target(host, bound),
-        secret=auth is not None,
+        tls=auth is not None,
+        cluster_key=auth.fingerprint if auth is not None else None,
     )
     return server
 

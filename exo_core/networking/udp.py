@@ -5,8 +5,10 @@ and its priority) to the directed broadcast address of every usable interface, c
 the interface's real netmask. A node hearing one offers the sender to the `PeerTracker`,
 which counts it as a peer only once its health RPC answers; a peer heard on a better
 interface (Thunderbolt/Ethernet over Wi-Fi over VPN/container) keeps that address. Peers not
-heard for `--discovery-timeout` seconds are dropped. With a cluster secret, announcements are
-HMAC-signed and unsigned or wrongly signed ones are refused (and logged).
+heard for `--discovery-timeout` seconds are dropped. With a cluster key (the default), an
+announcement is HMAC-signed over its whole content, including the address it is sent from and
+a sequence number: unsigned, wrongly signed, replayed (from another address, or not newer)
+and malformed packets are counted in `dropped` and dropped; a stranger is logged once.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class UDPDiscovery(Discovery):
         self._task: asyncio.Task[None] | None = None
         self._interfaces: list[Interface] = []
         self._refused_log: dict[str, float] = {}
+        self._strangers: set[tuple[str, str]] = set()
+        self.dropped: dict[str, int] = {}  # packets dropped, by reason (malformed, replayed, ...)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,7 +118,7 @@ class UDPDiscovery(Discovery):
         }
         auth = self.context.auth
         if auth is not None:
-            message = auth.sign_announcement(message)
+            message = auth.sign_announcement(message, iface.address)
         return json.dumps(message, separators=(",", ":")).encode("utf-8")
 
     async def _announce_forever(self) -> None:
@@ -139,35 +143,54 @@ class UDPDiscovery(Discovery):
     # ---- receiving -----------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, source: str) -> None:
+        """Offer the sender of a genuine announcement; anything else is counted and dropped."""
+        try:
+            reason = self._receive(data, source)
+        except Exception as exc:  # a hostile packet must never stop the receiver
+            reason = f"malformed ({type(exc).__name__})"
+        if reason is not None:
+            key = reason.split(":")[0].split(" (")[0]
+            self.dropped[key] = self.dropped.get(key, 0) + 1
+
+    def _receive(self, data: bytes, source: str) -> str | None:
+        """None when the announcement was offered (or is our own); else why it was dropped."""
         if len(data) > MAX_DATAGRAM:
-            return
+            return "malformed"
         try:
             message = json.loads(data)
         except ValueError:
-            return
+            return "malformed"
         if not isinstance(message, dict) or message.get("type") != ANNOUNCE_TYPE:
-            return
+            return "malformed"
         if message.get("node_id") == self.context.node_id:
-            return
+            return None
         local = self._local_interface_for(source)
         if local is None:
-            return  # heard on an interface the filter leaves out
+            return "filtered"  # heard on an interface the filter leaves out
         auth = self.context.auth
         if auth is not None:
-            reason = auth.check_announcement(message)
+            reason = auth.check_announcement(message, source)
             if reason is not None:
                 self._log_refusal(source, message.get("node_id"), reason)
-                return
+                return reason
+        elif "sig" in message:
+            self._log_stranger(
+                source,
+                message.get("node_id"),
+                "uses a cluster key and this node runs --insecure; run this node with --join TOKEN",
+            )
+            return "signed"
         try:
             node_id = str(message["node_id"])
             port = int(message["grpc_port"])
             priority = min(int(message.get("priority", 0)), local.priority)
         except (KeyError, TypeError, ValueError):
-            return
+            return "malformed"
         if not node_id or not 0 < port < 65536:
-            return
+            return "malformed"
         # Capabilities are taken from the peer's NodeInfo once it is verified.
         self.context.peers.offer(node_id, source, port, priority=priority)
+        return None
 
     def _local_interface_for(self, source: str) -> Interface | None:
         """Our interface whose subnet holds the sender (None: not on an interface we use)."""
@@ -182,10 +205,26 @@ class UDPDiscovery(Discovery):
         return None
 
     def _log_refusal(self, source: str, claimed: Any, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._refused_log.get(source, -1e9) < 30:
+        if reason.startswith(("signed with another", "unsigned")):
+            what = "has another cluster key" if reason.startswith("signed") else "runs without a cluster key"
+            self._log_stranger(
+                source, claimed, f"{what}; run it with --join TOKEN (`exo token` here prints it)"
+            )
+            return
+        now = time.monotonic()  # replays and stale copies: at most a line per source a minute
+        if now - self._refused_log.get(source, -1e9) < 60:
             return
         if len(self._refused_log) > 1000:
             self._refused_log.clear()
         self._refused_log[source] = now
         log.warning("refused discovery announcement", source=source, claimed_node=str(claimed), reason=reason)
+
+    def _log_stranger(self, source: str, claimed: Any, what: str) -> None:
+        """Once per stranger (node id and address), however often it announces."""
+        where = (str(claimed)[:64], source)
+        if where in self._strangers:
+            return
+        if len(self._strangers) > 1000:
+            self._strangers.clear()
+        self._strangers.add(where)
+        log.warning(f"node {where[0]} at {source} {what}", peer=where[0], source=source)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exo_core.networking.keys import ClusterKey
+
 EXO = str(Path(sys.executable).with_name("exo"))
 
 
@@ -132,6 +134,9 @@ class Cluster:
     links: list[str] = field(default_factory=list)
     specs: dict[str, NodeSpec] = field(default_factory=dict)
     peers_file: Path | None = None
+    # The join token every node gets (through EXO_CLUSTER_TOKEN, never on the command line,
+    # so it is not in `ps`); a node's `env` may give another, or "" for a key of its own.
+    token: str = field(default_factory=lambda: ClusterKey.generate().token)
 
     def list_peers(self, node_ids: Sequence[str]) -> None:
         """Rewrite the shared peers file to list exactly these nodes (nodes re-read it)."""
@@ -216,9 +221,11 @@ class Cluster:
     ) -> ExoProcess:
         home = tmp / f"home-{spec.node_id}"
         home.mkdir(parents=True, exist_ok=True)
-        proc_env = {**os.environ, "EXO_HOME": str(home), "EXO_LOG_LEVEL": "info", **(env or {})}
-        if "EXO_CLUSTER_SECRET" not in (env or {}):
-            proc_env.pop("EXO_CLUSTER_SECRET", None)  # only the secrets a test sets
+        proc_env = {
+            k: v for k, v in os.environ.items() if k not in ("EXO_CLUSTER_SECRET", "EXO_CLUSTER_TOKEN")
+        }
+        proc_env.update(EXO_HOME=str(home), EXO_LOG_LEVEL="info", EXO_CLUSTER_TOKEN=self.token)
+        proc_env.update(env or {})
         process = ExoProcess(spec, list(args), tmp / f"{spec.node_id}.log", proc_env)
         self.nodes[spec.node_id] = process
         process.start()
