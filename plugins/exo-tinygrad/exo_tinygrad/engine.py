@@ -92,7 +92,7 @@ class TinygradEngine(InferenceEngine):
         from exo_tinygrad.loader import load_shard
         from exo_tinygrad.runner import ShardRunner
 
-        path = model_path(model)
+        path = model_path(model, shard)
         self._runner = None  # free the old shard before reading the new one
         weights = load_shard(path, shard, self.options.get("max_context"))
         self._runner = ShardRunner(weights, shard, graph_dir(path, shard, weights.config.max_context))
@@ -161,23 +161,14 @@ class TinygradEngine(InferenceEngine):
         return self._runner.model.weight_bytes() if self._runner is not None else 0
 
 
-def model_path(model: ModelCard) -> Path:
-    """The model's files on this node: its GGUF if present, else its safetensors directory;
-    failing both, the GGUF (or safetensors repo) is downloaded into EXO_HOME."""
-    if files.local_gguf(model) is not None:
-        return files.gguf_path(model, download=False)
-    if "safetensors" in model.sources:
-        local = files.local_snapshot(model.sources["safetensors"])
-        if local is not None:
-            return local
+def model_path(model: ModelCard, shard: Shard) -> Path:
+    """The model's files for `shard` on this node: its GGUF (whole, or holding the shard's byte
+    ranges) or its safetensors directory; failing both, only what the shard needs is downloaded
+    into EXO_HOME (exo_core's `shard_checkpoint`)."""
     try:
-        if "gguf" in model.sources:
-            return files.gguf_path(model)
-        return _download_safetensors(model.sources["safetensors"])
+        return files.shard_checkpoint(model, shard, ("gguf", "safetensors"))[1]
     except files.ModelFilesError as exc:
         raise EngineError(str(exc)) from exc
-    except KeyError:
-        raise EngineError(f"model {model.id!r} has no GGUF or safetensors source") from None
 
 
 def graph_dir(path: Path, shard: Shard, max_context: int) -> Path | None:
@@ -200,18 +191,6 @@ def graph_dir(path: Path, shard: Shard, max_context: int) -> Path | None:
         device=Device.DEFAULT,
     )
     return files.exo_home() / "cache" / "tinygrad" / key
-
-
-def _download_safetensors(repo: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
-        raise EngineError(f"cannot download {repo}: huggingface_hub is missing") from exc
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "*.jinja"]
-    try:
-        return Path(snapshot_download(repo, cache_dir=files.models_dir() / "hub", allow_patterns=patterns))
-    except Exception as exc:
-        raise EngineError(f"could not download {repo}: {exc}") from exc
 
 
 _executor: ThreadPoolExecutor | None = None
