@@ -16,10 +16,17 @@ dedicated thread to submit work to (`await self.thread.run(fn, *args)`).
 - Tensor engines (`works_on_text = False`, the default): the first stage gets token ids,
   later stages hidden states (float32 `[T, hidden]`); the last stage returns logits for the
   last new position and core samples from them.
-- Text engines (`works_on_text = True`, e.g. the RK3588 bridge): whole-request engines that
-  hand the conversation to a server. Their steps are `TextStageInput`s (the conversation,
-  sampling settings and token budget on a request's first step) and they return the sampled
-  token themselves (`StageOutput.token`). Such engines set `supports_sharding = False`.
+- Text engines (`TextEngine`: the RK3588 bridge, any OpenAI-compatible upstream): whole-request
+  engines that hand the conversation to a server and stream its text back. They exchange text,
+  never token ids, and need no tokenizer on the node: core sends each request to one of their
+  *replicas* (the servers they front), picked by shortest expected time, and continues a stream
+  cut mid-answer on another replica (see `exo_core/node/replicas.py`). A `TextEngine` implements
+  `generate(request, replica)` (text deltas, then a finish reason and the server's token counts)
+  and, when it fronts servers that can go away, `check_replica`. Stop strings are applied by core
+  on the text; a replay asks for the whole answer again and core skips what was delivered.
+
+  (`works_on_text` tensor-path engines with `TextStageInput` remain for engines that want token
+  ids and the conversation both.)
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -49,8 +56,13 @@ __all__ = [
     "InferenceEngine",
     "Progress",
     "StageInput",
+    "ReplicaUnavailable",
     "StageOutput",
+    "TextDelta",
+    "TextEngine",
+    "TextGeneration",
     "TextStageInput",
+    "UpstreamError",
 ]
 
 T = TypeVar("T")
@@ -234,3 +246,102 @@ class EngineThread:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- whole-request engines that work on text ------------------------------------------------------
+
+
+class ReplicaUnavailable(EngineError):
+    """A replica (a server a text engine fronts) cannot be reached or cut the answer short.
+
+    Core takes the replica out of rotation and continues the request on another one; only when
+    none is left does the user see this message. Errors the server *answered* with (a 4xx, a
+    500 page, garbage) are plain `EngineError`s: the user sees them at once.
+    """
+
+
+class UpstreamError(EngineError):
+    """A server a text engine fronts refused or failed a request, and said so.
+
+    `status` is the HTTP status the API client gets: the server's own 4xx (a request it cannot
+    take: bad field, prompt too long), 502 for its 5xx and for answers that are not its protocol.
+    """
+
+    def __init__(self, message: str, status: int = 502, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class TextGeneration:
+    """One whole request for a text engine: a chat (`messages`) or a plain completion (`prompt`).
+
+    `extra` holds the OpenAI fields core does not interpret (`tools`, `response_format`, ...),
+    for engines whose servers take them. `max_tokens` None means "as many as the server allows".
+    """
+
+    request_id: str
+    model: ModelCard
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextDelta:
+    """A piece of a text engine's answer. The last one has `finish_reason` ("stop" or "length")
+    and, when the server said, its token counts."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class TextEngine(InferenceEngine):
+    """A whole-request engine over one or more servers (its replicas), exchanging text.
+
+    Subclasses implement `generate`; `replicas` names the servers (default: one), and
+    `check_replica` says whether one is up (core health-checks every replica and brings back
+    the ones that answer again). `discover_models` lets an engine add the cards of models its
+    servers offer when the node starts. `load`, `forward_batch` and `release` belong to the
+    tensor path and are not used.
+    """
+
+    works_on_text: ClassVar[bool] = True
+    supports_sharding: ClassVar[bool] = False
+    concurrent_steps: ClassVar[bool] = True
+
+    def replicas(self) -> Sequence[str]:
+        """Names of the servers this engine fronts (stable; shown in logs)."""
+        return ("default",)
+
+    async def check_replica(self, replica: str) -> None:
+        """Raise `ReplicaUnavailable` when the replica cannot serve now (default: always up)."""
+
+    async def discover_models(self) -> Sequence[ModelCard]:
+        """Cards of models found on the servers, added to the node's models at start."""
+        return ()
+
+    def serves(self, card: ModelCard) -> bool:
+        """Whether this engine instance serves the model (default: the card names a source kind)."""
+        return self.can_serve(card)
+
+    @abstractmethod
+    def generate(self, request: TextGeneration, replica: str) -> AsyncIterator[TextDelta]:
+        """Stream the answer from one replica. Closing the iterator must end the generation on the
+        server. Raise `ReplicaUnavailable` when the server cannot be reached or cuts the answer,
+        `EngineError` (its message for the user) for anything else."""
+
+    async def load(self, shard: Shard, model: ModelCard) -> None:
+        return None
+
+    async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
+        raise EngineError(f"{self.name} serves whole requests (TextEngine.generate), not steps")
+
+    async def release(self, request_id: str) -> None:
+        return None

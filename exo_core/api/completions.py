@@ -230,6 +230,13 @@ class CompletionRun:
         if not self.want_logprobs:
             return []
         tokenizer = choice.prepared.tokenizer
+        if tokenizer is None or (chunk.text and not chunk.tokens):  # a whole-request server's text
+            raise APIError(
+                400,
+                "logprobs are not available: the engine serving this model samples by itself",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
         out = []
         for tok in chunk.tokens:
             if tok.finish_reason == "stop" and tok.token in tokenizer.eos_token_ids:

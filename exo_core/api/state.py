@@ -124,5 +124,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, TokenizerError):
         return APIError(503, str(exc), type="server_error", code="model_not_available")
     if isinstance(exc, GenerationError):
-        return APIError(500, str(exc), type="server_error", code="generation_failed")
+        if 400 <= exc.status < 500:  # a whole-request server refused the request: its 4xx stays
+            return APIError(exc.status, str(exc), code=exc.code)
+        return APIError(exc.status, str(exc), type="server_error", code=exc.code or "generation_failed")
     return APIError(500, f"internal error ({type(exc).__name__}); see the node's log", type="server_error")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 
+from exo_core.engine import ReplicaUnavailable, TextDelta, TextGeneration, UpstreamError
 from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
@@ -115,6 +117,28 @@ class GrpcPeerClient:
         if self.node_id and reply.node_id != self.node_id:
             raise PeerUnavailable(f"{self.target} is node {reply.node_id}, not {self.node_id}")
         return _STATES.get(reply.request_state, RequestState.UNKNOWN)
+
+    async def generate_text(self, request: TextGeneration, delivered: str = "") -> AsyncGenerator[TextDelta]:
+        """A whole request on the peer's text engine, streamed back. No deadline (an answer takes
+        as long as it takes); a peer that dies is noticed by the channel's keepalive pings."""
+        name = "GenerateText"
+        # (getattr: per-call metadata exists only while the cluster secret is signed per call)
+        sign = getattr(self._auth, "metadata", None)
+        metadata = sign(f"/exo.node.v1.NodeService/{name}", self.own_id) if sign else None
+        call = self._stub.GenerateText(wire.text_request_to_pb(request, delivered), metadata=metadata)
+        try:
+            async for reply in call:
+                if reply.error:
+                    if reply.unavailable:
+                        raise ReplicaUnavailable(reply.error)
+                    raise UpstreamError(reply.error, reply.status or 500)
+                yield wire.delta_from_pb(reply)
+        except grpc.aio.AioRpcError as exc:
+            raise PeerUnavailable(
+                f"{self.node_id} at {self.target}: {name}: {exc.code().name}: {exc.details()}"
+            ) from None
+        finally:
+            call.cancel()
 
     # ---- discovery -----------------------------------------------------------------------------
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
 import structlog
 
+from exo_core.engine import ReplicaUnavailable
+from exo_core.errors import EngineError
 from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
@@ -79,6 +83,27 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.NodeInfo:
         return wire.node_info_to_pb(self.node.info())
+
+    async def GenerateText(
+        self, request: pb.TextGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TextDeltaReply]:
+        """A whole request on this node's text engine; failures travel as the last reply."""
+        card = self.node.models.get(request.model_id)
+        if card is None:
+            yield pb.TextDeltaReply(error=f"node {self.node.node_id} has no model {request.model_id!r}")
+            return
+        try:
+            text_request, delivered = wire.text_request_from_pb(request, card)
+        except wire.WireError as exc:
+            await _refuse(context, f"malformed text request: {exc}")
+        try:
+            async with contextlib.aclosing(self.node.serve_text(text_request, delivered)) as deltas:
+                async for delta in deltas:
+                    yield wire.delta_to_pb(delta)
+        except ReplicaUnavailable as exc:
+            yield pb.TextDeltaReply(error=str(exc), unavailable=True)
+        except EngineError as exc:
+            yield pb.TextDeltaReply(error=str(exc), status=getattr(exc, "status", 500))
 
 
 async def _refuse(context: grpc.aio.ServicerContext, reason: str) -> NoReturn:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from exo_core.engine import TextDelta, TextGeneration
+from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.node.messages import StageFailure, StepMessage, TokenMessage
@@ -263,4 +265,82 @@ def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
         supports_sharding=msg.supports_sharding,
         models=tuple(msg.models),
         active_requests=msg.active_requests,
+    )
+
+
+# ---- whole requests on text --------------------------------------------------------------------
+
+
+def text_request_to_pb(request: TextGeneration, delivered: str = "") -> pb.TextGenerationRequest:
+    msg = pb.TextGenerationRequest(
+        request_id=request.request_id,
+        model_id=request.model.id,
+        sampling=sampling_to_pb(request.sampling),
+        stop=list(request.stop),
+        delivered=delivered,
+    )
+    if request.messages is not None:
+        msg.messages_json = json.dumps(request.messages, ensure_ascii=False)
+    if request.prompt is not None:
+        msg.prompt = request.prompt
+    if request.max_tokens is not None:
+        msg.max_tokens = request.max_tokens
+    if request.extra:
+        msg.extra_json = json.dumps(request.extra, ensure_ascii=False)
+    return msg
+
+
+def text_request_from_pb(msg: pb.TextGenerationRequest, card: ModelCard) -> tuple[TextGeneration, str]:
+    """The request (for `card`, the node's card of msg.model_id) and the text already delivered."""
+    if not msg.request_id:
+        raise WireError("text request without a request id")
+    messages: list[dict[str, Any]] | None = None
+    if msg.messages_json:
+        try:
+            messages = json.loads(msg.messages_json)
+        except ValueError as exc:
+            raise WireError(f"messages_json: {exc}") from None
+        if not isinstance(messages, list):
+            raise WireError("messages_json must hold a list of messages")
+    prompt = msg.prompt if msg.HasField("prompt") else None
+    if (messages is None) == (prompt is None):
+        raise WireError("a text request carries either messages or a prompt")
+    extra: dict[str, Any] = {}
+    if msg.extra_json:
+        try:
+            extra = json.loads(msg.extra_json)
+        except ValueError as exc:
+            raise WireError(f"extra_json: {exc}") from None
+        if not isinstance(extra, dict):
+            raise WireError("extra_json must hold an object")
+    request = TextGeneration(
+        request_id=msg.request_id,
+        model=card,
+        messages=messages,
+        prompt=prompt,
+        sampling=sampling_from_pb(msg.sampling),
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
+        stop=tuple(msg.stop),
+        extra=extra,
+    )
+    return request, msg.delivered
+
+
+def delta_to_pb(delta: TextDelta) -> pb.TextDeltaReply:
+    msg = pb.TextDeltaReply(text=delta.text, finish_reason=delta.finish_reason or "")
+    if delta.prompt_tokens is not None:
+        msg.prompt_tokens = delta.prompt_tokens
+    if delta.completion_tokens is not None:
+        msg.completion_tokens = delta.completion_tokens
+    return msg
+
+
+def delta_from_pb(msg: pb.TextDeltaReply) -> TextDelta:
+    if msg.finish_reason not in ("", "stop", "length"):
+        raise WireError(f"unknown finish reason {msg.finish_reason!r}")
+    return TextDelta(
+        text=msg.text,
+        finish_reason=msg.finish_reason or None,
+        prompt_tokens=msg.prompt_tokens if msg.HasField("prompt_tokens") else None,
+        completion_tokens=msg.completion_tokens if msg.HasField("completion_tokens") else None,
     )

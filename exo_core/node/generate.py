@@ -3,6 +3,12 @@
 It renders the chat template, tokenizes, checks the context, runs the node's token stream,
 decodes it without splitting characters, and applies stop strings (never emitting them, even
 when they arrive split over several tokens) and `max_tokens`.
+
+A model served whole by text engines (RKLLAMA boards, OpenAI-compatible upstreams) needs no
+tokenizer here: the request goes to a replica as text and its answer comes back as text. When
+the model's tokenizer is on this node it is still used, to check the context and to count
+tokens a server does not report; without it, usage is the server's own counts, or an estimate
+of one token per 4 characters when the server gives none.
 """
 
 from __future__ import annotations
@@ -11,16 +17,20 @@ import asyncio
 import contextlib
 import functools
 import time
+import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tokenizers import decoders
 
+from exo_core.engine import TextDelta, TextGeneration
 from exo_core.models.cards import ModelCard
-from exo_core.models.tokenizer import Tokenizer, load_tokenizer
+from exo_core.models.files import ModelFilesError
+from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from exo_core.node.messages import GeneratedToken, GenerationRequest
 from exo_core.node.node import Node
+from exo_core.node.origin import RING
 from exo_core.node.sampling import SamplingParams
 
 
@@ -43,14 +53,19 @@ class TextRequest:
     max_tokens: int | None = None
     stop: Sequence[str] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # OpenAI fields core does not interpret, for whole-request engines whose servers take them.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PreparedRequest:
+    """A request ready to run. Without a tokenizer on this node (a model served whole by text
+    engines) `tokenizer` is None, `prompt_tokens` empty and `max_tokens` the request's own."""
+
     text_request: TextRequest
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     prompt_tokens: list[int]
-    max_tokens: int
+    max_tokens: int | None
 
 
 @dataclass
@@ -94,7 +109,15 @@ class Generator:
         return min(limits) if limits else 4096
 
     def prepare(self, req: TextRequest) -> PreparedRequest:
-        tokenizer = self.tokenizer(req.model)
+        try:
+            tokenizer = self.tokenizer(req.model)
+        except (TokenizerError, ModelFilesError, OSError):
+            if not self.node.origin.whole_nodes(req.model):
+                raise
+            # Whole-request engines exchange text: the server tokenizes and checks the context.
+            if req.messages is None and not req.prompt:
+                raise ValueError("the prompt is empty") from None
+            return PreparedRequest(req, None, [], req.max_tokens)
         prompt_param = "messages" if req.messages is not None else "prompt"
         if req.messages is not None:
             prompt_tokens = tokenizer.encode_chat(req.messages)
@@ -123,11 +146,28 @@ class Generator:
     async def stream(
         self, prepared: PreparedRequest, usage: Usage | None = None
     ) -> AsyncGenerator[TextChunk, None]:
-        """Text chunks as tokens arrive; closing it early stops the generation everywhere."""
+        """Text chunks as tokens arrive; closing it early stops the generation everywhere.
+
+        The origin picks the way: the layer-sharded ring (token ids), or the whole-request
+        replica (text) with the shortest expected time.
+        """
         usage = usage if usage is not None else Usage()
+        route = self.node.origin.route(prepared.text_request.model, ring_ok=prepared.tokenizer is not None)
+        if route != RING:
+            chunks = self._stream_text(prepared, usage, route)
+        else:
+            chunks = self._stream_ring(prepared, usage)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _stream_ring(self, prepared: PreparedRequest, usage: Usage) -> AsyncGenerator[TextChunk, None]:
+        """Token ids through the ring (the last stage samples), decoded here."""
         usage.prompt_tokens = len(prepared.prompt_tokens)
         req = prepared.text_request
         tokenizer = prepared.tokenizer
+        assert tokenizer is not None and prepared.max_tokens is not None
+        run = self.node.origin.balancer.run(RING)
         request = GenerationRequest(
             model=req.model,
             prompt_tokens=prepared.prompt_tokens,
@@ -142,30 +182,105 @@ class Generator:
         start = time.perf_counter()
         # Node.generate is an async generator; it is typed as an iterator.
         tokens = cast(AsyncGenerator[GeneratedToken, None], self.node.generate(request))
-        async with contextlib.aclosing(tokens):
-            async for tok in tokens:
-                # Let the step that computes the next token start before this one is decoded and
-                # sent: the work below then overlaps the engine instead of delaying it.
-                await asyncio.sleep(0)
-                if usage.first_token_s is None:
-                    usage.first_token_s = time.perf_counter() - start
-                usage.completion_tokens += 1
-                usage.elapsed_s = time.perf_counter() - start
-                pending.append(tok)
-                is_eos = tok.finish_reason == "stop" and tok.token in tokenizer.eos_token_ids
-                piece = "" if is_eos else decoder.push(tok.token)
-                if tok.finish_reason is not None and not is_eos:
-                    piece += decoder.flush()
-                text, stopped = stops.feed(piece)
-                if stopped:
-                    yield TextChunk(text, pending, "stop")
-                    return
-                if tok.finish_reason is not None:
-                    yield TextChunk(text + stops.flush(), pending, tok.finish_reason)
-                    return
-                if text:
-                    yield TextChunk(text, pending)
-                    pending = []
+        try:
+            async with contextlib.aclosing(tokens):
+                async for tok in tokens:
+                    # Let the step that computes the next token start before this one is decoded and
+                    # sent: the work below then overlaps the engine instead of delaying it.
+                    await asyncio.sleep(0)
+                    if usage.first_token_s is None:
+                        usage.first_token_s = time.perf_counter() - start
+                    usage.completion_tokens += 1
+                    usage.elapsed_s = time.perf_counter() - start
+                    pending.append(tok)
+                    is_eos = tok.finish_reason == "stop" and tok.token in tokenizer.eos_token_ids
+                    piece = "" if is_eos else decoder.push(tok.token)
+                    if tok.finish_reason is not None and not is_eos:
+                        piece += decoder.flush()
+                    text, stopped = stops.feed(piece)
+                    if stopped:
+                        yield TextChunk(text, pending, "stop")
+                        return
+                    if tok.finish_reason is not None:
+                        yield TextChunk(text + stops.flush(), pending, tok.finish_reason)
+                        return
+                    if text:
+                        yield TextChunk(text, pending)
+                        pending = []
+        finally:
+            run.tokens = usage.completion_tokens
+            run.close(ok=True)
+
+    async def _stream_text(
+        self, prepared: PreparedRequest, usage: Usage, first: str
+    ) -> AsyncGenerator[TextChunk, None]:
+        """The request as text to a whole-request replica; its text back, cut at stop strings."""
+        req = prepared.text_request
+        request = TextGeneration(
+            request_id=uuid.uuid4().hex,
+            model=req.model,
+            messages=req.messages,
+            prompt=req.prompt,
+            sampling=req.sampling,
+            max_tokens=req.max_tokens,
+            stop=tuple(req.stop),
+            extra=dict(req.extra),
+        )
+        stops = StopMatcher(req.stop)
+        received: list[str] = []
+        counted: list[TextDelta] = []
+        start = time.perf_counter()
+        deltas = self.node.origin.generate_text(request, first)
+        try:
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    if delta.prompt_tokens is not None or delta.completion_tokens is not None:
+                        counted.append(delta)
+                    if delta.text:
+                        if usage.first_token_s is None:
+                            usage.first_token_s = time.perf_counter() - start
+                        received.append(delta.text)
+                    usage.elapsed_s = time.perf_counter() - start
+                    text, stopped = stops.feed(delta.text)
+                    if stopped:
+                        yield TextChunk(text, [], "stop")
+                        return
+                    if delta.finish_reason is not None:
+                        yield TextChunk(text + stops.flush(), [], delta.finish_reason)
+                        return
+                    if text:
+                        yield TextChunk(text, [])
+        finally:
+            self._text_usage(prepared, usage, "".join(received), counted)
+
+    @staticmethod
+    def _text_usage(prepared: PreparedRequest, usage: Usage, answer: str, counted: list[TextDelta]) -> None:
+        """The server's counts when it gave them, else the tokenizer's, else ~4 characters a token."""
+        req = prepared.text_request
+        tokenizer = prepared.tokenizer
+        prompt = next((d.prompt_tokens for d in reversed(counted) if d.prompt_tokens is not None), None)
+        completion = next(
+            (d.completion_tokens for d in reversed(counted) if d.completion_tokens is not None), None
+        )
+        if prompt is None:
+            if prepared.prompt_tokens:
+                prompt = len(prepared.prompt_tokens)
+            else:
+                chars = sum(len(str(m.get("content") or "")) for m in req.messages or ()) + len(
+                    req.prompt or ""
+                )
+                prompt = _estimate_tokens(chars)
+        if completion is None:
+            completion = (
+                len(tokenizer.encode(answer)) if tokenizer is not None else _estimate_tokens(len(answer))
+            )
+        usage.prompt_tokens = prompt
+        usage.completion_tokens = completion
+
+
+def _estimate_tokens(chars: int) -> int:
+    """Tokens of a text no tokenizer here can count: about 4 characters each (OpenAI's rule of thumb)."""
+    return max(1, (chars + 3) // 4) if chars else 0
 
 
 def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import numpy as np
 
+from exo_core.engine import TextDelta, TextGeneration
 from exo_core.models.cards import ModelCard
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
@@ -47,6 +49,11 @@ class StepMessage:
     replayed: tuple[int, ...] = ()
     # The token just sampled, riding along to stage 0 when stage 0 is the origin (saves an RPC).
     deliver: TokenMessage | None = None
+    # An llguidance grammar the last stage's sampling must follow (first step of an attempt only).
+    constraint: str | None = None
+    # Prefix reuse: the first step of an attempt starts this request's cache with the first
+    # `start_pos` positions of this finished request's cache (request_id#attempt), kept by every stage.
+    reuse_from: str = ""
 
     @property
     def stage(self) -> PlanStage:
@@ -109,6 +116,15 @@ class PeerClient(Protocol):
         """Liveness; with a request, this node's `request_state` of that attempt."""
         ...
 
+    def generate_text(self, request: TextGeneration, delivered: str = "") -> AsyncIterator[TextDelta]:
+        """A whole request on the peer's text engine: its answer after `delivered`, as it streams.
+
+        Raises `ReplicaUnavailable` (or `PeerUnavailable`) when the peer cannot finish it (the
+        origin goes on elsewhere), `EngineError` for an error to show the user. Closing the
+        iterator stops the generation on the peer.
+        """
+        ...
+
 
 class PeerUnavailable(ConnectionError):
     """A peer could not be reached (raised by PeerClient implementations)."""
@@ -129,6 +145,7 @@ class GenerationRequest:
     eos_token_ids: tuple[int, ...] = ()
     messages: list[dict[str, Any]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    constraint: str | None = None  # an llguidance grammar for the sampler (exo_core.node.constraints)
 
 
 @dataclass
@@ -137,7 +154,16 @@ class GeneratedToken:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None
+    cached_tokens: int = 0  # the first token says how many prompt positions came from the prefix cache
 
 
 class GenerationError(RuntimeError):
-    """A generation failed; the message is safe to show to the API client."""
+    """A generation failed; the message is safe to show to the API client.
+
+    `status` is the HTTP status for it (a server's refusal of the request keeps its 4xx).
+    """
+
+    def __init__(self, message: str, status: int = 500, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

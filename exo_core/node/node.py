@@ -8,12 +8,13 @@ nodes send each other is in `messages.py`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence, Set
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence, Set
 from dataclasses import dataclass
 
 import structlog
 
-from exo_core.engine import InferenceEngine
+from exo_core.engine import InferenceEngine, TextDelta, TextEngine, TextGeneration
+from exo_core.errors import EngineError
 from exo_core.models.cards import ModelCard
 from exo_core.node.messages import (
     GeneratedToken,
@@ -27,6 +28,7 @@ from exo_core.node.messages import (
 )
 from exo_core.node.origin import Origin
 from exo_core.node.partitioning import Partitioner, PlanStage, ring_memory_weighted
+from exo_core.node.replicas import ReplicaSet
 from exo_core.node.stage import Stage
 from exo_core.node.topology import DeviceCapabilities, NodeInfo
 
@@ -67,6 +69,8 @@ class Node:
         self._served_models: tuple[str, ...] = tuple(models)
         self._local = _LocalPeer(self)
         self.stage = Stage(node_id, engine, models, self.client_for, step_timeout=step_timeout)
+        # A text engine serves whole requests over its servers (replicas), not steps.
+        self.replicas = ReplicaSet(engine) if isinstance(engine, TextEngine) else None
         self.origin = Origin(
             node_id,
             self.cluster,
@@ -83,9 +87,13 @@ class Node:
     async def start(self) -> None:
         """Start the stage's engine worker (a first step starts it too: an origin needs none)."""
         await self.stage.start()
+        if self.replicas is not None:
+            await self.replicas.start()
 
     async def stop(self) -> None:
         await self.stage.stop()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.origin.stop()
         await self.engine.close()
 
@@ -111,12 +119,23 @@ class Node:
             raise ValueError("a node is not its own peer")
         is_new = info.node_id not in self.peers
         self.peers[info.node_id] = Peer(info, client)
+        self._learn_models(info)
         if is_new:
             log.info("peer added", peer=info.node_id, address=f"{info.address}:{info.port}")
 
     def update_peer_info(self, info: NodeInfo) -> None:
         if info.node_id in self.peers:
             self.peers[info.node_id].info = info
+            self._learn_models(info)
+
+    def _learn_models(self, info: NodeInfo) -> None:
+        """Models a whole-request peer found on its servers (an upstream's own ids): this node
+        knows no card for them, but can send their requests there."""
+        if info.supports_sharding:
+            return
+        for model_id in info.models:
+            if model_id not in self.models:
+                self.models[model_id] = ModelCard(model_id, model_id, 1)
 
     def remove_peer(self, node_id: str, reason: str = "dropped by discovery") -> None:
         """Forget a peer; requests whose plan uses it are re-planned."""
@@ -183,7 +202,16 @@ class Node:
         return self.stage.request_state(request_id, attempt)
 
     def active_stage_requests(self) -> int:
-        return self.stage.request_count
+        whole = self.replicas.inflight if self.replicas is not None else 0
+        return self.stage.request_count + whole
+
+    def serve_text(self, request: TextGeneration, delivered: str = "") -> AsyncGenerator[TextDelta]:
+        """A whole request on this node's text engine, balanced over its servers (from any origin)."""
+        if self.replicas is None:
+            raise EngineError(
+                f"node {self.node_id} runs {self.engine.name}, which does not serve whole requests"
+            )
+        return self.replicas.generate(request, delivered)
 
 
 class _LocalPeer:
@@ -206,3 +234,6 @@ class _LocalPeer:
 
     async def health(self, request_id: str = "", attempt: int = 0) -> RequestState:
         return self._node.request_state(request_id, attempt) if request_id else RequestState.UNKNOWN
+
+    def generate_text(self, request: TextGeneration, delivered: str = "") -> AsyncIterator[TextDelta]:
+        return self._node.serve_text(request, delivered)

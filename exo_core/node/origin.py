@@ -10,7 +10,15 @@ How a failure is noticed: an RPC to a stage fails or times out (the sender repor
 origin), discovery drops a node (`peer_removed`), or the origin, waiting more than
 `liveness_interval` for a token, pings the stages of the plan and one is unreachable (at once)
 or silent for `liveness_timeout`. A request that makes no progress for `step_timeout` is
-replayed. When no plan is left the caller gets a `GenerationError`, never a hang.
+replayed; a stage that is computing (its health says QUEUED: its step waits for or runs in an
+engine that keeps finishing slices) counts as progress, so a long prefill is never mistaken for
+a failure, and a stage whose engine hangs reports itself failed and is left out of the replay.
+Whatever happens, a request that gets neither a token nor a sign of progress for
+`stall_timeout` (default: twice `step_timeout` plus `liveness_timeout`), across all its
+re-plans, ends with a `GenerationError`; when no plan is left that happens at once.
+
+A request keeps its plan until it ends or a stage of it fails: a peer that joins, or a new
+plan for new requests, never touches it (the engines hold every shard their live requests use).
 
 Releases carry the attempt they free (`up_to_attempt`), so a late release of an abandoned
 attempt never frees the replay. The origin talks to every stage through a `PeerClient`, its
@@ -20,15 +28,18 @@ own node's stage included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Set
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import structlog
 
+from exo_core.engine import ReplicaUnavailable, TextDelta, TextGeneration, UpstreamError
+from exo_core.errors import EngineError
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.node.messages import (
@@ -44,11 +55,13 @@ from exo_core.node.messages import (
     TokenMessage,
 )
 from exo_core.node.partitioning import NoPlanError, Partitioner, PlanStage, ring_memory_weighted
+from exo_core.node.replicas import Balancer
 from exo_core.node.topology import NodeInfo
 
 log = structlog.get_logger("exo.node")
 
 MAX_DEPARTED = 64
+RING = "ring"  # the layer-sharded nodes, as one candidate beside the whole-request replicas
 
 
 @dataclass
@@ -61,6 +74,7 @@ class _OriginState:
     excluded: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)  # nodes that may hold caches for it
     progress_at: float = field(default_factory=time.monotonic)  # last token or (re)start
+    advanced_at: float = field(default_factory=time.monotonic)  # last token or progress, any attempt
     silent_since: dict[str, float] = field(default_factory=dict)  # node -> first missed ping
 
 
@@ -78,6 +92,7 @@ class Origin:
         max_replans: int = 8,
         liveness_interval: float = 1.0,
         liveness_timeout: float = 10.0,
+        stall_timeout: float | None = None,
     ) -> None:
         self.node_id = node_id
         self.partitioner = partitioner
@@ -85,6 +100,9 @@ class Origin:
         self.max_replans = max_replans
         self.liveness_interval = liveness_interval
         self.liveness_timeout = liveness_timeout
+        self.stall_timeout = (
+            stall_timeout if stall_timeout is not None else 2 * step_timeout + liveness_timeout
+        )
         self.replans_total = 0  # re-plans after a stage failed, all requests, all time
         self.inflight: dict[str, int] = {}  # node id -> this origin's requests planned on it
         self._cluster = cluster
@@ -93,11 +111,14 @@ class Origin:
         # Clients of peers discovery dropped, kept a while so releases still reach them.
         self._departed: OrderedDict[str, PeerClient] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
+        # Whole-request replicas (node ids) and the ring, by shortest expected time.
+        self.balancer = Balancer()
+        self._text_requests = 0
 
     @property
     def active_requests(self) -> int:
         """Requests generating now."""
-        return len(self._requests)
+        return len(self._requests) + self._text_requests
 
     async def stop(self) -> None:
         for task in list(self._background):
@@ -128,6 +149,88 @@ class Origin:
         (this node's own info is current: the cluster list is made when asked)."""
         return (self.inflight.get(info.node_id, 0), info.active_requests)
 
+    # ---- whole requests on text ----------------------------------------------------------------
+
+    def whole_nodes(self, card: ModelCard, exclude: Set[str] = frozenset()) -> list[NodeInfo]:
+        """Nodes whose engine serves the model whole, on text (`TextEngine`)."""
+        return [
+            n
+            for n in self._cluster()
+            if not n.supports_sharding and n.node_id not in exclude and (not n.models or card.id in n.models)
+        ]
+
+    def route(self, card: ModelCard, *, ring_ok: bool = True) -> str:
+        """`RING`, or the whole-request node with the shortest expected time for one more request.
+
+        The ring competes only when the origin could tokenize the prompt (`ring_ok`) and some
+        node can hold layers of the model; with no whole-request node it is always the ring.
+        """
+        whole = self.whole_nodes(card)
+        if not whole:
+            return RING
+        keys = [n.node_id for n in whole]
+        if ring_ok and any(
+            n.supports_sharding and (not n.models or card.id in n.models) for n in self._cluster()
+        ):
+            keys.append(RING)
+        reported = {n.node_id: n.active_requests for n in whole}
+        return self.balancer.pick(keys, lambda k: reported.get(k, 0)) or keys[0]
+
+    async def generate_text(
+        self, request: TextGeneration, first: str | None = None
+    ) -> AsyncGenerator[TextDelta]:
+        """A whole request on a whole-request node (`first`, else the best one), streamed; when that
+        node cannot finish it, on to another, which skips the text already delivered."""
+        tried: set[str] = set()
+        reasons: list[str] = []
+        delivered = ""
+        node_id = first
+        self._text_requests += 1
+        try:
+            while True:
+                if node_id is None:
+                    candidates = self.whole_nodes(request.model, tried)
+                    reported = {n.node_id: n.active_requests for n in candidates}
+                    node_id = self.balancer.pick(list(reported), reported.__getitem__)
+                    if node_id is None:
+                        lost = f" ({'; '.join(reasons)})" if reasons else ""
+                        raise GenerationError(f"no node can serve {request.model.id} right now{lost}")
+                tried.add(node_id)
+                run = self.balancer.run(node_id)
+                self.inflight[node_id] = self.inflight.get(node_id, 0) + 1
+                lost_it = False
+                try:
+                    stream = self._client_for(node_id).generate_text(request, delivered)
+                    async with contextlib.aclosing(stream) as deltas:  # type: ignore[type-var]
+                        async for delta in deltas:
+                            run.saw(delta)
+                            delivered += delta.text
+                            yield delta
+                            if delta.finish_reason is not None:
+                                return
+                    return
+                except (PeerUnavailable, ReplicaUnavailable) as exc:
+                    lost_it = True
+                    reasons.append(f"{node_id}: {exc}")
+                    self.replans_total += 1
+                    log.warning(
+                        "whole-request node lost; continuing on another",
+                        request=request.request_id,
+                        node=node_id,
+                        delivered=len(delivered),
+                        error=str(exc),
+                    )
+                except UpstreamError as exc:
+                    raise GenerationError(str(exc), exc.status, exc.code) from exc
+                except EngineError as exc:
+                    raise GenerationError(str(exc)) from exc
+                finally:
+                    run.close(not lost_it)
+                    self.inflight[node_id] = self.inflight.get(node_id, 1) - 1
+                node_id = None
+        finally:
+            self._text_requests -= 1
+
     # ---- a request, from start to release ----------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GeneratedToken]:
@@ -147,6 +250,12 @@ class Origin:
                     event = await asyncio.wait_for(state.events.get(), self.liveness_interval)
                 except TimeoutError:
                     failure = await self._check_stages(state)
+                    stalled = time.monotonic() - state.advanced_at
+                    if stalled > self.stall_timeout:
+                        raise GenerationError(
+                            f"no progress for {stalled:.0f} s (after {replans} re-plans"
+                            f"{': ' + failure.reason if failure is not None else ''}); giving up"
+                        ) from None
                     if failure is None:
                         continue
                     event = failure
@@ -176,7 +285,7 @@ class Origin:
                     raise GenerationError(event.error)
                 if event.step != len(state.generated):
                     continue  # a duplicate after a replay
-                state.progress_at = time.monotonic()
+                state.progress_at = state.advanced_at = time.monotonic()
                 state.silent_since.clear()
                 state.generated.append(event.token)
                 yield GeneratedToken(event.token, event.logprob, event.top_logprobs, event.finish_reason)
@@ -264,8 +373,8 @@ class Origin:
             except PeerUnavailable as exc:
                 return StageFailure(rid, attempt, node_id, str(exc))
             state.silent_since.pop(node_id, None)
-            if held == RequestState.QUEUED:  # waiting its turn on a busy engine: healthy, not stuck
-                state.progress_at = time.monotonic()
+            if held == RequestState.QUEUED:  # waiting for or computing in its engine: not stuck
+                state.progress_at = state.advanced_at = time.monotonic()
             if held == RequestState.RELEASED:  # it gave up on the request (e.g. could not reach us)
                 return StageFailure(rid, attempt, node_id, f"{node_id} dropped the request")
             return None
@@ -277,7 +386,7 @@ class Origin:
         if any(s.node_id == self.node_id for s in state.plan):
             here = await self._client_for(self.node_id).health(rid, attempt)
             if here == RequestState.QUEUED:
-                state.progress_at = time.monotonic()
+                state.progress_at = state.advanced_at = time.monotonic()
         if time.monotonic() - state.progress_at > self.step_timeout:
             return StageFailure(rid, attempt, "", f"no progress for {self.step_timeout:.0f} s")
         return None
@@ -325,3 +434,9 @@ class Origin:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", task=task.get_name(), error=repr(task.exception()))

@@ -229,3 +229,43 @@ class NodeInfo(_message.Message):
 class NodeInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TextGenerationRequest(_message.Message):
+    __slots__ = ("request_id", "model_id", "messages_json", "prompt", "sampling", "max_tokens", "stop", "extra_json", "delivered")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model_id: str
+    messages_json: str
+    prompt: str
+    sampling: SamplingParams
+    max_tokens: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    extra_json: str
+    delivered: str
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., messages_json: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., extra_json: _Optional[str] = ..., delivered: _Optional[str] = ...) -> None: ...
+
+class TextDeltaReply(_message.Message):
+    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "error", "unavailable", "status")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str
+    unavailable: bool
+    status: int
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., error: _Optional[str] = ..., unavailable: _Optional[bool] = ..., status: _Optional[int] = ...) -> None: ...

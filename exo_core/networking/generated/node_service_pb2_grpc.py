@@ -64,6 +64,11 @@ class NodeServiceStub:
                 request_serializer=node__service__pb2.NodeInfoRequest.SerializeToString,
                 response_deserializer=node__service__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.GenerateText = channel.unary_stream(
+                '/exo.node.v1.NodeService/GenerateText',
+                request_serializer=node__service__pb2.TextGenerationRequest.SerializeToString,
+                response_deserializer=node__service__pb2.TextDeltaReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -109,6 +114,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateText(self, request, context):
+        """Run a whole request on this node's text engine, streaming its answer back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +153,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetNodeInfo,
                     request_deserializer=node__service__pb2.NodeInfoRequest.FromString,
                     response_serializer=node__service__pb2.NodeInfo.SerializeToString,
+            ),
+            'GenerateText': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateText,
+                    request_deserializer=node__service__pb2.TextGenerationRequest.FromString,
+                    response_serializer=node__service__pb2.TextDeltaReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +322,33 @@ class NodeService:
             '/exo.node.v1.NodeService/GetNodeInfo',
             node__service__pb2.NodeInfoRequest.SerializeToString,
             node__service__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exo.node.v1.NodeService/GenerateText',
+            node__service__pb2.TextGenerationRequest.SerializeToString,
+            node__service__pb2.TextDeltaReply.FromString,
             options,
             channel_credentials,
             insecure,
