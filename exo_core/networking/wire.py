@@ -122,7 +122,10 @@ def step_to_pb(step: StepMessage) -> pb.StepRequest:
         step=step.step,
         start_pos=step.start_pos,
         replayed=step.replayed,
+        reuse_from=step.reuse_from,
     )
+    if step.constraint is not None:
+        msg.constraint = step.constraint
     if step.tokens is not None:
         msg.tokens.CopyFrom(tensor_to_pb(step.tokens, TOKENS_DTYPE))
     if step.hidden is not None:
@@ -174,6 +177,8 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
         messages=messages,
         replayed=tuple(msg.replayed),
         deliver=token_from_pb(msg.deliver) if msg.HasField("deliver") else None,
+        constraint=msg.constraint if msg.HasField("constraint") else None,
+        reuse_from=msg.reuse_from,
     )
 
 

@@ -47,14 +47,25 @@ class Sampled:
 
 
 def sample(
-    logits: np.ndarray, params: SamplingParams, generated: Sequence[int] = (), step: int = 0
+    logits: np.ndarray,
+    params: SamplingParams,
+    generated: Sequence[int] = (),
+    step: int = 0,
+    allowed: np.ndarray | None = None,
 ) -> Sampled:
-    """Pick the next token.
+    """Pick the next token (among `allowed`, a bool mask over the vocabulary, when given).
 
     The random stream depends only on (seed, step), so a request replayed on another node
-    after a failure samples the same tokens.
+    after a failure samples the same tokens. Logprobs are those of the distribution sampled
+    from: a grammar's mask (constrained decoding) applies before them.
     """
     x = np.asarray(logits, dtype=np.float32).reshape(-1).copy()
+    if allowed is not None:
+        n = min(allowed.shape[0], x.shape[0])
+        if not allowed[:n].any():
+            raise ValueError("the grammar allows no token of this model's vocabulary")
+        x[:n][~allowed[:n]] = -np.inf
+        x[n:] = -np.inf  # rows past the tokenizer's vocabulary (padding) are never text
     if generated and (params.presence_penalty or params.frequency_penalty):
         ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
         ids_ok = ids < x.shape[0]
