@@ -77,10 +77,21 @@ def choose_engine(reg: Registry, name: str | None) -> type[InferenceEngine]:
 
 
 def choose_model(reg: Registry, model_id: str | None) -> ModelCard:
+    """The card by id or alias; a hub id (hf.co/ORG/REPO[:FILE|:QUANT]) gets a card from the
+    model's own metadata, registered so the API serves it under that id."""
     try:
         return find_card(reg.models, model_id or DEFAULT_MODEL_ID)
     except LookupError as exc:
-        raise ConfigError(str(exc)) from exc
+        from exo_core.models.hub_cards import card_from_hub, is_hub_id
+
+        if not model_id or not is_hub_id(model_id):
+            raise ConfigError(str(exc)) from exc
+        try:
+            card = card_from_hub(model_id)
+        except files.ModelFilesError as hub_exc:
+            raise ConfigError(str(hub_exc)) from hub_exc
+        reg.models[card.id] = card
+        return card
 
 
 def persistent_node_id() -> str:

@@ -161,6 +161,23 @@ def shard_ranges(gguf: GGUFFile, shard: Shard) -> list[Range]:
     return merge(wanted, gap=gguf.alignment)
 
 
+def header_ranges(gguf: GGUFFile) -> list[Range]:
+    """The header and the tensors a config is read from (Llama 3's RoPE factors)."""
+    wanted: list[Range] = [(0, gguf.data_offset)]
+    rope = gguf.tensors.get(ROPE_FREQS)
+    if rope is not None and rope.nbytes is not None:
+        wanted.append((rope.offset, rope.offset + rope.nbytes))
+    return merge(wanted)
+
+
+def _holds_header(file: Path) -> bool:
+    manifest = partial_manifest(file)
+    if manifest is None:
+        return file.is_file()
+    gguf = header_on_disk(file, manifest)
+    return gguf is not None and manifest.covers(header_ranges(gguf))
+
+
 def gguf_block_count(gguf: GGUFFile) -> int | None:
     arch = gguf.metadata.get("general.architecture")
     count = gguf.metadata.get(f"{arch}.block_count")
@@ -395,11 +412,15 @@ def fetch_gguf(
     filename: str,
     shard: Shard | None,
     *,
+    header_only: bool = False,
     model_id: str = "",
     revision: str = "main",
     reader: Callable[[RemoteFile], RangeReader] | None = None,
 ) -> Path:
     """The GGUF with (at least) the bytes `shard` needs; None = the whole file. Returns its path.
+
+    `header_only` fetches only the header (and the small RoPE-factors tensor the config reads):
+    what a model card needs, before any weights.
 
     Fetches the header, then only the shard's missing byte ranges, into a sparse file in EXO_HOME.
     Raises `DownloadError` with what to do (gated repo, unknown repo, disk full, link dropped).
@@ -411,6 +432,8 @@ def fetch_gguf(
         if dest.is_file() and not mpath.exists():
             return dest  # whole already
         if shard is not None and dest.is_file() and holds_shard(dest, shard):
+            return dest
+        if header_only and dest.is_file() and _holds_header(dest):
             return dest
         if hub_offline():
             raise DownloadError(
@@ -438,6 +461,9 @@ def fetch_gguf(
                     raise DownloadError(
                         f"{label} has {count} layers, but the shard {shard} expects {shard.n_layers}"
                     )
+            if header_only:
+                fetch_ranges(dest, manifest, header_ranges(gguf), read)
+                return dest
             wanted = shard_ranges(gguf, shard) if shard is not None else [(0, remote.size)]
             layers = f"{shard.start_layer}-{shard.end_layer}/{shard.n_layers}" if shard else ""
             entry = TRACKER.begin(

@@ -279,15 +279,17 @@ def _holds_shard(directory: Path, shard: Shard) -> bool:
 def download_shard_files(repo: str, shard: Shard) -> Path:
     """Download config.json, the tokenizer, and the weight files holding the shard's tensors;
     the snapshot directory (where `local_snapshot` finds it later)."""
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import HfApi, hf_hub_download
 
-    cache = models_dir() / "hub"
+    from exo_core.models.download import hub_endpoint
+
+    cache, endpoint = models_dir() / "hub", hub_endpoint()
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo, filename, cache_dir=cache))
+        return Path(hf_hub_download(repo, filename, cache_dir=cache, endpoint=endpoint))
 
     try:
-        listing = set(list_repo_files(repo))
+        listing = set(HfApi(endpoint=endpoint).list_repo_files(repo))
         directory = fetch(CONFIG_FILE).parent
         for name in sorted(listing):
             if name.startswith("tokenizer") or name in REPO_EXTRAS:
