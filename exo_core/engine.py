@@ -1,9 +1,11 @@
 """The engine interface: what an inference engine plugin implements.
 
 An engine runs shards (contiguous layer ranges) of models and keeps a KV cache per request
-id. The node calls it in this order: `prepare` or `load` for a shard, then `forward_batch`
-with the steps waiting at that moment (one request's new positions each), then `release`
-when a request ends. `close` when the node stops.
+id. It holds every shard its live requests use, side by side (a node serves two models, or a
+request planned before a peer joined next to one planned after), and never drops a live
+request's cache to load another shard. The node calls it in this order: `prepare` or `load`
+for a shard, then `check_step` and `forward_batch` with the steps waiting at that moment (one
+request's new positions each), then `release` when a request ends. `close` when the node stops.
 
 **Threading.** Every method is a coroutine called on the node's event loop, one
 `forward_batch` at a time (unless `concurrent_steps`). Compute must not run on the loop: the
@@ -173,6 +175,14 @@ class InferenceEngine(ABC):
         """Run each item's new positions through `shard` (loaded before), extending its cache.
 
         One output per item, in order. Engines that can batch read the weights once for all.
+        """
+
+    def check_step(self, shard: Shard, item: StageInput) -> None:  # noqa: B027 - optional hook
+        """Raise `EngineError` for a step this engine cannot run (wrong width or dtype, no
+        positions, a `start_pos` that is not where the request's cache is), changing nothing.
+
+        The node checks every step before it joins a batch, so a malformed step fails only its
+        own request. Cheap and synchronous: it reads what the engine holds, never computes.
         """
 
     async def forward(self, shard: Shard, item: StageInput) -> StageOutput:

@@ -6,23 +6,46 @@ It shards like a real engine: hidden states carry the token ids from stage to st
 node, the API and the networking can be tested end to end. Its logits put the most weight on
 the next answer token and some on the few after it, so temperature sampling varies and seeds
 matter.
+
+Like a real engine it holds several shards side by side (each request's cache belongs to the
+shard it was made on) and refuses a step whose `start_pos` is not where the request's cache
+is, so the default tests see lost state. `--dummy-hang-after N` makes every forward after the
+N-th wait forever while the node stays up: a stage that answers health but makes no progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import click
 import numpy as np
 
-from exo_core.engine import InferenceEngine, StageInput, StageOutput
+from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
 from exo_core.hookspecs import hookimpl
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 
 DUMMY_ANSWER = "Hello from the exo dummy engine. This is a deterministic answer."
 HIDDEN_SIZE = 8
+
+
+@dataclass
+class _Model:
+    """What the dummy engine knows of a model: its answer in token ids, its end token, its vocabulary."""
+
+    answer: list[int]
+    eos: int
+    vocab_size: int
+
+
+@dataclass
+class _Cache:
+    """One request's history on one shard."""
+
+    shard: Shard
+    history: list[int] = field(default_factory=list)
 
 
 class DummyEngine(InferenceEngine):
@@ -39,6 +62,12 @@ class DummyEngine(InferenceEngine):
             show_default=True,
             help="Dummy engine: milliseconds of pretend compute per step of the whole model.",
         ),
+        click.Option(
+            ["--dummy-hang-after"],
+            type=int,
+            default=None,
+            help="Dummy engine (fault testing): every forward after this many never returns.",
+        ),
     )
 
     @classmethod
@@ -48,24 +77,65 @@ class DummyEngine(InferenceEngine):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.delay_s = float(self.options.get("dummy_delay_ms") or 0.0) / 1000.0
-        self.shard: Shard | None = None
-        self.answer: list[int] = []
-        self.eos: int = 0
-        self.vocab_size = 0
-        self.caches: dict[str, list[int]] = {}
+        hang_after = self.options.get("dummy_hang_after")
+        self.hang_after: int | None = int(hang_after) if hang_after is not None else None
+        self.forwards = 0
+        self.shards: dict[Shard, _Model] = {}
+        self.caches: dict[str, _Cache] = {}
 
     async def load(self, shard: Shard, model: ModelCard) -> None:
-        if shard == self.shard:
+        """Hold `shard` next to the shards already held (their requests' caches stay)."""
+        if shard in self.shards:
             return
-        from exo_core.models.tokenizer import load_tokenizer
+        same_model = next((m for s, m in self.shards.items() if s.model_id == shard.model_id), None)
+        if same_model is None:
+            from exo_core.models.tokenizer import load_tokenizer
 
-        tokenizer = await asyncio.to_thread(load_tokenizer, model)
-        self.answer = tokenizer.encode(DUMMY_ANSWER)
-        self.eos = min(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else 0
-        self.vocab_size = tokenizer.vocab_size
-        self.shard = shard
+            tokenizer = await asyncio.to_thread(load_tokenizer, model)
+            eos = min(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else 0
+            same_model = _Model(tokenizer.encode(DUMMY_ANSWER), eos, tokenizer.vocab_size)
+        self.shards[shard] = same_model
+
+    def check_step(self, shard: Shard, item: StageInput) -> None:
+        """Refuse a step this engine cannot run, before it changes anything."""
+        if shard not in self.shards:
+            raise EngineError(f"dummy engine: shard {shard} is not loaded")
+        if item.tokens is not None:
+            if item.tokens.ndim != 1 or item.tokens.dtype.kind not in "iu":
+                raise EngineError(
+                    f"dummy engine: token ids must be a 1-D integer array, got {item.tokens.dtype} "
+                    f"{tuple(item.tokens.shape)}"
+                )
+        elif item.hidden is not None:
+            if item.hidden.ndim != 2 or item.hidden.shape[1] != HIDDEN_SIZE or item.hidden.dtype.kind != "f":
+                raise EngineError(
+                    f"dummy engine: hidden states must be float [T, {HIDDEN_SIZE}], got "
+                    f"{item.hidden.dtype} {tuple(item.hidden.shape)}"
+                )
+        else:
+            raise EngineError("dummy engine: a step needs tokens or hidden states")
+        if item.length == 0:
+            raise EngineError(f"dummy engine: request {item.request_id}: a step needs at least one position")
+        cache = self.caches.get(item.request_id)
+        if cache is not None and cache.shard != shard:
+            raise EngineError(
+                f"dummy engine: request {item.request_id} has its cache on shard {cache.shard}, not {shard}"
+            )
+        held = len(cache.history) if cache is not None else 0
+        if item.start_pos != held:
+            raise EngineError(
+                f"dummy engine: request {item.request_id} starts at position {item.start_pos}, "
+                f"but its cache holds {held} positions"
+            )
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
+        for item in items:  # all checked before any cache changes
+            self.check_step(shard, item)
+        if len({item.request_id for item in items}) != len(items):
+            raise EngineError("dummy engine: a batch holds two steps of the same request")
+        self.forwards += 1
+        if self.hang_after is not None and self.forwards > self.hang_after:
+            await asyncio.Event().wait()  # hung: never returns, the node stays up
         if self.delay_s:
             # One "weight read" for the whole batch; a shard pays its share of the model's layers,
             # so a pipeline costs what one node does (as a real engine's compute would).
@@ -75,23 +145,22 @@ class DummyEngine(InferenceEngine):
     def _one(self, shard: Shard, item: StageInput) -> StageOutput:
         if item.tokens is not None:
             ids = [int(t) for t in item.tokens]
-        elif item.hidden is not None:
-            ids = [round(float(v)) for v in item.hidden[:, 0]]
         else:
-            raise ValueError("dummy engine: a step needs tokens or hidden states")
-        history = self.caches.setdefault(item.request_id, [])
+            assert item.hidden is not None
+            ids = [round(float(v)) for v in item.hidden[:, 0]]
+        history = self.caches.setdefault(item.request_id, _Cache(shard)).history
         history.extend(ids)
         if not shard.is_last:
             hidden = np.zeros((len(ids), HIDDEN_SIZE), dtype=np.float32)
             hidden[:, 0] = ids
             hidden[:, 1] = np.arange(len(history) - len(ids), len(history))
             return StageOutput(hidden=hidden)
-        return StageOutput(logits=self._logits(history))
+        return StageOutput(logits=self._logits(self.shards[shard], history))
 
-    def _logits(self, history: list[int]) -> np.ndarray:
-        done = _answer_progress(history, self.answer)
-        logits = np.full(self.vocab_size, -30.0, dtype=np.float32)
-        upcoming = [*self.answer[done:], self.eos][:4]
+    def _logits(self, model: _Model, history: list[int]) -> np.ndarray:
+        done = _answer_progress(history, model.answer)
+        logits = np.full(model.vocab_size, -30.0, dtype=np.float32)
+        upcoming = [*model.answer[done:], model.eos][:4]
         for rank, token in enumerate(upcoming):
             logits[token] = max(logits[token], 4.0 - 1.5 * rank)
         return logits
@@ -101,7 +170,7 @@ class DummyEngine(InferenceEngine):
 
     @property
     def loaded_shards(self) -> tuple[Shard, ...]:
-        return (self.shard,) if self.shard is not None else ()
+        return tuple(self.shards)
 
     def cached_requests(self) -> int:
         return len(self.caches)

@@ -10,6 +10,16 @@ token history. A step of an older attempt is dropped; one of a newer attempt fre
 attempt's cache. A released request leaves a tombstone that drops its late steps, so nothing
 keeps circling the ring after the origin lets go; requests whose origin went silent are freed
 after a while.
+
+Failures stay with their request: every step is checked by the engine (`check_step`) before it
+joins a batch, so a malformed one fails alone; NaN logits fail their request with a clear
+error; an exception in a background task is logged and fails its request. A long step (a
+prompt) runs in slices of `STEP_SLICE` positions, each slice its own forward with other
+requests' steps between them, so a prefill shows progress: while a request's step waits or
+computes, and the engine is not stuck, its health says QUEUED (busy, not failed). An engine
+that spends more than `step_timeout` on one forward is stuck: the stage reports it as failed to
+the origin of every request it holds, which re-plans without this node. A worker that dies
+does the same.
 """
 
 from __future__ import annotations
@@ -44,6 +54,10 @@ log = structlog.get_logger("exo.node")
 
 TOMBSTONE_S = 300.0
 MAX_TOMBSTONES = 10_000
+# Positions per forward of a long step: a 5,000-token prompt is 20 forwards, each one progress.
+STEP_SLICE = 256
+# Steps waiting for the engine (each live request has at most one): beyond this, refused.
+MAX_QUEUED_STEPS = 4096
 
 
 @dataclass
@@ -54,6 +68,24 @@ class _StageRequest:
     generated: list[int] = field(default_factory=list)
     positions: int = 0  # positions queued into this stage's cache so far
     last_seen: float = field(default_factory=time.monotonic)
+    pending: int = 0  # steps of it waiting for the engine or computing now
+
+
+@dataclass
+class _Work:
+    """A step for the engine worker; `done` of its positions are computed already (a long
+    step runs in slices), their hidden states in `parts`."""
+
+    msg: StepMessage
+    done: int = 0
+    parts: list[np.ndarray] = field(default_factory=list)
+
+    def slice(self) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+        """The next slice's tokens, hidden states and start position."""
+        msg, end = self.msg, self.done + STEP_SLICE
+        tokens = msg.tokens[self.done : end] if msg.tokens is not None else None
+        hidden = msg.hidden[self.done : end] if msg.hidden is not None else None
+        return tokens, hidden, msg.start_pos + self.done
 
 
 class Stage:
@@ -75,21 +107,27 @@ class Stage:
         self._client_for = client_for
         self._requests: dict[str, _StageRequest] = {}
         self._released: OrderedDict[str, tuple[int, float]] = OrderedDict()  # tombstones
-        self._work: asyncio.Queue[StepMessage] = asyncio.Queue()
+        self._work: asyncio.Queue[_Work] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._forward_since: float | None = None  # when the running forward started
+        self._computing: list[StepMessage] = []  # its steps
+        self.broken: str | None = None  # why the engine worker stopped, if it did
 
     async def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._engine_worker(), name="exo-engine-worker")
+            self._worker.add_done_callback(self._worker_ended)
             self._spawn(self._expire_idle_requests())
+            self._spawn(self._watch_engine())
 
     async def stop(self) -> None:
         if self._worker is not None:
-            self._worker.cancel()
+            worker, self._worker = self._worker, None
+            worker.remove_done_callback(self._worker_ended)
+            worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await worker
         for task in list(self._background):
             task.cancel()
 
@@ -97,6 +135,17 @@ class Stage:
     def request_count(self) -> int:
         """Requests this stage holds a cache (or a queued step) for."""
         return len(self._requests)
+
+    @property
+    def stuck_for(self) -> float:
+        """Seconds the running forward has taken (0 when the engine is idle)."""
+        since = self._forward_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def healthy(self) -> bool:
+        """The engine worker runs and is not stuck in one forward for more than `step_timeout`."""
+        return self.broken is None and self.stuck_for <= self.step_timeout
 
     # ---- steps in ----------------------------------------------------------------------------
 
@@ -108,6 +157,10 @@ class Stage:
         known = self._requests.get(msg.request_id)
         if known is not None and known.attempt > msg.attempt:
             return  # stale
+        refusal = self._refusal()
+        if refusal is not None:
+            self._spawn(self._report(msg, StageFailure(msg.request_id, msg.attempt, self.node_id, refusal)))
+            return
         if known is None or known.attempt < msg.attempt:
             if known is not None:
                 await self.engine.release(f"{msg.request_id}#{known.attempt}")
@@ -132,8 +185,19 @@ class Stage:
             return
         known.positions += msg.length
         known.last_seen = time.monotonic()
+        known.pending += 1
         await self.start()
-        self._work.put_nowait(msg)
+        self._work.put_nowait(_Work(msg))
+
+    def _refusal(self) -> str | None:
+        """Why this stage takes no new steps now (None: it takes them)."""
+        if self.broken is not None:
+            return f"{self.node_id}: its engine worker stopped ({self.broken})"
+        if not self.healthy:
+            return f"{self.node_id}: its engine has made no progress for {self.stuck_for:.0f} s"
+        if self._work.qsize() >= MAX_QUEUED_STEPS:
+            return f"{self.node_id}: {MAX_QUEUED_STEPS} steps already wait for its engine"
+        return None
 
     async def release(self, request_id: str, up_to_attempt: int | None = None) -> None:
         """Free this stage's cache for a request (attempts up to `up_to_attempt`, default all)."""
@@ -149,8 +213,13 @@ class Stage:
         """This stage's state of one attempt of a request (QUEUED: waiting its turn in the engine)."""
         known = self._requests.get(request_id)
         if known is not None and known.attempt == attempt:
+            if self.broken is not None:
+                return RequestState.RELEASED  # it will never run here: the origin re-plans
+            busy = known.pending > 0 and self.healthy  # waiting for or in a forward that progresses
             return (
-                RequestState.QUEUED if self.engine.queued(f"{request_id}#{attempt}") else RequestState.ACTIVE
+                RequestState.QUEUED
+                if busy or self.engine.queued(f"{request_id}#{attempt}")
+                else RequestState.ACTIVE
             )
         tomb = self._released.get(request_id)
         if tomb is not None and tomb[0] >= attempt:
@@ -185,38 +254,120 @@ class Stage:
             batch = [await self._work.get()]
             while not self._work.empty():
                 batch.append(self._work.get_nowait())
-            live = [m for m in batch if self._is_current(m)]
-            for shard, group in itertools.groupby(
-                sorted(live, key=lambda m: _shard_key(m)), key=lambda m: m.stage.shard
-            ):
-                if self.engine.concurrent_steps:
-                    for msg in group:
-                        self._spawn(self._run_group(shard, [msg]))
-                else:
-                    await self._run_group(shard, list(group))
+            try:
+                await self._run_batch(batch)
+            except Exception as exc:  # a bug: fail these requests, keep serving the others
+                log.exception("engine worker failed a batch")
+                for work in batch:
+                    await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
+
+    async def _run_batch(self, batch: list[_Work]) -> None:
+        live = []
+        for work in batch:
+            if self._is_current(work.msg):
+                live.append(work)
+            else:
+                self._step_done(work.msg)
+        for shard, group in itertools.groupby(
+            sorted(live, key=lambda w: _shard_key(w.msg)), key=lambda w: w.msg.stage.shard
+        ):
+            if self.engine.concurrent_steps:
+                for work in group:
+                    self._spawn(self._run_group(shard, [work]), work.msg)
+            else:
+                await self._run_group(shard, list(group))
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """The worker ends only when cancelled; anything else is a bug the cluster must route around."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        self.broken = _error_text(exc) if exc is not None else "it returned"
+        log.error("engine worker stopped; failing every request on this stage", error=self.broken)
+        for request_id, known in list(self._requests.items()):
+            failure = StageFailure(
+                request_id, known.attempt, self.node_id, f"engine worker stopped: {self.broken}"
+            )
+            self._spawn(self._report_to_origins(request_id, failure))
+
+    async def _watch_engine(self) -> None:
+        """Report the requests of a forward that runs past `step_timeout` (a hung engine) as failed."""
+        reported: float | None = None
+        while True:
+            await asyncio.sleep(max(0.05, min(self.step_timeout / 4, 2.0)))
+            since = self._forward_since
+            if since is None or since == reported or self.healthy:
+                continue
+            reported = since
+            reason = f"{self.node_id}: its engine has made no progress for {self.stuck_for:.0f} s"
+            log.error("engine stuck; failing its requests over", seconds=round(self.stuck_for, 1))
+            stuck = [*self._computing, *(w.msg for w in _drain(self._work))]
+            for msg in stuck:
+                failure = StageFailure(msg.request_id, msg.attempt, self.node_id, reason)
+                self._requests.pop(msg.request_id, None)
+                self._bury(msg.request_id, msg.attempt)
+                self._spawn(self._report(msg, failure))
 
     def _is_current(self, msg: StepMessage) -> bool:
         known = self._requests.get(msg.request_id)
         return known is not None and known.attempt == msg.attempt
 
-    async def _run_group(self, shard: Shard, group: list[StepMessage]) -> None:
+    def _step_done(self, msg: StepMessage) -> None:
+        known = self._requests.get(msg.request_id)
+        if known is not None and known.attempt == msg.attempt and known.pending > 0:
+            known.pending -= 1
+
+    async def _run_group(self, shard: Shard, group: list[_Work]) -> None:
+        card = self.models.get(shard.model_id)
         try:
-            card = self.models.get(shard.model_id)
             if card is None:
                 raise EngineError(f"this node has no model card for {shard.model_id}")
             await self.engine.load(shard, card)
-            outputs = await self.engine.forward_batch(shard, [self._stage_input(m) for m in group])
+        except Exception as exc:
+            log.exception("engine failed to load", shard=str(shard))
+            for work in group:
+                await self._send_error(work.msg, _error_text(exc))
+            return
+        # Each step is checked alone first: a malformed one fails its own request, not the batch.
+        runnable: list[tuple[_Work, StageInput]] = []
+        for work in group:
+            item = self._stage_input(work)
+            try:
+                self.engine.check_step(shard, item)
+            except Exception as exc:
+                log.warning("step refused", request=work.msg.request_id, error=_error_text(exc))
+                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
+                continue
+            runnable.append((work, item))
+        if not runnable:
+            return
+        self._computing = [w.msg for w, _ in runnable]
+        self._forward_since = time.monotonic()
+        try:
+            outputs = await self.engine.forward_batch(shard, [item for _, item in runnable])
         except Exception as exc:
             log.exception("engine failed", shard=str(shard))
-            for msg in group:
-                await self._send_error(msg, _error_text(exc))
+            for work, _ in runnable:
+                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
             return
-        for msg, out in zip(group, outputs, strict=True):
-            self._spawn(self._after_forward(msg, out))
+        finally:
+            self._forward_since, self._computing = None, []
+        for (work, item), out in zip(runnable, outputs, strict=True):
+            work.done += item.length
+            if work.done < work.msg.length:  # more slices to go: back in the queue, behind the others
+                if out.hidden is not None and not shard.is_last:
+                    work.parts.append(out.hidden)
+                self._work.put_nowait(work)
+                continue
+            if work.parts and out.hidden is not None:
+                out = replace(out, hidden=np.concatenate([*work.parts, out.hidden]))
+            self._spawn(self._after_forward(work.msg, out), work.msg)
 
-    def _stage_input(self, msg: StepMessage) -> StageInput:
-        """The engine's view of a step; a text engine also gets the request itself."""
-        if self.engine.works_on_text:
+    def _stage_input(self, work: _Work) -> StageInput:
+        """The engine's view of (the next slice of) a step; a text engine also gets the request."""
+        msg = work.msg
+        if self.engine.works_on_text:  # whole requests: never sliced
+            work.done = 0
             return TextStageInput(
                 msg.cache_key,
                 msg.tokens,
@@ -227,16 +378,30 @@ class Stage:
                 max_tokens=msg.max_tokens,
                 replayed=len(msg.replayed),
             )
-        return StageInput(msg.cache_key, msg.tokens, msg.hidden, msg.start_pos)
+        tokens, hidden, start_pos = work.slice()
+        return StageInput(msg.cache_key, tokens, hidden, start_pos)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Any, msg: StepMessage | None = None) -> None:
+        """Run `coro` in the background; an exception is logged and (with `msg`) fails that request."""
+        task = asyncio.create_task(self._guarded(coro, msg))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _guarded(self, coro: Any, msg: StepMessage | None) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("background task failed", request=msg.request_id if msg else None)
+            if msg is not None:
+                with contextlib.suppress(Exception):
+                    await self._send_error(msg, f"{self.node_id}: {_error_text(exc)}")
 
     # ---- steps and tokens out ----------------------------------------------------------------
 
     async def _after_forward(self, msg: StepMessage, out: StageOutput) -> None:
+        self._step_done(msg)
         if not self._is_current(msg):
             # Released while we computed: the forward may have re-created the cache it freed.
             await self.engine.release(msg.cache_key)
@@ -264,6 +429,13 @@ class Stage:
         if out.token is not None:
             sampled_token, logprob, top = out.token, None, ()
         elif out.logits is not None:
+            if np.isnan(out.logits).any():
+                await self._send_error(
+                    msg,
+                    f"{self.engine.name} on {self.node_id} produced NaN logits for this request "
+                    "(a numerical fault in the model or engine)",
+                )
+                return
             s = sample(out.logits, msg.sampling, known.generated, msg.step)
             sampled_token, logprob, top = s.token, s.logprob, s.top
         else:
@@ -320,13 +492,32 @@ class Stage:
             log.warning("origin unreachable; dropping request", request=msg.request_id)
             await self.release(msg.request_id, msg.attempt)
 
+    async def _report_to_origins(self, request_id: str, failure: StageFailure) -> None:
+        """Tell a request's origin this stage failed (the origin is found from a queued step)."""
+        for work in _drain(self._work, keep=True):
+            if work.msg.request_id == request_id:
+                await self._report(work.msg, failure)
+                return
+
     async def _send_error(self, msg: StepMessage, error: str) -> None:
+        self._step_done(msg)
         token_msg = TokenMessage(msg.request_id, msg.attempt, msg.step, error=error)
         try:
             await self._client_for(msg.origin).send_token(token_msg)
         except PeerUnavailable:
             log.warning("origin unreachable", request=msg.request_id)
         await self.release(msg.request_id, msg.attempt)
+
+
+def _drain(queue: asyncio.Queue[_Work], keep: bool = False) -> list[_Work]:
+    """What waits in the queue now (taken out, unless `keep`)."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    if keep:
+        for item in items:
+            queue.put_nowait(item)
+    return items
 
 
 def _shard_key(msg: StepMessage) -> tuple:

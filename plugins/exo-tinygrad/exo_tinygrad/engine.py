@@ -1,6 +1,12 @@
 """The tinygrad engine: exo's InferenceEngine over a Llama-family shard.
 
 Importing this module does not import tinygrad; `load` does, on the worker thread.
+The engine holds every shard its requests use side by side, each a `ShardRunner` with its own
+requests' KV caches (a request planned before a peer joined keeps its cache while new requests
+run on the new range); a shard no request uses is freed only when another needs the memory.
+Steps are checked before they run (`check_step`): a step at another position than its
+request's cache, of the wrong width or dtype, or whose cache cannot get memory is refused with
+an `EngineError` that names what is wrong, and nothing changes.
 All tinygrad work in the process runs on that one thread (a single-thread executor shared by
 every engine instance: tinygrad keeps process-wide state, its compile cache connection among
 it, that must stay on one thread), so the node's event loop keeps serving HTTP and gRPC while
@@ -26,6 +32,9 @@ from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutpu
 from exo_core.models import files
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
+
+# Memory left free when weights load or a cache grows; below it the request is refused.
+MEMORY_HEADROOM = 256 << 20
 
 Progress = Callable[[str, float], None]  # (what, fraction done): as exo_core.engine.Progress
 
@@ -54,7 +63,8 @@ class TinygradEngine(InferenceEngine):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self._runner: Any = None  # runner.ShardRunner, built on the worker thread
-        self._loaded: tuple[Shard, str] | None = None
+        self._loaded: tuple[Shard, str] | None = None  # the shard loaded last
+        self._runners: dict[Shard, Any] = {}  # every shard held, with its requests' caches
         self.source: str | None = None
 
     @classmethod
@@ -81,23 +91,44 @@ class TinygradEngine(InferenceEngine):
     # ---- loading -------------------------------------------------------------------------
 
     async def load(self, shard: Shard, model: ModelCard) -> None:
-        if self._loaded == (shard, model.id):
+        """Hold `shard` next to the shards held already (their requests keep their caches)."""
+        if shard in self._runners:
+            self._runner, self._loaded = self._runners[shard], (shard, model.id)
             return
         await self._call(self._load_sync, shard, model)
 
     def _load_sync(self, shard: Shard, model: ModelCard) -> None:
-        if self._loaded == (shard, model.id):
+        if shard in self._runners:
+            self._runner, self._loaded = self._runners[shard], (shard, model.id)
             return
         _configure_tinygrad(self.options)
         from exo_tinygrad.loader import load_shard
         from exo_tinygrad.runner import ShardRunner
 
         path = model_path(model, shard)
-        self._runner = None  # free the old shard before reading the new one
+        self._make_room(path, shard)
         weights = load_shard(path, shard, self.options.get("max_context"))
-        self._runner = ShardRunner(weights, shard, graph_dir(path, shard, weights.config.max_context))
+        runner = ShardRunner(weights, shard, graph_dir(path, shard, weights.config.max_context))
+        self._runners[shard] = self._runner = runner
         self._loaded = (shard, model.id)
         self.source = str(path)
+
+    def _make_room(self, path: Path, shard: Shard) -> None:
+        """Free shards no request uses, oldest first, while memory for `shard`'s weights is short
+        (a shard with a live request always stays)."""
+        import psutil
+
+        try:
+            need = path.stat().st_size * shard.layer_count // shard.n_layers if path.is_file() else 0
+        except OSError:
+            need = 0
+        for held, runner in list(self._runners.items()):
+            if psutil.virtual_memory().available - need >= MEMORY_HEADROOM:
+                return
+            if runner.cached_requests() == 0:
+                del self._runners[held]
+                if self._runner is runner:
+                    self._runner = None
 
     async def prepare(self, shard: Shard, model: ModelCard, progress: Progress | None = None) -> None:
         """Load, then make every graph the engine will use ready (see `ShardRunner.graph_plan`):
@@ -117,31 +148,99 @@ class TinygradEngine(InferenceEngine):
         return (await self.forward_batch(shard, [item]))[0]
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
-        if self._loaded is None or self._loaded[0] != shard:
-            raise EngineError(f"tinygrad engine: shard {shard} is not loaded (loaded: {self.loaded_shard})")
-        return await self._call(self._forward_sync, shard, list(items))
+        runner = self._runner_for(shard)
+        for item in items:  # all of them before any cache changes
+            self.check_step(shard, item)
+        return await self._call(self._forward_sync, runner, shard, list(items))
 
-    def _forward_sync(self, shard: Shard, items: list[StageInput]) -> list[StageOutput]:
+    def _forward_sync(self, runner: Any, shard: Shard, items: list[StageInput]) -> list[StageOutput]:
         from exo_tinygrad.runner import Step
 
         steps = [Step(i.request_id, i.tokens, i.hidden) for i in items]
-        outs = self._runner.run(steps)
+        outs = runner.run(steps)
         if shard.is_last:
             return [StageOutput(logits=out) for out in outs]
         return [StageOutput(hidden=out) for out in outs]
 
+    def _runner_for(self, shard: Shard) -> Any:
+        runner = self._runners.get(shard)
+        if runner is None:
+            held = ", ".join(str(s) for s in self._runners) or "none"
+            raise EngineError(f"tinygrad engine: shard {shard} is not loaded (loaded: {held})")
+        return runner
+
+    def check_step(self, shard: Shard, item: StageInput) -> None:
+        """Refuse a step that cannot run as it is, before anything changes (see the module docstring)."""
+        runner = self._runner_for(shard)
+        rid = item.request_id
+        if item.tokens is not None:
+            if item.tokens.ndim != 1 or item.tokens.dtype.kind not in "iu":
+                raise EngineError(
+                    f"request {rid}: token ids must be a 1-D integer array, got "
+                    f"{item.tokens.dtype} {tuple(item.tokens.shape)}"
+                )
+            if runner.embed is None:
+                raise EngineError(
+                    f"request {rid}: shard {shard} does not start at layer 0: it takes hidden states"
+                )
+            vocab = runner.config.vocab_size
+            if item.tokens.size and (item.tokens.min() < 0 or item.tokens.max() >= vocab):
+                raise EngineError(f"request {rid}: token id out of range 0..{vocab - 1}")
+        elif item.hidden is not None:
+            dim = runner.config.dim
+            if item.hidden.ndim != 2 or item.hidden.shape[1] != dim or item.hidden.dtype.kind != "f":
+                raise EngineError(
+                    f"request {rid}: hidden states must be float [T, {dim}], got "
+                    f"{item.hidden.dtype} {tuple(item.hidden.shape)}"
+                )
+        else:
+            raise EngineError(f"request {rid}: a step needs tokens or hidden states")
+        if item.length == 0:
+            raise EngineError(f"request {rid}: a step needs at least one position")
+        cache = runner.requests.get(rid)
+        held = cache.length if cache is not None else 0
+        if item.start_pos != held:
+            raise EngineError(
+                f"request {rid}: the step starts at position {item.start_pos}, but its cache on "
+                f"{shard} holds {held} positions"
+            )
+        end = held + item.length
+        if end > runner.max_context:
+            raise EngineError(
+                f"request {rid} needs {end} positions; the context of this shard is "
+                f"{runner.max_context} (model limit, capped by --max-context)"
+            )
+        if cache is None or cache.capacity < end + 32:
+            self._admit(runner, rid, end)
+
+    def _admit(self, runner: Any, request_id: str, positions: int) -> None:
+        """Refuse a cache that would not fit in free memory (the node must not swap or be killed)."""
+        import psutil
+
+        need = runner.capacity_for(positions + 32) * runner.model.cache_bytes_per_position()
+        if need > psutil.virtual_memory().available - MEMORY_HEADROOM:
+            raise EngineError(
+                f"request {request_id}: not enough free memory for a KV cache of {positions} positions "
+                f"({need >> 20} MB); finish or cancel other requests, or lower --max-context"
+            )
+
     async def release(self, request_id: str) -> None:
-        if self._runner is not None:
-            await self._call(self._runner.release, request_id)
+        for runner in [r for r in self._runners.values() if request_id in r.requests]:
+            await self._call(runner.release, request_id)
 
     async def close(self) -> None:
         await self._call(self._drop)
 
     def _drop(self) -> None:  # on the worker thread, where tinygrad frees the buffers
+        self._runners.clear()
         self._runner = None
         self._loaded = None
 
     # ---- introspection (tests, /metrics) ---------------------------------------------------
+
+    @property
+    def loaded_shards(self) -> tuple[Shard, ...]:
+        return tuple(self._runners)
 
     @property
     def loaded_shard(self) -> Shard | None:
@@ -151,14 +250,14 @@ class TinygradEngine(InferenceEngine):
         return self._runner.max_context if self._runner is not None else None
 
     def cached_requests(self) -> int:
-        """How many requests hold a KV cache."""
-        return self._runner.cached_requests() if self._runner is not None else 0
+        """How many requests hold a KV cache, on every shard held."""
+        return sum(r.cached_requests() for r in self._runners.values())
 
     def cache_bytes(self) -> int:
-        return self._runner.cache_bytes() if self._runner is not None else 0
+        return sum(r.cache_bytes() for r in self._runners.values())
 
     def weight_bytes(self) -> int:
-        return self._runner.model.weight_bytes() if self._runner is not None else 0
+        return sum(r.model.weight_bytes() for r in self._runners.values())
 
 
 def model_path(model: ModelCard, shard: Shard) -> Path:

@@ -143,7 +143,7 @@ def test_tiny_model_context_limit(tmp_path, tiny_gguf, tiny_card, tiny_dims, loa
         out = await engine.forward(shard, StageInput("a", tokens=np.arange(30)))
         assert out.logits.shape == (tiny_dims["vocab"],) and np.isfinite(out.logits).all()
         with pytest.raises(EngineError, match="needs 41 positions; the context of this shard is 40"):
-            await engine.forward(shard, StageInput("a", tokens=np.arange(11)))
+            await engine.forward(shard, StageInput("a", tokens=np.arange(11), start_pos=30))
         with pytest.raises(EngineError, match="token id out of range"):
             await engine.forward(shard, StageInput("b", tokens=np.array([tiny_dims["vocab"]])))
         await engine.close()
@@ -168,7 +168,7 @@ def test_replay_matches_tinyjit(tmp_path, tiny_gguf, tiny_card, load_engine, mon
     async def decode(engine) -> list[np.ndarray]:
         out = [(await engine.forward(shard, StageInput("r", tokens=np.arange(20)))).logits]
         for step in range(4):
-            items = [StageInput("r", tokens=np.array([step + 3]))]
+            items = [StageInput("r", tokens=np.array([step + 3]), start_pos=20 + step)]
             out.append((await engine.forward_batch(shard, items))[0].logits)
         graphs = [*engine._runner._jits.prefill.values(), *engine._runner._jits.decode.values()]
         replayed.append(all(g.replay is not None for g in graphs))

@@ -76,9 +76,9 @@ def test_engine_matches_numpy_reference(
 
     async def run() -> tuple[np.ndarray, np.ndarray]:
         first = await engine.forward(shard, StageInput("r", tokens=np.asarray(tokens[:7])))
-        out = await engine.forward(shard, StageInput("r", tokens=np.asarray(tokens[7:250])))
-        for t in tokens[250:]:  # decode past the first cache capacity (256): the cache grows
-            out = await engine.forward(shard, StageInput("r", tokens=np.asarray([t])))
+        out = await engine.forward(shard, StageInput("r", tokens=np.asarray(tokens[7:250]), start_pos=7))
+        for pos, t in enumerate(tokens[250:], start=250):  # decode past the first cache capacity (256)
+            out = await engine.forward(shard, StageInput("r", tokens=np.asarray([t]), start_pos=pos))
         await engine.close()
         return first.logits, out.logits
 
