@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import numpy as np

@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Set
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import structlog
@@ -55,6 +55,7 @@ from exo_core.node.messages import (
     TokenMessage,
 )
 from exo_core.node.partitioning import NoPlanError, Partitioner, PlanStage, ring_memory_weighted
+from exo_core.node.prefix_cache import PrefixIndex
 from exo_core.node.replicas import Balancer
 from exo_core.node.topology import NodeInfo
 
@@ -73,6 +74,9 @@ class _OriginState:
     generated: list[int] = field(default_factory=list)
     excluded: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)  # nodes that may hold caches for it
+    reused: str = ""  # the kept cache this attempt started from (prefix cache)
+    reuse_refused: bool = False  # a stage did not hold it: the next attempts start from scratch
+    cached_tokens: int = 0  # prompt positions the first attempt reused
     progress_at: float = field(default_factory=time.monotonic)  # last token or (re)start
     advanced_at: float = field(default_factory=time.monotonic)  # last token or progress, any attempt
     silent_since: dict[str, float] = field(default_factory=dict)  # node -> first missed ping
@@ -111,9 +115,11 @@ class Origin:
         # Clients of peers discovery dropped, kept a while so releases still reach them.
         self._departed: OrderedDict[str, PeerClient] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
+        self.prefixes = PrefixIndex()  # finished requests whose caches the stages keep
         # Whole-request replicas (node ids) and the ring, by shortest expected time.
         self.balancer = Balancer()
         self._text_requests = 0
+        self._text_on: dict[str, set[asyncio.Event]] = {}  # node id -> its text streams' "lost" flags
 
     @property
     def active_requests(self) -> int:
@@ -199,9 +205,11 @@ class Origin:
                 run = self.balancer.run(node_id)
                 self.inflight[node_id] = self.inflight.get(node_id, 0) + 1
                 lost_it = False
+                dropped = asyncio.Event()
+                self._text_on.setdefault(node_id, set()).add(dropped)
                 try:
                     stream = self._client_for(node_id).generate_text(request, delivered)
-                    async with contextlib.aclosing(stream) as deltas:  # type: ignore[type-var]
+                    async with contextlib.aclosing(_until(stream, dropped, node_id)) as deltas:
                         async for delta in deltas:
                             run.saw(delta)
                             delivered += delta.text
@@ -227,6 +235,7 @@ class Origin:
                 finally:
                     run.close(not lost_it)
                     self.inflight[node_id] = self.inflight.get(node_id, 1) - 1
+                    self._text_on[node_id].discard(dropped)
                 node_id = None
         finally:
             self._text_requests -= 1
@@ -275,7 +284,11 @@ class Origin:
                         raise GenerationError(
                             f"generation failed after {self.max_replans} re-plans: {event.reason}"
                         )
-                    if event.node_id and event.node_id != self.node_id:
+                    if state.reused:
+                        # A stage no longer keeps that prefix: run again from scratch, same nodes.
+                        self.prefixes.refused(state.plan)
+                        state.reuse_refused = True
+                    elif event.node_id and event.node_id != self.node_id:
                         state.excluded.add(event.node_id)
                     self._release_attempt(state)
                     state.attempt += 1
@@ -288,7 +301,15 @@ class Origin:
                 state.progress_at = state.advanced_at = time.monotonic()
                 state.silent_since.clear()
                 state.generated.append(event.token)
-                yield GeneratedToken(event.token, event.logprob, event.top_logprobs, event.finish_reason)
+                if event.finish_reason is not None:
+                    self._remember_prefix(state)
+                yield GeneratedToken(
+                    event.token,
+                    event.logprob,
+                    event.top_logprobs,
+                    event.finish_reason,
+                    cached_tokens=state.cached_tokens if len(state.generated) == 1 else 0,
+                )
                 if event.finish_reason is not None:
                     return
         finally:
@@ -309,6 +330,11 @@ class Origin:
         for stage in state.plan:
             self.inflight[stage.node_id] = self.inflight.get(stage.node_id, 0) + 1
         tokens = np.asarray([*request.prompt_tokens, *state.generated], dtype=np.int64)
+        state.reused, reused = "", 0
+        if not state.reuse_refused:
+            state.reused, reused = self.prefixes.find(state.plan, tokens)
+        if not state.generated:
+            state.cached_tokens = reused
         msg = StepMessage(
             request_id=request.request_id,
             attempt=state.attempt,
@@ -319,16 +345,24 @@ class Origin:
             max_tokens=request.max_tokens,
             eos_token_ids=request.eos_token_ids,
             step=len(state.generated),
-            start_pos=0,
-            tokens=tokens,
+            start_pos=reused,
+            tokens=tokens[reused:],
             messages=request.messages,
             replayed=tuple(state.generated),
+            constraint=request.constraint,
+            reuse_from=state.reused,
         )
         first = state.plan[0].node_id
         try:
             await self._client_for(first).send_step(msg)
         except PeerUnavailable as exc:
             state.events.put_nowait(StageFailure(request.request_id, state.attempt, first, str(exc)))
+
+    def _remember_prefix(self, state: _OriginState) -> None:
+        """A request finished: its stages keep its cache, which holds every token but the last."""
+        request = state.request
+        fed = [*request.prompt_tokens, *state.generated[:-1]]
+        self.prefixes.add(f"{request.request_id}#{state.attempt}", state.plan, fed)
 
     # ---- what the stages say -----------------------------------------------------------------
 
@@ -350,6 +384,8 @@ class Origin:
         self._departed[node_id] = client
         while len(self._departed) > MAX_DEPARTED:
             self._departed.popitem(last=False)
+        for lost in self._text_on.get(node_id, ()):
+            lost.set()
         for state in self._requests.values():
             if any(stage.node_id == node_id for stage in state.plan):
                 state.events.put_nowait(
@@ -440,3 +476,29 @@ class Origin:
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+
+
+async def _until(
+    stream: AsyncIterator[TextDelta], dropped: asyncio.Event, node_id: str
+) -> AsyncGenerator[TextDelta]:
+    """The stream's deltas until discovery drops its node (a host that vanished sends nothing)."""
+    deltas = cast(AsyncGenerator[TextDelta], stream)
+    gone = asyncio.ensure_future(dropped.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(deltas))
+            await asyncio.wait((nxt, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(BaseException):
+                    await nxt
+                raise PeerUnavailable(f"{node_id} was dropped from the cluster")
+            try:
+                delta = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield delta
+    finally:
+        gone.cancel()
+        with contextlib.suppress(BaseException):
+            await deltas.aclose()

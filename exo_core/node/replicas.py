@@ -228,6 +228,11 @@ class ReplicaSet:
         while True:
             candidates = [k for k in self.engine.replicas() if k not in tried]
             key = self.balancer.pick(candidates)
+            if key is None and candidates:
+                # Every one left is out of rotation: check them now rather than wait for the
+                # next round (a board back up takes this request; one still down fails fast).
+                await asyncio.gather(*(self.check(k) for k in candidates))
+                key = self.balancer.pick(candidates)
             if key is None:
                 down = [f"{k}: {self.balancer.of(k).down_reason}" for k in candidates]
                 raise ReplicaUnavailable(

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from exo_core.engine import EngineError
+from exo_core import EngineError, ReplicaUnavailable
 
 FORK = "fork"
 UPSTREAM = "upstream"
@@ -30,6 +30,19 @@ _TAG = re.compile(r"<[^>]+>")
 
 class RKLLAMAError(EngineError):
     """The RKLLAMA server failed or could not be reached; the message is the server's."""
+
+
+class RKLLAMAUnavailable(RKLLAMAError, ReplicaUnavailable):
+    """The server cannot be reached, or cut an answer short: another board may go on with it."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The server's token counts for an answer (the fork repeats them in every chunk; upstream
+    sends them in its final chunk)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ class RKLLAMAClient:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: BaseException) -> RKLLAMAError:
-        return RKLLAMAError(
+        return RKLLAMAUnavailable(
             f"cannot reach the RKLLAMA server at {self.base_url} ({exc or type(exc).__name__}); "
             "start it, or point exo at it with --rkllm-server URL (or RKLLM_SERVER_HOST / RKLLM_SERVER_PORT)"
         )
@@ -94,6 +107,10 @@ class RKLLAMAClient:
         return RKLLAMAError(
             f"RKLLAMA server {self.base_url}: {what} failed (HTTP {status}): {_message(body)}"
         )
+
+    async def ping(self) -> None:
+        """The health check: `GET /` answers (any status); raises `RKLLAMAUnavailable` when not."""
+        await self._request("GET", "/")
 
     async def dialect(self) -> str:
         """'fork' or 'upstream', probed once (again after a connection failure)."""
@@ -148,8 +165,9 @@ class RKLLAMAClient:
         messages: list[dict[str, Any]],
         options: dict[str, Any] | None = None,
         on_turn: Callable[[], None] | None = None,
-    ) -> AsyncGenerator[str]:
-        """The answer's text fragments as the server streams them; waits its turn first.
+    ) -> AsyncGenerator[str | Counts]:
+        """The answer's text fragments as the server streams them, each followed by the server's
+        counts when it sent any; waits its turn first.
 
         `on_turn` is called when the wait is over. Closing the iterator (or cancelling its
         consumer) closes the HTTP stream, which ends the generation on the server and lets the
@@ -168,6 +186,7 @@ class RKLLAMAClient:
                 if options:
                     body["options"] = options
                 path, parse = "/api/chat", _upstream_fragments
+            started = False
             try:
                 async with self._http().post(self.base_url + path, json=body) as resp:
                     if resp.status != 200:
@@ -175,12 +194,21 @@ class RKLLAMAClient:
                         what = f"generating with {folder!r} (POST {path})"
                         raise self._failure(what, resp.status, _parse_body(raw, resp.content_type))
                     async for fragment in parse(resp, self.base_url):
+                        started = True
                         yield fragment
             except aiohttp.ClientConnectorError as exc:
                 self._dialect = None
                 raise self._unreachable(exc) from exc
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-                raise RKLLAMAError(
+            except aiohttp.ServerDisconnectedError as exc:
+                if not started:  # a kept-alive connection to a server that has gone away
+                    self._dialect = None
+                    raise self._unreachable(exc) from exc
+                raise RKLLAMAUnavailable(
+                    f"RKLLAMA server {self.base_url} cut the answer short: the stream broke off "
+                    f"mid-answer ({exc or type(exc).__name__})"
+                ) from exc
+            except aiohttp.ClientPayloadError as exc:
+                raise RKLLAMAUnavailable(
                     f"RKLLAMA server {self.base_url} cut the answer short: the stream broke off "
                     f"mid-answer ({exc or type(exc).__name__})"
                 ) from exc
@@ -259,7 +287,7 @@ def _load(record: str, ended: bool, base_url: str) -> dict[str, Any]:
         obj = json.loads(record)
     except ValueError:
         if not ended:
-            raise RKLLAMAError(
+            raise RKLLAMAUnavailable(
                 f"RKLLAMA server {base_url} cut the answer short: the stream ended inside a JSON "
                 f"object ({record[:80]!r})"
             ) from None
@@ -273,7 +301,7 @@ def _load(record: str, ended: bool, base_url: str) -> dict[str, Any]:
     return obj
 
 
-async def _fork_fragments(resp: aiohttp.ClientResponse, base_url: str) -> AsyncIterator[str]:
+async def _fork_fragments(resp: aiohttp.ClientResponse, base_url: str) -> AsyncIterator[str | Counts]:
     """The fork's stream: JSON objects separated by blank lines and no final chunk — the end of
     the body is the end of the answer (a cut connection shows as a broken chunked body)."""
     async for record, ended in _records(resp, b"\n\n"):
@@ -287,9 +315,16 @@ async def _fork_fragments(resp: aiohttp.ClientResponse, base_url: str) -> AsyncI
         if content:
             _check_abort(content, base_url)
             yield str(content)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            yield Counts(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
 
 
-async def _upstream_fragments(resp: aiohttp.ClientResponse, base_url: str) -> AsyncIterator[str]:
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def _upstream_fragments(resp: aiohttp.ClientResponse, base_url: str) -> AsyncIterator[str | Counts]:
     """Upstream's NDJSON: fragments, then a `done` chunk; without the done chunk the stream was cut."""
     async for record, ended in _records(resp, b"\n"):
         obj = _load(record, ended, base_url)
@@ -303,8 +338,9 @@ async def _upstream_fragments(resp: aiohttp.ClientResponse, base_url: str) -> As
                     f"RKLLAMA server {base_url} aborted the generation: its runtime did not answer in "
                     "time (the final chunk has zero counts); try again"
                 )
+            yield Counts(_int(obj.get("prompt_eval_count")), _int(obj.get("eval_count")))
             return
-    raise RKLLAMAError(
+    raise RKLLAMAUnavailable(
         f"RKLLAMA server {base_url} cut the answer short: the stream ended without its final 'done' chunk"
     )
 

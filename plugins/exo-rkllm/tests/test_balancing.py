@@ -1,6 +1,6 @@
 """Several rkllm nodes in one process, wired with direct calls (the node's peer protocol without
-gRPC): requests spread over the boards, and a request whose node is lost mid-answer is replayed
-on another and goes on where it stopped."""
+gRPC): requests spread over the boards by core's balancer, and a request whose node is lost
+mid-answer is replayed on another and goes on where it stopped."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
 from rkllm_helpers import rkllm_runtime
 
-from exo_core import Runtime
+from exo_core import Runtime, TextGeneration
 from exo_core.node.messages import PeerUnavailable, StageFailure, StepMessage, TokenMessage
 from exo_core.node.node import Node
 from exo_core.testing import chat
@@ -44,8 +44,14 @@ class DirectPeer:
         self._check()
         await self.node.release(request_id, up_to_attempt)
 
-    async def health(self) -> None:
+    async def health(self, request_id: str = "", attempt: int = 0):
         self._check()
+        return self.node.request_state(request_id, attempt)
+
+    async def generate_text(self, request: TextGeneration, delivered: str = ""):
+        self._check()
+        async for delta in self.node.serve_text(request, delivered):
+            yield delta
 
 
 @contextlib.asynccontextmanager
