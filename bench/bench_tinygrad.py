@@ -4,13 +4,17 @@
     .venv/bin/python bench/bench_tinygrad.py --rounds 3 --json out.json
     .venv/bin/python bench/bench_tinygrad.py --engines tinygrad --decode 32
 
-Each engine runs in its own subprocess, one after the other, so peak RSS is its own:
-load time, cold first token (the first request: tinygrad compiles and captures its graphs
-then), time to first token and prefill tok/s of a 256-token prompt, greedy decode tok/s over
-128 tokens, and (tinygrad) the aggregate decode tok/s of 4 requests decoded as one batch.
-Figures after the cold request are medians over --rounds, each round a fresh request. llama.cpp
-(llama-cpp-python, optional: `pip install exo-tinygrad[bench]`) runs with 2 threads on the
-same file; when it is not installed the table says so and the tinygrad half still runs.
+Each engine runs in its own subprocess, one after the other, so peak RSS is its own: load
+time (tinygrad: `prepare`, i.e. load plus every graph read from EXO_HOME or built), the first
+request's time to first token, time to first token of a 60-token prompt, prefill tok/s of a
+500-token prompt, greedy decode tok/s over 128 tokens, and (tinygrad) the aggregate decode
+tok/s of 4 requests decoded as one batch. Every measured prompt starts with a token no other
+prompt of the run starts with, so neither side can reuse a cached prefix (llama-cpp-python
+keeps the previous prompt's KV). Figures after the first request are medians over --rounds.
+Last, `exo run --prompt ...` is timed twice with a fresh EXO_HOME: the first run ever (it
+builds and saves the graphs) and the one after it (it reads them).
+llama.cpp (llama-cpp-python, optional: `pip install exo-tinygrad[bench]`) runs with 2 threads
+on the same file; when it is not installed the table says so and the tinygrad half still runs.
 The host is shared and noisy: compare numbers only within one run.
 """
 
@@ -27,15 +31,19 @@ import time
 from pathlib import Path
 
 THREADS = 2
+TTFT_PROMPT = 60
 ROWS = [
-    ("load_s", "load (s)"),
-    ("cold_first_token_s", "cold first token (s)"),
-    ("ttft_s", "time to first token (s)"),
-    ("prefill_tok_s", "prefill tok/s"),
+    ("load_s", "load + prepare (s)"),
+    ("cold_first_token_s", "first request's first token (s)"),
+    ("ttft_s", f"time to first token, {TTFT_PROMPT}-token prompt (s)"),
+    ("prefill_tok_s", "prefill tok/s (--prefill prompt)"),
     ("decode_tok_s", "decode tok/s"),
     ("batch_decode_tok_s", "decode tok/s, 4 requests batched"),
     ("peak_rss_mb", "peak RSS (MB)"),
+    ("exo_run_first_s", "exo run --prompt, first ever (s)"),
+    ("exo_run_second_s", "exo run --prompt, second (s)"),
 ]
+_unique = iter(range(1000, 100000, 7))
 
 
 def peak_rss_mb() -> float:
@@ -43,10 +51,11 @@ def peak_rss_mb() -> float:
 
 
 def prompt_ids(n: int) -> list[int]:
-    """n token ids: a real chat prompt from the llama.cpp reference data, repeated."""
+    """n token ids: a real chat prompt from the llama.cpp reference data, repeated, after a
+    first token no other prompt of this process starts with (no reusable cached prefix)."""
     ref = Path(__file__).parents[1] / "tests" / "data" / "smollm2-135m-llamacpp.json"
     ids = json.loads(ref.read_text(encoding="utf-8"))["greedy"][2]["prompt_ids"]
-    return (ids * (n // len(ids) + 1))[:n]
+    return [next(_unique), *(ids * (n // len(ids) + 1))[: n - 1]]
 
 
 # ---- workers (one per engine, in a subprocess) ------------------------------------------------
@@ -69,16 +78,17 @@ def measure_tinygrad(args) -> dict:
     card = reg.models["smollm2-135m"]
     shard = Shard.whole(card.id, card.n_layers)
     engine = cls({"max_context": None})
-    prompt = np.asarray(prompt_ids(args.prefill), dtype=np.int64)
 
-    async def request(rid: str) -> tuple[float, float]:
+    async def request(rid: str, n_prompt: int, decode: int) -> tuple[float, float]:
+        prompt = np.asarray(prompt_ids(n_prompt), dtype=np.int64)
         t0 = time.perf_counter()
         out = await engine.forward(shard, StageInput(rid, tokens=prompt))
         token = int(np.argmax(out.logits))
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
-        for _ in range(args.decode):
-            out = await engine.forward(shard, StageInput(rid, tokens=np.asarray([token])))
+        for k in range(decode):
+            step = StageInput(rid, tokens=np.asarray([token]), start_pos=len(prompt) + k)
+            out = await engine.forward(shard, step)
             token = int(np.argmax(out.logits))
         decode_s = time.perf_counter() - t1
         await engine.release(rid)
@@ -88,11 +98,15 @@ def measure_tinygrad(args) -> dict:
         ids = [f"{tag}-{k}" for k in range(n)]
         tokens = []
         for k, rid in enumerate(ids):  # prompts of different lengths: different positions
-            out = await engine.forward(shard, StageInput(rid, tokens=prompt[: 32 + 8 * k]))
+            prompt = np.asarray(prompt_ids(32 + 8 * k), dtype=np.int64)
+            out = await engine.forward(shard, StageInput(rid, tokens=prompt))
             tokens.append(int(np.argmax(out.logits)))
         t0 = time.perf_counter()
-        for _ in range(steps):
-            items = [StageInput(rid, tokens=np.asarray([t])) for rid, t in zip(ids, tokens, strict=True)]
+        for k in range(steps):
+            items = [
+                StageInput(rid, tokens=np.asarray([t]), start_pos=32 + 8 * i + k)
+                for i, (rid, t) in enumerate(zip(ids, tokens, strict=True))
+            ]
             outs = await engine.forward_batch(shard, items)
             tokens = [int(np.argmax(o.logits)) for o in outs]
         elapsed = time.perf_counter() - t0
@@ -102,22 +116,22 @@ def measure_tinygrad(args) -> dict:
 
     async def run() -> dict:
         t0 = time.perf_counter()
-        await engine.load(shard, card)
+        prepare = getattr(engine, "prepare", None)
+        await (prepare(shard, card) if prepare is not None else engine.load(shard, card))
         load_s = time.perf_counter() - t0
-        cold_ttft, _ = await request("cold")  # compiles and captures prefill + decode graphs
-        ttfts, decodes = [], []
+        cold_ttft, _ = await request("cold", TTFT_PROMPT, 0)
+        ttfts, prefills, decodes = [], [], []
         for r in range(args.rounds):
-            ttft, decode_s = await request(f"round-{r}")
-            ttfts.append(ttft)
+            ttfts.append((await request(f"ttft-{r}", TTFT_PROMPT, 0))[0])
+            prefill_s, decode_s = await request(f"round-{r}", args.prefill, args.decode)
+            prefills.append(args.prefill / prefill_s)
             decodes.append(args.decode / decode_s)
-        await batch("warm", 4, 3)  # captures the batch-of-4 graph
         batched = [await batch(f"batch-{r}", 4, args.decode // 2) for r in range(args.rounds)]
-        ttft = statistics.median(ttfts)
         return {
             "load_s": load_s,
             "cold_first_token_s": cold_ttft,
-            "ttft_s": ttft,
-            "prefill_tok_s": args.prefill / ttft,
+            "ttft_s": statistics.median(ttfts),
+            "prefill_tok_s": statistics.median(prefills),
             "decode_tok_s": statistics.median(decodes),
             "batch_decode_tok_s": statistics.median(batched),
         }
@@ -141,34 +155,34 @@ def measure_llamacpp(args) -> dict:
         model_path=str(embedded_gguf_path()),
         n_threads=THREADS,
         n_threads_batch=THREADS,
-        n_ctx=args.prefill + args.decode + 16,
+        n_ctx=max(args.prefill, TTFT_PROMPT) + args.decode + 16,
         n_batch=512,
         logits_all=False,
         verbose=False,
     )
     load_s = time.perf_counter() - t0
-    prompt = prompt_ids(args.prefill)
 
-    def request() -> tuple[float, float]:
+    def request(n_prompt: int, decode: int) -> tuple[float, float]:
+        prompt = prompt_ids(n_prompt)
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
-        for _ in range(args.decode):
+        for _ in range(decode):
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         return ttft, time.perf_counter() - t1
 
-    cold_ttft, _ = request()
-    runs = [request() for _ in range(args.rounds)]
-    ttft = statistics.median(r[0] for r in runs)
+    cold_ttft, _ = request(TTFT_PROMPT, 0)
+    ttfts = [request(TTFT_PROMPT, 0)[0] for _ in range(args.rounds)]
+    runs = [request(args.prefill, args.decode) for _ in range(args.rounds)]
     return {
         "load_s": load_s,
         "cold_first_token_s": cold_ttft,
-        "ttft_s": ttft,
-        "prefill_tok_s": args.prefill / ttft,
+        "ttft_s": statistics.median(ttfts),
+        "prefill_tok_s": statistics.median(args.prefill / r[0] for r in runs),
         "decode_tok_s": statistics.median(args.decode / r[1] for r in runs),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -178,6 +192,25 @@ WORKERS = {"tinygrad": measure_tinygrad, "llama.cpp": measure_llamacpp}
 
 
 # ---- driver --------------------------------------------------------------------------------
+
+
+def time_exo_run() -> dict:
+    """Wall clock of `exo run --prompt ...` twice with a fresh EXO_HOME: first ever, then second."""
+    import os
+    import tempfile
+
+    exo = str(Path(sys.executable).with_name("exo"))
+    cmd = [exo, "run", "--prompt", "What is the capital of France? Answer in one word."]
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "EXO_HOME": home}
+        for key in ("exo_run_first_s", "exo_run_second_s"):
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                return {"exo_run_error": done.stderr.strip().splitlines()[-1:]}
+            out[key] = time.perf_counter() - t0
+    return out
 
 
 def run_worker(name: str, args) -> dict:
@@ -223,10 +256,11 @@ def main() -> None:
     parser.add_argument(
         "--engines", default="tinygrad,llama.cpp", help="comma-separated: tinygrad, llama.cpp"
     )
-    parser.add_argument("--prefill", type=int, default=256, help="prompt tokens")
+    parser.add_argument("--prefill", type=int, default=500, help="prompt tokens of the prefill measurement")
     parser.add_argument("--decode", type=int, default=128, help="tokens decoded per request")
     parser.add_argument("--rounds", type=int, default=2, help="measured requests per engine (median)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--no-exo-run", action="store_true", help="skip timing `exo run --prompt`")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -236,8 +270,12 @@ def main() -> None:
     for name in [n.strip() for n in args.engines.split(",") if n.strip()]:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         results[name] = run_worker(name, args) if name in WORKERS else {"skipped": "unknown engine"}
+        if name == "tinygrad" and not args.no_exo_run and "skipped" not in results[name]:
+            print("timing exo run --prompt ...", file=sys.stderr, flush=True)
+            results[name].update(time_exo_run())
     print(
-        f"SmolLM2-135M Q4_1, {args.prefill}-token prompt, {args.decode} decoded tokens, {THREADS} llama.cpp threads"
+        f"SmolLM2-135M Q4_1, {args.prefill}-token prefill, {args.decode} decoded tokens, "
+        f"{THREADS} llama.cpp threads"
     )
     print(table(results))
     if args.json:

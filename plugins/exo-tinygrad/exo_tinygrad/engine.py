@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +38,9 @@ from exo_core.models.shard import Shard
 MEMORY_HEADROOM = 256 << 20
 
 Progress = Callable[[str, float], None]  # (what, fraction done): as exo_core.engine.Progress
+
+
+IDLE_S = 0.5  # background graph building waits for this long without steps
 
 
 class TinygradEngine(InferenceEngine):
@@ -66,6 +70,8 @@ class TinygradEngine(InferenceEngine):
         self._loaded: tuple[Shard, str] | None = None  # the shard loaded last
         self._runners: dict[Shard, Any] = {}  # every shard held, with its requests' caches
         self.source: str | None = None
+        self._active = 0  # forward_batch calls in flight
+        self._last_step = 0.0  # when the last one ended (monotonic)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -131,27 +137,49 @@ class TinygradEngine(InferenceEngine):
                     self._runner = None
 
     async def prepare(self, shard: Shard, model: ModelCard, progress: Progress | None = None) -> None:
-        """Load, then make every graph the engine will use ready (see `ShardRunner.graph_plan`):
-        read from EXO_HOME when an earlier process built them, else captured now and saved
-        there. One graph per call on the worker thread, so steps of live requests run between."""
+        """Load, then make every graph the engine will use ready (`ShardRunner.graph_plan`):
+        saved under EXO_HOME by an earlier process, else captured now (seconds each, minutes
+        for all on the first start) and saved there.
+
+        The graphs of a first request (prefill and single decode at the smallest capacity)
+        come first; the smallest capacity's graphs are kept in memory, the others are only
+        built and saved when missing, and read back when first used. Each is one job on the
+        worker thread, and after the first two a job waits until no step has run for `IDLE_S`,
+        so running this in the background on a serving node never queues a live request
+        behind more than one capture.
+        """
         if progress is not None:
             progress("loading weights", 0.0)
         await self.load(shard, model)
         runner = self._runner
-        steps = runner.prepare_all(progress)
-        while await self._call(next, steps, None) is not None:
-            pass
+        plan = runner.graph_plan()
+        for done, (kind, cap, batch) in enumerate(plan):
+            if self._runners.get(shard) is not runner:
+                return  # the shard was freed meanwhile
+            if progress is not None:
+                what = f"{kind} graph, capacity {cap}" + (f", batch {batch}" if kind == "decode" else "")
+                progress(what, done / len(plan))
+            first, keep = done < 2, cap == plan[0][1]
+            if not keep and runner.has_graph(kind, cap, batch):
+                continue  # on disk, read when first used
+            while not first and (self._active or time.monotonic() - self._last_step < IDLE_S):
+                await asyncio.sleep(IDLE_S / 4)
+            await self._call(runner.prepare, kind, cap, batch, keep)
+        if progress is not None:
+            progress("ready", 1.0)
 
     # ---- running -------------------------------------------------------------------------
-
-    async def forward(self, shard: Shard, item: StageInput) -> StageOutput:
-        return (await self.forward_batch(shard, [item]))[0]
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
         runner = self._runner_for(shard)
         for item in items:  # all of them before any cache changes
             self.check_step(shard, item)
-        return await self._call(self._forward_sync, runner, shard, list(items))
+        self._active += 1
+        try:
+            return await self._call(self._forward_sync, runner, shard, list(items))
+        finally:
+            self._active -= 1
+            self._last_step = time.monotonic()
 
     def _forward_sync(self, runner: Any, shard: Shard, items: list[StageInput]) -> list[StageOutput]:
         from exo_tinygrad.runner import Step

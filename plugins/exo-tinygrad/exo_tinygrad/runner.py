@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,21 +221,13 @@ class ShardRunner:
             self._inputs.pop((kind, capacity, batch) if kind == "decode" else (kind, capacity), None)
         return True
 
-    def prepare_all(self, progress: Callable[[str, float], None] | None = None) -> Iterator[str]:
-        """Prepare every graph of `graph_plan` (one per step of the iterator, so a caller can
-        interleave other work): the smallest capacity's graphs stay in memory."""
-        plan = self.graph_plan()
-        smallest = plan[0][1]
-        for done, (kind, cap, batch) in enumerate(plan):
-            if progress is not None:
-                what = f"{kind} graph, capacity {cap}" + (f", batch {batch}" if kind == "decode" else "")
-                progress(what, done / len(plan))
-            if self.store is not None and self.store.has(self._name(kind, cap, batch)) and cap != smallest:
-                continue  # on disk; read when first used
-            self.prepare(kind, cap, batch, keep=cap == smallest)
-            yield self._name(kind, cap, batch)
-        if progress is not None:
-            progress("graphs ready", 1.0)
+    def has_graph(self, kind: str, capacity: int, batch: int = 1) -> bool:
+        """Whether the graph is in memory or in the store."""
+        graphs = self._jits.prefill if kind == "prefill" else self._jits.decode
+        key = capacity if kind == "prefill" else (capacity, batch)
+        if key in graphs:  # type: ignore[operator]
+            return True
+        return self.store is not None and self.store.has(self._name(kind, capacity, batch))
 
     @staticmethod
     def _name(kind: str, capacity: int, batch: int) -> str:
