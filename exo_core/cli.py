@@ -144,6 +144,11 @@ def _run_options() -> list[click.Parameter]:
         ),
         opt(["--models-seed-dir"], type=click.Path(), help="Look for model files here before downloading."),
         opt(
+            ["--memory-limit"],
+            envvar="EXO_MEMORY_LIMIT",
+            help="Memory this node offers for models (16GB, 800MB, ...), instead of what it has.",
+        ),
+        opt(
             ["--disable-tui"],
             is_flag=True,
             help="Accepted for compatibility (exo has no TUI; logs go to stderr).",
@@ -154,6 +159,14 @@ def _run_options() -> list[click.Parameter]:
 def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_option_names: set[str]) -> None:
     from exo_core.runtime import ConfigError, NodeConfig, Runtime
 
+    if params.get("memory_limit"):
+        from exo_core.node.topology import MEMORY_LIMIT_ENV, parse_memory
+
+        try:
+            parse_memory(params["memory_limit"])
+        except ValueError as exc:
+            raise ExoUsageError(f"--memory-limit: {exc}") from None
+        os.environ[MEMORY_LIMIT_ENV] = params["memory_limit"]
     if params.get("run_model"):
         if params.get("model") and params["model"] != params["run_model"]:
             raise ExoUsageError("give the model once: MODEL or --run-model, not both")

@@ -178,6 +178,7 @@ class Runtime:
         )
         self.node.set_served_models(sorted(self.served_models))
         self.generator = Generator(self.node, max_context=cfg.max_context)
+        self.node.origin.max_context = cfg.max_context  # plans are checked for this context's KV cache
         await self.node.start()
         log.info(
             "node started",

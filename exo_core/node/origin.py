@@ -54,7 +54,13 @@ from exo_core.node.messages import (
     StepMessage,
     TokenMessage,
 )
-from exo_core.node.partitioning import NoPlanError, Partitioner, PlanStage, ring_memory_weighted
+from exo_core.node.partitioning import (
+    NoPlanError,
+    Partitioner,
+    PlanStage,
+    plan_within_memory,
+    ring_memory_weighted,
+)
 from exo_core.node.prefix_cache import PrefixIndex
 from exo_core.node.replicas import Balancer
 from exo_core.node.topology import NodeInfo
@@ -100,6 +106,7 @@ class Origin:
     ) -> None:
         self.node_id = node_id
         self.partitioner = partitioner
+        self.max_context: int | None = None  # --max-context: the KV cache plans are checked for
         self.step_timeout = step_timeout
         self.max_replans = max_replans
         self.liveness_interval = liveness_interval
@@ -148,7 +155,8 @@ class Origin:
                 key=lambda n: (self._load_of(n), n.node_id != self.node_id, n.node_id),
             )
             return (PlanStage(pick.node_id, Shard.whole(card.id, card.n_layers)),)
-        return tuple(self.partitioner(sharding, card.id, card.n_layers))
+        plan = self.partitioner(sharding, card.id, card.n_layers)
+        return tuple(plan_within_memory(card, plan, sharding, self.max_context))
 
     def _load_of(self, info: NodeInfo) -> tuple[int, int]:
         """Requests this origin has in flight on the node, then what the node last reported

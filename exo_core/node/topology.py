@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,11 +84,35 @@ def is_rk3588() -> bool:
     return "rk3588" in compatible.lower()
 
 
+MEMORY_LIMIT_ENV = "EXO_MEMORY_LIMIT"
+_UNITS = {"": 1000**3, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
+_UNITS |= {"t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_memory(text: str) -> int:
+    """A memory size in bytes: "16GB", "16 GiB", "800MB", "16" (GB); ValueError with the forms."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match[2].lower() if match else ""
+    if not match or unit not in _UNITS or float(match[1]) <= 0:
+        raise ValueError(f"memory size {text!r}: give a number and a unit, like 16GB, 16GiB or 800MB")
+    return int(float(match[1]) * _UNITS[unit])
+
+
+def memory_limit_mb() -> int | None:
+    """--memory-limit (EXO_MEMORY_LIMIT) in MiB, the memory this node offers for models."""
+    raw = os.environ.get(MEMORY_LIMIT_ENV)
+    return parse_memory(raw) // (1024 * 1024) if raw else None
+
+
 def device_capabilities() -> DeviceCapabilities:
-    """This machine's capabilities: memory from psutil, model/chip from the OS or device tree."""
+    """This machine's capabilities: memory from psutil, model/chip from the OS or device tree.
+
+    `memory` is what the partitioner plans with: the machine's memory, or `--memory-limit`
+    (EXO_MEMORY_LIMIT) when set, which is what the node then reports to its peers.
+    """
     import psutil
 
-    memory_mb = psutil.virtual_memory().total // (1024 * 1024)
+    memory_mb = memory_limit_mb() or psutil.virtual_memory().total // (1024 * 1024)
     system = platform.system()
     if system == "Darwin":
         chip = platform.processor() or "Apple Silicon"
