@@ -326,15 +326,17 @@ class TextEngine(InferenceEngine):
     supports_sharding: ClassVar[bool] = False
     concurrent_steps: ClassVar[bool] = True
 
-    def replicas(self) -> Sequence[str]:
-        """Names of the servers this engine fronts (stable; shown in logs)."""
+    def replicas(self, model: ModelCard | None = None) -> Sequence[str]:
+        """Names of the servers this engine fronts (stable; shown in logs); with a model, the
+        ones that serve it."""
         return ("default",)
 
     async def check_replica(self, replica: str) -> None:
         """Raise `ReplicaUnavailable` when the replica cannot serve now (default: always up)."""
 
-    async def discover_models(self) -> Sequence[ModelCard]:
-        """Cards of models found on the servers, added to the node's models at start."""
+    async def discover_models(self, known: Mapping[str, ModelCard]) -> Sequence[ModelCard]:
+        """Cards of models found on the servers, added to (or replacing) the node's `known`
+        cards when it starts."""
         return ()
 
     def serves(self, card: ModelCard) -> bool:

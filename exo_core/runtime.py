@@ -162,7 +162,7 @@ class Runtime:
         models = dict(self.registry.models)
         if isinstance(engine, TextEngine):
             # Whole-request engines may find models on their servers (an upstream's /v1/models).
-            for card in await engine.discover_models():
+            for card in await engine.discover_models(models):
                 models[card.id] = card
             self._served = {cid: c for cid, c in models.items() if engine.serves(c)}
             if cfg.model:

@@ -226,7 +226,7 @@ class ReplicaSet:
         tried: set[str] = set()
         reasons: list[str] = []
         while True:
-            candidates = [k for k in self.engine.replicas() if k not in tried]
+            candidates = [k for k in self.engine.replicas(request.model) if k not in tried]
             key = self.balancer.pick(candidates)
             if key is None and candidates:
                 # Every one left is out of rotation: check them now rather than wait for the

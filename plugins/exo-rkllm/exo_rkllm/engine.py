@@ -149,7 +149,7 @@ class RKLLMEngine(TextEngine):
 
     # ---- requests --------------------------------------------------------------------------
 
-    def replicas(self) -> Sequence[str]:
+    def replicas(self, model: ModelCard | None = None) -> Sequence[str]:
         return (self.server_url,)
 
     async def check_replica(self, replica: str) -> None:

@@ -1,0 +1,110 @@
+"""Two real llama.cpp servers as the upstreams of a two-node exo cluster (`exo run` processes,
+manual discovery), asked through exo's API with the official `openai` client."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from upstream_helpers import llama_server, needs_llama
+
+from exo_core.testing import Cluster
+
+pytestmark = needs_llama
+
+QUESTION = [{"role": "user", "content": "Name three colours, then count to twenty."}]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy(c: openai.OpenAI, max_tokens: int = 48, stream: bool = False) -> str:
+    if not stream:
+        reply = c.chat.completions.create(
+            model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=max_tokens
+        )
+        return reply.choices[0].message.content or ""
+    parts = []
+    for chunk in c.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=max_tokens, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("upstreams")
+    with llama_server(tmp) as one, llama_server(tmp) as two:
+        with Cluster.manual(
+            ["a", "b"],
+            tmp=tmp,
+            engine="upstream",
+            per_node_args={"a": ["--upstream", one.url], "b": ["--upstream", two.url]},
+            env={"HF_HUB_OFFLINE": "1"},
+        ) as cluster:
+            yield cluster, one, two
+
+
+def test_the_upstreams_greedy_answer_through_exo_streamed_and_whole(setup):
+    cluster, one, _ = setup
+    direct = greedy(client(one.url))
+    assert direct
+    exo = client(cluster.nodes["a"].url)
+    assert greedy(exo) == direct
+    assert greedy(exo, stream=True) == direct
+    reply = exo.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=8)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > 10  # the server's counts
+
+
+def test_six_concurrent_requests_spread_over_both_upstreams(setup):
+    cluster, one, two = setup
+    before = one.requests(), two.requests()
+    exo = client(cluster.nodes["a"].url)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: greedy(exo, max_tokens=16), range(6)))
+    assert len(set(answers)) == 1 and answers[0]
+    spread = one.requests() - before[0], two.requests() - before[1]
+    assert sum(spread) == 6 and min(spread) >= 2, spread
+
+
+def test_an_unknown_model_and_a_bad_field_are_openai_errors(setup):
+    cluster, _, _ = setup
+    exo = client(cluster.nodes["b"].url)
+    with pytest.raises(openai.NotFoundError):
+        exo.chat.completions.create(model="no-such-model", messages=QUESTION)
+
+
+def test_an_upstream_killed_mid_stream_is_finished_on_the_other(tmp_path):
+    with llama_server(tmp_path) as one, llama_server(tmp_path) as two:
+        reference = greedy(client(one.url), max_tokens=64)
+        with Cluster.manual(
+            ["a", "b"],
+            tmp=tmp_path,
+            engine="upstream",
+            per_node_args={"a": ["--upstream", one.url], "b": ["--upstream", two.url]},
+        ) as cluster:
+            before = one.requests(), two.requests()
+            stream = client(cluster.nodes["a"].url).chat.completions.create(
+                model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=64, stream=True
+            )
+            parts: list[str] = []
+            killed = None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+                if killed is None and len(parts) == 5:
+                    serving = one if one.requests() > before[0] else two
+                    serving.kill()
+                    killed = serving
+            assert killed is not None
+            other = two if killed is one else one
+            assert other.requests() > (before[1] if other is two else before[0])
+            # Killed mid-answer, finished on the other upstream: the same greedy text.
+            assert "".join(parts) == reference
+            time.sleep(0)
