@@ -1,0 +1,272 @@
+"""The cluster stays right while it changes (in one process, real gRPC on 127.0.0.1, dummy engine).
+
+A peer joining mid-answer, two models on one node, a malformed step in a batch, NaN logits, a
+stage that hangs without dying, a single node that hangs, and a prompt whose prefill takes
+longer than --step-timeout. The dummy engine checks positions like a real engine, so a lost
+cache is an error here, not wrong text.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from exo_core.engine import StageInput, StageOutput
+from exo_core.engines.dummy import DUMMY_ANSWER, DummyEngine
+from exo_core.errors import EngineError
+from exo_core.models.shard import Shard
+from exo_core.node.generate import TextRequest
+from exo_core.node.messages import GenerationError, StepMessage, TokenMessage
+from exo_core.node.node import Node
+from exo_core.node.partitioning import PlanStage
+from exo_core.node.sampling import SamplingParams
+from exo_core.node.topology import NodeInfo
+from exo_core.plugins import registry
+from exo_core.runtime import NodeConfig, Runtime
+from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
+
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, reg=None):
+    """Started runtimes for `ids` (dummy engine); the peers file lists `listed` (default: all)."""
+    ports = free_ports(len(ids))
+    specs = {nid: NodeSpec(nid, port, 0) for nid, port in zip(ids, ports, strict=True)}
+    path = write_peers_file(tmp_path / "peers.json", [specs[n] for n in (listed or ids)])
+    started = []
+    try:
+        for nid in ids:
+            config = NodeConfig(
+                engine="dummy",
+                engine_options={"dummy_delay_ms": delay_ms},
+                node_id=nid,
+                node_host="127.0.0.1",
+                node_port=specs[nid].node_port,
+                discovery="manual",
+                discovery_config_path=str(path),
+                discovery_options={"timeout": 5.0},
+                frontends=(),
+            )
+            rt = Runtime(config, reg)
+            await rt.start()
+            started.append(rt)
+        yield dict(zip(ids, started, strict=True)), specs, path
+    finally:
+        for rt in started:
+            await rt.stop()
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.05)
+
+
+async def chat(rt, messages=CHAT, model=None, max_tokens=None):
+    request = TextRequest(model=model or rt.default_model, messages=messages, max_tokens=max_tokens)
+    prepared = rt.generator.prepare(request)
+    return "".join([c.text async for c in rt.generator.stream(prepared)])
+
+
+def set_step_timeout(rt, seconds):
+    rt.node.origin.step_timeout = seconds
+    rt.node.stage.step_timeout = seconds
+
+
+# ---- topology changes mid-answer --------------------------------------------------------------
+
+
+async def test_a_peer_joining_mid_answer_leaves_the_running_answer_alone(tmp_path):
+    """a streams alone; b joins; a new request gets a two-node plan while the first goes on."""
+    async with runtimes(tmp_path, ["a", "b"], listed=["a"], delay_ms=40) as (rts, specs, path):
+        a = rts["a"]
+        card = a.default_model
+        first = a.generator.stream(a.generator.prepare(TextRequest(model=card, messages=CHAT)))
+        pieces = [(await anext(first)).text for _ in range(3)]
+        write_peers_file(path, [specs["a"], specs["b"]])
+        await until(lambda: set(a.node.peers) == {"b"})
+        assert [s.node_id for s in a.node.make_plan(card)] == ["a", "b"]
+        second = asyncio.create_task(chat(a))
+        pieces += [c.text async for c in first]
+        assert "".join(pieces) == DUMMY_ANSWER
+        assert await second == DUMMY_ANSWER
+        held = set(a.node.engine.loaded_shards)
+        assert {Shard.whole(card.id, card.n_layers), Shard(card.id, 0, 14, 30)} <= held
+        await until(lambda: not a.node.active_stage_requests() and not rts["b"].node.active_stage_requests())
+
+
+async def test_two_models_at_once_on_one_node(tmp_path):
+    reg = registry()
+    card = reg.models["smollm2-135m"]
+    copy = dataclasses.replace(card, id="smollm2-copy", name="the same GGUF again", aliases=())
+    reg = dataclasses.replace(reg, models={**reg.models, copy.id: copy})
+    async with runtimes(tmp_path, ["a"], delay_ms=20, reg=reg) as (rts, _specs, _path):
+        a = rts["a"]
+        answers = await asyncio.gather(chat(a, model=card), chat(a, model=copy), chat(a, model=card))
+        assert answers == [DUMMY_ANSWER] * 3
+        assert {s.model_id for s in a.node.engine.loaded_shards} == {card.id, copy.id}
+
+
+# ---- failures isolated per request ------------------------------------------------------------
+
+
+class _Recorder:
+    """A peer standing in for the origin of crafted steps: it records what it is sent."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[TokenMessage]] = {}
+        self.failures: list = []
+
+    async def send_step(self, msg) -> None:
+        raise AssertionError("no step goes to the origin in these plans")
+
+    async def send_token(self, msg: TokenMessage) -> bool:
+        self.tokens.setdefault(msg.request_id, []).append(msg)
+        return True
+
+    async def report_failure(self, failure) -> None:
+        self.failures.append(failure)
+
+    async def release(self, request_id, up_to_attempt) -> None:
+        return None
+
+    async def health(self, request_id="", attempt=0):
+        raise AssertionError("not used")
+
+
+@contextlib.asynccontextmanager
+async def lone_stage(engine):
+    """A node whose stage runs steps sent by a recording origin "o"."""
+    node = Node("s", engine, dict(registry().models))
+    recorder = _Recorder()
+    node.add_peer(NodeInfo(node_id="o", address="127.0.0.1", port=1), recorder)
+    await node.start()
+    try:
+        yield node, recorder
+    finally:
+        await node.stop()
+
+
+def step(node, rid, tokens, max_tokens=3, **fields):
+    card = node.models["smollm2-135m"]
+    shard = Shard.whole(card.id, card.n_layers)
+    return StepMessage(
+        request_id=rid,
+        attempt=0,
+        origin="o",
+        plan=(PlanStage("s", shard),),
+        stage_index=0,
+        sampling=SamplingParams(),
+        max_tokens=max_tokens,
+        eos_token_ids=(),
+        step=0,
+        tokens=tokens,
+        **fields,
+    )
+
+
+async def _run_batch_with(node, recorder, bad):
+    """A good request and a bad step queued together, so they meet in one batch."""
+    await node.engine.load(step(node, "x", None).stage.shard, node.models["smollm2-135m"])
+    await node.receive_step(step(node, "good", np.array([1, 2, 3], dtype=np.int64)))
+    await node.receive_step(bad)
+    await until(lambda: len(recorder.tokens.get("good", [])) == 3 and recorder.tokens.get(bad.request_id))
+    good = recorder.tokens["good"]
+    assert [t.error for t in good] == [None] * 3 and good[-1].finish_reason == "length"
+    (error,) = recorder.tokens[bad.request_id]
+    await node.release("good")  # what the origin does when the answer ends
+    await until(lambda: node.active_stage_requests() == 0)
+    return error.error
+
+
+@pytest.mark.parametrize(
+    "bad_tokens, hidden, expected",
+    [
+        (np.array([], dtype=np.int64), None, "at least one position"),
+        (np.array([1.5, 2.5]), None, "1-D integer array"),
+        (None, np.zeros((2, 3), dtype=np.float32), "hidden states must be float"),
+    ],
+    ids=["zero-length", "float-token-ids", "wrong-width"],
+)
+async def test_a_malformed_step_fails_only_its_own_request(bad_tokens, hidden, expected):
+    async with lone_stage(DummyEngine({"dummy_delay_ms": 5})) as (node, recorder):
+        bad = dataclasses.replace(step(node, "bad", bad_tokens), hidden=hidden)
+        assert expected in await _run_batch_with(node, recorder, bad)
+
+
+async def test_a_step_at_the_wrong_position_fails_naming_both():
+    async with lone_stage(DummyEngine()) as (node, _recorder):
+        card = node.models["smollm2-135m"]
+        engine = node.engine
+        shard = Shard.whole(card.id, card.n_layers)
+        await engine.load(shard, card)
+        await engine.forward(shard, StageInput("r", tokens=np.array([1, 2, 3]), start_pos=0))
+        with pytest.raises(EngineError, match="starts at position 5, but its cache holds 3 positions"):
+            await engine.forward(shard, StageInput("r", tokens=np.array([4]), start_pos=5))
+        out = await engine.forward(shard, StageInput("r", tokens=np.array([4]), start_pos=3))
+        assert out.logits is not None
+
+
+class NaNEngine(DummyEngine):
+    """The dummy engine, but requests whose id starts with "nan" get NaN logits (a numerical fault)."""
+
+    async def forward_batch(self, shard, items):
+        outs = await super().forward_batch(shard, items)
+        return [
+            StageOutput(logits=np.full_like(o.logits, np.nan)) if i.request_id.startswith("nan") else o
+            for i, o in zip(items, outs, strict=True)
+        ]
+
+
+async def test_nan_logits_fail_that_request_with_a_clear_error():
+    async with lone_stage(NaNEngine({"dummy_delay_ms": 5})) as (node, recorder):
+        error = await _run_batch_with(node, recorder, step(node, "nan-bad", np.array([5], dtype=np.int64)))
+        assert "NaN logits" in error
+
+
+# ---- no silent stalls -------------------------------------------------------------------------
+
+
+async def test_a_stage_that_hangs_without_dying_is_left_out_of_the_replay(tmp_path):
+    async with runtimes(tmp_path, ["a", "b"], delay_ms=10) as (rts, _specs, _path):
+        a, b = rts["a"], rts["b"]
+        await until(lambda: set(a.node.peers) == {"b"} and set(b.node.peers) == {"a"})
+        for rt in (a, b):
+            set_step_timeout(rt, 1.0)
+        b.node.engine.hang_after = b.node.engine.forwards + 2  # b answers health, computes nothing
+        started = time.monotonic()
+        assert await chat(a) == DUMMY_ANSWER
+        assert time.monotonic() - started < 10
+        assert 1 <= a.node.origin.replans_total <= 2  # b's own report, or a's timer first
+        assert not b.node.stage.healthy
+
+
+async def test_a_hung_lone_node_gives_the_client_an_error_within_its_deadline(tmp_path):
+    async with runtimes(tmp_path, ["a"]) as (rts, _specs, _path):
+        a = rts["a"]
+        set_step_timeout(a, 0.5)
+        a.node.engine.hang_after = 0
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="made no progress"):
+            await chat(a)
+        assert time.monotonic() - started < 5
+
+
+async def test_a_prefill_longer_than_the_step_timeout_is_progress_not_a_failure(tmp_path):
+    """A prompt of ~2,600 tokens is 11 slices of 0.15 s: 1.6 s of prefill, step timeout 0.5 s."""
+    async with runtimes(tmp_path, ["a", "b"], delay_ms=300) as (rts, _specs, _path):
+        a = rts["a"]
+        await until(lambda: set(a.node.peers) == {"b"})
+        for rt in rts.values():
+            set_step_timeout(rt, 0.5)
+        long = [{"role": "user", "content": "one two three four " * 600}]
+        assert await chat(a, long, max_tokens=2) == DUMMY_ANSWER[: len(await chat(a, max_tokens=2))]
+        assert a.node.origin.replans_total == 0
