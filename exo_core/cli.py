@@ -180,7 +180,10 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         **{k: v for k, v in params.items() if k in discovery_option_names},
     }
     if params.get("insecure") and params.get("cluster_secret"):
-        raise ExoUsageError("--insecure runs without a cluster key: give it or --join TOKEN, not both")
+        source = click.get_current_context().get_parameter_source("cluster_secret")
+        if source == click.core.ParameterSource.COMMANDLINE:
+            raise ExoUsageError("--insecure runs without a cluster key: give it or --join TOKEN, not both")
+        params["cluster_secret"] = None  # a token in the environment yields to an explicit --insecure
     prompt = params.get("prompt")
     config = NodeConfig(
         model=params.get("model"),

@@ -225,7 +225,7 @@ class PeerTracker:
         tracked.hard_failures += 1
         if error != tracked.last_error:
             tracked.last_error = error
-            if is_handshake_failure(error):
+            if is_handshake_failure(error) or (self.auth is None and "socket closed" in error.lower()):
                 self._report_stranger(tracked)
             else:
                 log.debug("peer check failed", peer=tracked.node_id, error=error)
@@ -242,8 +242,9 @@ class PeerTracker:
         self._strangers.add(where)
         if self.auth is None:
             log.warning(
-                f"node {tracked.node_id} at {tracked.address}:{tracked.port} uses a cluster key and "
-                "this node runs --insecure; run this node with --join TOKEN (`exo token` there prints it)",
+                f"node {tracked.node_id} at {tracked.address}:{tracked.port} closes plaintext connections: "
+                "it probably uses a cluster key and this node runs --insecure; run this node with "
+                "--join TOKEN (`exo token` there prints it)",
                 peer=tracked.node_id,
             )
         else:

@@ -6,6 +6,11 @@ the names existing deployments use), then polls the tailnet's device list and of
 other device that publishes them, at its Tailscale IPv4 address, to the `PeerTracker` — which
 counts it only once its health RPC answers. Devices that leave the list, stop publishing, or
 are offline longer than `--discovery-timeout` are withdrawn.
+
+With a cluster key (the default), the attributes also carry `custom:exo_seq` and
+`custom:exo_sig`: an HMAC over every exo attribute, the device id they are published on and a
+sequence number that only grows. Attributes copied onto another device, older ones, or ones
+signed with another key are not offered (a stranger is logged once).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from typing import Any
 
 import click
 import structlog
@@ -20,12 +26,24 @@ import structlog
 from exo_core import ConfigError, Discovery, DiscoveryContext
 from exo_discovery_tailscale.api import (
     DEFAULT_API_URL,
+    PREFIX,
     TailscaleAPI,
     TailscaleAPIError,
     attributes_for,
     encode_node_id,
     parse_attributes,
 )
+
+SEQ = f"{PREFIX}seq"
+SIG = f"{PREFIX}sig"
+SIG_HEX = 32  # attribute values hold at most 50 characters
+
+
+def signed_text(device_id: str, attrs: dict[str, Any]) -> str:
+    """What the signature covers: the device id and every exo attribute but the signature."""
+    body = {k: str(v) for k, v in attrs.items() if k.startswith(PREFIX) and k != SIG}
+    return json.dumps({"device": device_id, **body}, sort_keys=True, separators=(",", ":"))
+
 
 log = structlog.get_logger("exo.discovery.tailscale")
 
@@ -108,6 +126,8 @@ class TailscaleDiscovery(Discovery):
         self.timeout = context.timeout
         self._task: asyncio.Task[None] | None = None
         self._published = False
+        self._last_seq: dict[str, int] = {}
+        self._strangers: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         try:
@@ -130,7 +150,11 @@ class TailscaleDiscovery(Discovery):
         ctx = self.context
         assert self.device_id is not None
         capabilities = ctx.node_info().capabilities
-        for key, value in attributes_for(ctx.node_id, ctx.port, capabilities).items():
+        attrs: dict[str, str | int] = dict(attributes_for(ctx.node_id, ctx.port, capabilities))
+        if ctx.auth is not None:  # written last, so a reader never pairs a new signature with old values
+            attrs[SEQ] = str(ctx.auth.next_seq())
+            attrs[SIG] = ctx.auth.mac(signed_text(self.device_id, attrs), SIG_HEX)
+        for key, value in attrs.items():
             await self.api.set_attribute(self.device_id, key, value)
         log.info("published to tailscale", device=self.device_id, port=ctx.port)
 
@@ -158,10 +182,35 @@ class TailscaleDiscovery(Discovery):
                 continue
             if not device.seen_within(self.timeout):
                 continue
-            attrs = parse_attributes(await self.api.attributes(device.id))
-            if attrs is None:
+            raw = await self.api.attributes(device.id)
+            attrs = parse_attributes(raw)
+            if attrs is None or not self._genuine(device.id, device.ipv4, attrs.node_id, raw):
                 continue
             seen.add(attrs.node_id)
             self.context.peers.offer(attrs.node_id, device.ipv4, attrs.port, capabilities=attrs.capabilities)
         for node_id in self.context.peers.known() - seen:
             self.context.peers.withdraw(node_id, "gone from the tailnet (or no longer running exo)")
+
+    def _genuine(self, device_id: str, address: str, node_id: str, raw: dict[str, Any]) -> bool:
+        """Signed with this cluster's key for this device, and not older than what we saw."""
+        auth = self.context.auth
+        if auth is None:
+            return True
+        if not auth.verify_mac(signed_text(device_id, raw), raw.get(SIG), SIG_HEX):
+            what = "has another cluster key" if SIG in raw else "runs without a cluster key"
+            self._stranger(node_id, address, f"{what}; run it with --join TOKEN (`exo token` here prints it)")
+            return False
+        try:
+            seq = int(raw.get(SEQ, ""))
+        except ValueError:
+            return False
+        if seq < self._last_seq.get(node_id, -1):
+            self._stranger(node_id, address, "publishes older attributes than before (a copy?); ignored")
+            return False
+        self._last_seq[node_id] = seq
+        return True
+
+    def _stranger(self, node_id: str, address: str, what: str) -> None:
+        if (node_id, address) not in self._strangers:
+            self._strangers.add((node_id, address))
+            log.warning(f"node {node_id} at {address} {what}", peer=node_id, source=address)

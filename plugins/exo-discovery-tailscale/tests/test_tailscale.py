@@ -28,7 +28,7 @@ async def until(predicate, timeout=10.0):
         await asyncio.sleep(0.05)
 
 
-def config(fake, node_id, port, **extra):
+def config(fake, node_id, port, cluster_secret=None, **extra):
     options = {
         "tailscale_api_key": KEY,
         "tailscale_api_url": fake.url,
@@ -45,6 +45,7 @@ def config(fake, node_id, port, **extra):
         discovery="tailscale",
         discovery_options=options,
         frontends=(),
+        cluster_secret=cluster_secret,
     )
 
 
@@ -146,3 +147,27 @@ def test_attribute_parsing_rejects_junk():
     assert parse_attributes({"custom:exo_node_id": "a", "custom:exo_node_port": 70000}) is None
     parsed = parse_attributes({"custom:exo_node_id": "a_b", "custom:exo_node_port": "5000"})
     assert (parsed.node_id, parsed.port, parsed.capabilities) == ("a-b", 5000, None)
+
+
+async def test_attributes_are_signed_and_copies_or_strangers_are_not_offered():
+    async with tailnet(["node-a", "node-b"]) as (fake, rts):
+        await until(lambda: "node-b" in rts["node-a"].node.peers)
+        published = fake.attributes["dev-node-b"]
+        assert len(published["custom:exo_sig"]) == 32 and int(published["custom:exo_seq"]) > 0
+        # b's attributes copied onto another device (another address): not offered
+        fake.add_device("dev-evil", "127.0.0.2")
+        fake.attributes["dev-evil"] = dict(published)
+        # a node of another cluster on the tailnet: its signature does not verify
+        (port,) = free_ports(1)
+        fake.add_device("dev-node-c", "127.0.0.1")
+        other = Runtime(config(fake, "node-c", port, cluster_secret="another cluster"))
+        await other.start()
+        try:
+            await until(lambda: ("node-b", "127.0.0.2") in rts["node-a"].discovery._strangers)
+            await until(lambda: ("node-c", "127.0.0.1") in rts["node-a"].discovery._strangers)
+            await asyncio.sleep(0.5)
+            assert rts["node-a"].peer_tracker._tracked["node-b"].address == "127.0.0.1"
+            assert "node-c" not in rts["node-a"].peer_tracker.known()
+            assert set(rts["node-a"].node.peers) == {"node-b"}
+        finally:
+            await other.stop()
