@@ -108,3 +108,22 @@ def test_an_upstream_killed_mid_stream_is_finished_on_the_other(tmp_path):
             # Killed mid-answer, finished on the other upstream: the same greedy text.
             assert "".join(parts) == reference
             time.sleep(0)
+
+
+def test_a_layer_sharded_ring_and_an_upstream_serve_one_endpoint_together(tmp_path):
+    # Node a holds the model's layers (the dummy engine: a fixed answer); node b forwards to a
+    # llama.cpp server. Requests to a are balanced over both: each answer is one or the other.
+    dummy_answer = "Hello from the exo dummy engine. This is a deterministic answer."
+    with llama_server(tmp_path) as server:
+        reference = greedy(client(server.url), max_tokens=24)
+        with Cluster.manual(
+            ["a", "b"],
+            tmp=tmp_path,
+            engine="dummy",
+            extra_args=["--dummy-delay-ms", "20"],
+            per_node_args={"b": ["--engine", "upstream", "--upstream", server.url]},
+        ) as cluster:
+            exo = client(cluster.nodes["a"].url)
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: greedy(exo, max_tokens=24), range(4)))
+    assert set(answers) == {dummy_answer, reference}, answers
