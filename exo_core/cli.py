@@ -294,28 +294,105 @@ def _plugins_command() -> click.Command:
 
 
 def _models_command() -> click.Command:
-    @click.command("models")
+    @click.group("models", invoke_without_command=True)
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-    def models(as_json: bool) -> None:
-        """List model cards and whether their files are on this node."""
+    @click.pass_context
+    def models(ctx: click.Context, as_json: bool) -> None:
+        """List model cards, what of each is on this node's disk, and how much; pull or remove them."""
+        if ctx.invoked_subcommand is not None:
+            return
         from exo_core.models.files import files_present
+        from exo_core.models.store import hub_cards_on_disk, on_disk
         from exo_core.plugins import registry
 
         cards = sorted(registry().models.values(), key=lambda c: c.id)
-        rows = [{**c.to_dict(), "present": files_present(c)} for c in cards]
+        cards += hub_cards_on_disk(cards)
+        rows = [
+            {**c.to_dict(), "present": files_present(c), "on_disk": [d.to_dict() for d in on_disk(c)]}
+            for c in cards
+        ]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("id", "name", "layers", "sources", "files here")
+        table = Table("id", "name", "layers", "sources", "on this node")
         for row in rows:
-            here = ", ".join(k for k, ok in row["present"].items() if ok) or "-"
+            here = ", ".join(_describe_on_disk(d) for d in row["on_disk"]) or "-"
             table.add_row(row["id"], row["name"], str(row["n_layers"]), ", ".join(row["sources"]), here)
         Console(width=160).print(table)
 
+    @models.command("pull")
+    @click.argument("model")
+    @click.option("--layers", help="Only these layers, e.g. 0-15 (default: all).")
+    @click.option(
+        "--source",
+        type=click.Choice(["gguf", "safetensors", "mlx"]),
+        help="Which of the card's sources (default: the first it has of gguf, safetensors, mlx).",
+    )
+    def pull(model: str, layers: str | None, source: str | None) -> None:
+        """Download a model (or only the files and byte ranges of some layers) into EXO_HOME.
+
+        MODEL is a card id or a hub id (hf.co/ORG/REPO[:FILE.gguf|:QUANT]). Run it again after
+        an interruption: it continues where it stopped.
+        """
+        from exo_core.models.files import ModelFilesError, shard_checkpoint
+        from exo_core.models.shard import Shard
+        from exo_core.plugins import registry
+        from exo_core.runtime import ConfigError, choose_model
+        from exo_core.tui import download_bars
+
+        try:
+            card = choose_model(registry(), model)
+        except ConfigError as exc:
+            raise ExoUsageError(str(exc)) from None
+        shard = Shard.whole(card.id, card.n_layers)
+        if layers:
+            try:
+                start, _, end = layers.partition("-")
+                shard = Shard(card.id, int(start), int(end or start), card.n_layers)
+            except ValueError:
+                raise ExoUsageError(
+                    f"--layers {layers!r}: give FIRST-LAST within 0-{card.n_layers - 1}"
+                ) from None
+        kinds = [source] if source else [k for k in ("gguf", "safetensors", "mlx") if k in card.sources]
+        try:
+            with download_bars():
+                kind, path = shard_checkpoint(card, shard, kinds)
+        except ModelFilesError as exc:
+            click.echo(f"exo: error: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"{card.id} layers {shard.start_layer}-{shard.end_layer} ({kind}): {path}")
+
+    @models.command("rm")
+    @click.argument("model")
+    def rm(model: str) -> None:
+        """Delete a model's files from EXO_HOME (seed directories and the embedded model stay)."""
+        from exo_core.models.cards import find_card
+        from exo_core.models.files import ModelFilesError
+        from exo_core.models.hub_cards import is_hub_id
+        from exo_core.models.store import local_hub_card, remove
+        from exo_core.plugins import registry
+
+        try:
+            card = local_hub_card(model) if is_hub_id(model) else find_card(registry().models, model)
+        except (LookupError, ModelFilesError) as exc:
+            raise ExoUsageError(str(exc)) from None
+        removed = remove(card)
+        if not removed:
+            click.echo(f"{card.id}: nothing of it is in EXO_HOME")
+        for path in removed:
+            click.echo(f"removed {path}")
+
     return models
+
+
+def _describe_on_disk(entry: dict) -> str:
+    held = f"{entry['bytes'] / 1e9:.2f} GB" if entry["bytes"] >= 1e8 else f"{entry['bytes'] / 1e6:.1f} MB"
+    if not entry["complete"]:
+        held += f" of {entry['size'] / 1e9:.2f} GB"
+    return f"{entry['kind']} {held}"
 
 
 def _token_command() -> click.Command:

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from exo_core import __version__
-from exo_core.api import ollama, protocol
+from exo_core.api import downloads, ollama, protocol
 from exo_core.api.completions import CompletionRun
 from exo_core.api.metrics import CONTENT_TYPE
 from exo_core.api.protocol import APIError
@@ -319,6 +319,7 @@ def init(runtime: Runtime) -> web.Application:
             web.post("/v1/completions", completions),
             web.get("/v1/topology", topology),
             *ollama.ROUTES,
+            *downloads.ROUTES,
         ]
     )
     return app

@@ -82,8 +82,8 @@ def pick_gguf(repo: str, files: list[str], selector: str | None) -> str:
 def card_from_hub(model_id: str) -> ModelCard:
     """A card for a hub id, from the model's metadata (header or config.json only)."""
     repo, selector = parse_hub_id(model_id)
-    if selector and selector.lower().endswith(".gguf") and hub_offline():
-        return _gguf_card(model_id, repo, selector)
+    if selector and selector.lower().endswith(".gguf"):
+        return _gguf_card(model_id, repo, selector)  # from the header on disk when it is here
     files = _repo_files(repo)
     if selector is None and "config.json" in files and any(f.endswith(".safetensors") for f in files):
         return _safetensors_card(model_id, repo)
@@ -105,6 +105,11 @@ def _repo_files(repo) -> list[str]:
 
 def _gguf_card(model_id: str, repo: str, filename: str) -> ModelCard:
     path = fetch_gguf(repo, filename, None, header_only=True, model_id=model_id)
+    return card_from_gguf_header(model_id, repo, filename, path)
+
+
+def card_from_gguf_header(model_id: str, repo: str, filename: str, path: Path) -> ModelCard:
+    """A card for a hub GGUF whose header is at `path` (the whole file or a partial one)."""
     try:
         gguf = read_gguf(path, string_arrays=False)
         config = LlamaConfig.from_gguf(gguf)  # refuses other architectures, before any weights
