@@ -24,6 +24,12 @@ from exo_core import EngineError, ReplicaUnavailable
 FORK = "fork"
 UPSTREAM = "upstream"
 
+# A control call (model list, dialect probe, current model, unload) that has not answered in
+# this long never will: without a bound one hung call holds the lock every later request waits
+# on. Loading a model onto the NPU takes longer.
+CONTROL_TIMEOUT = 30.0
+LOAD_TIMEOUT = 300.0
+
 _ABORT = re.compile(r"Aborted inference by Timeout \(\d+ seconds\)\. Try again\.")
 _TAG = re.compile(r"<[^>]+>")
 
@@ -61,9 +67,12 @@ class RKLLAMAClient:
     in order, is right for both.
     """
 
-    def __init__(self, base_url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, connect_timeout: float = 10.0, control_timeout: float = CONTROL_TIMEOUT
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._connect_timeout = connect_timeout
+        self._control_timeout = control_timeout
         self._session: aiohttp.ClientSession | None = None
         self._dialect: str | None = None
         self._lock = asyncio.Lock()
@@ -87,15 +96,25 @@ class RKLLAMAClient:
 
     # ---- plain requests --------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """(status, parsed JSON or text); connection failures become RKLLAMAError."""
+    async def _request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> tuple[int, Any]:
+        """(status, parsed JSON or text) within `timeout` (default: the control timeout);
+        connection failures and servers that do not answer in time become RKLLAMAUnavailable."""
+        seconds = timeout or self._control_timeout
         try:
-            async with self._http().request(method, self.base_url + path, json=body) as resp:
-                raw = await resp.read()
-                return resp.status, _parse_body(raw, resp.content_type)
+            async with asyncio.timeout(seconds):
+                async with self._http().request(method, self.base_url + path, json=body) as resp:
+                    raw = await resp.read()
+                    return resp.status, _parse_body(raw, resp.content_type)
         except aiohttp.ClientConnectionError as exc:
             self._dialect = None  # it may come back as the other dialect
             raise self._unreachable(exc) from exc
+        except TimeoutError:
+            self._dialect = None
+            raise RKLLAMAUnavailable(
+                f"the RKLLAMA server at {self.base_url} did not answer {method} {path} within {seconds:.0f} s"
+            ) from None
 
     def _unreachable(self, exc: BaseException) -> RKLLAMAError:
         return RKLLAMAUnavailable(
@@ -153,7 +172,7 @@ class RKLLAMAClient:
             status, body = await self._request("POST", "/unload_model")
             if status != 200 and "no model" not in _message(body).lower():
                 raise self._failure(f"unloading {current!r}", status, body)
-        status, body = await self._request("POST", "/load_model", {"model_name": folder})
+        status, body = await self._request("POST", "/load_model", {"model_name": folder}, LOAD_TIMEOUT)
         if status != 200:
             raise self._failure(f"loading model {folder!r}", status, body)
 
