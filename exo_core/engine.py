@@ -202,6 +202,23 @@ class InferenceEngine(ABC):
         """How many requests hold a cache in this engine now."""
         return 0
 
+    # ---- optional: the prefix cache across requests (exo_core.node.prefix_cache) ------------
+
+    # Implements copy_prefix and cache_nbytes: stages keep finished caches and later requests
+    # that begin with the same tokens start from them.
+    reuses_prefixes: ClassVar[bool] = False
+
+    async def copy_prefix(self, source_id: str, target_id: str, length: int) -> None:
+        """Start `target_id`'s cache (it has none) with the first `length` positions of `source_id`'s.
+
+        `source_id` is left as it is. Raise `EngineError` when it holds fewer positions.
+        """
+        raise EngineError(f"the {self.name} engine does not reuse cached prefixes")
+
+    def cache_nbytes(self, request_id: str) -> int:
+        """Memory the request's cache holds now (what keeping it for reuse costs)."""
+        return 0
+
     def queued(self, request_id: str) -> bool:
         """True while the request waits its turn (healthy, but making no progress yet).
 

@@ -175,6 +175,22 @@ class DummyEngine(InferenceEngine):
     def cached_requests(self) -> int:
         return len(self.caches)
 
+    reuses_prefixes = True
+
+    async def copy_prefix(self, source_id: str, target_id: str, length: int) -> None:
+        source = self.caches.get(source_id)
+        if source is None:
+            raise EngineError(f"dummy engine: no cache {source_id} to reuse")
+        if len(source.history) < length:
+            raise EngineError(
+                f"dummy engine: {source_id} holds {len(source.history)} positions, not {length}"
+            )
+        self.caches[target_id] = _Cache(source.shard, source.history[:length])
+
+    def cache_nbytes(self, request_id: str) -> int:
+        cache = self.caches.get(request_id)
+        return 8 * len(cache.history) if cache is not None else 0
+
 
 def _answer_progress(history: list[int], answer: list[int]) -> int:
     """How many answer tokens end the history (the longest suffix that is a prefix of the answer)."""

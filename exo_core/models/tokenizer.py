@@ -115,12 +115,19 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, from the model's own template."""
-        return self.chat_template.render(messages, add_generation_prompt)
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation (and the tools it may call), from the model's own template."""
+        return self.chat_template.render(messages, add_generation_prompt, tools)
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        prompt = self.render_chat(messages)
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        prompt = self.render_chat(messages, tools=tools)
         # The template writes any BOS itself; do not add a second one.
         return self.encode(prompt, add_bos=False if self._template_writes_bos(prompt) else None)
 

@@ -103,8 +103,8 @@ class GrpcPeerClient:
     async def report_failure(self, failure: StageFailure) -> None:
         await self._call("ReportFailure", wire.failure_to_pb(failure), self.call_timeout)
 
-    async def release(self, request_id: str, up_to_attempt: int) -> None:
-        request = pb.ReleaseRequest(request_id=request_id, up_to_attempt=up_to_attempt)
+    async def release(self, request_id: str, up_to_attempt: int, keep: bool = False) -> None:
+        request = pb.ReleaseRequest(request_id=request_id, up_to_attempt=up_to_attempt, keep=keep)
         await self._call("Release", request, self.call_timeout)
 
     async def health(self, request_id: str = "", attempt: int = 0) -> RequestState:

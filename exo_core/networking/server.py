@@ -70,7 +70,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return pb.FailureReply()
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
-        await self.node.release(request.request_id, request.up_to_attempt)
+        await self.node.release(request.request_id, request.up_to_attempt, keep=request.keep)
         return pb.ReleaseReply()
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:

@@ -22,11 +22,12 @@ import numpy as np
 if TYPE_CHECKING:
     import llguidance
 
+    from exo_core.models.cards import ModelCard
     from exo_core.models.tokenizer import Tokenizer
 
 # JSON written the way people write it ("a, b" and "k: v"), without free whitespace: small
 # models given free whitespace can pad an answer with newlines until max_tokens.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -124,6 +125,19 @@ class Constraint:
     def done(self) -> bool:
         """The grammar is complete and admits nothing more (only end-of-turn)."""
         return self.matcher.is_stopped()
+
+
+_tokenizers: dict[str, Tokenizer] = {}
+
+
+def tokenizer_for(card: ModelCard) -> Tokenizer:
+    """The model's tokenizer on a stage, looked up once per model."""
+    from exo_core.models.tokenizer import load_tokenizer
+
+    found = _tokenizers.get(card.id)
+    if found is None:
+        found = _tokenizers[card.id] = load_tokenizer(card)
+    return found
 
 
 @functools.cache

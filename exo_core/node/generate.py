@@ -55,6 +55,8 @@ class TextRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # OpenAI fields core does not interpret, for whole-request engines whose servers take them.
     extra: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template's `tools`
+    constraint: str | None = None  # an llguidance grammar the sampler follows (node/constraints.py)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Usage:
     completion_tokens: int = 0
     first_token_s: float | None = None
     elapsed_s: float = 0.0
+    cached_tokens: int = 0  # prompt positions the stages took from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -120,7 +123,7 @@ class Generator:
             return PreparedRequest(req, None, [], req.max_tokens)
         prompt_param = "messages" if req.messages is not None else "prompt"
         if req.messages is not None:
-            prompt_tokens = tokenizer.encode_chat(req.messages)
+            prompt_tokens = tokenizer.encode_chat(req.messages, tools=req.tools)
         else:
             prompt_tokens = tokenizer.encode(req.prompt or "")
         if not prompt_tokens:
@@ -175,6 +178,7 @@ class Generator:
             max_tokens=prepared.max_tokens,
             eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
             messages=req.messages,
+            constraint=req.constraint,
         )
         decoder = tokenizer.stream_decoder()
         stops = StopMatcher(req.stop)
@@ -190,6 +194,7 @@ class Generator:
                     await asyncio.sleep(0)
                     if usage.first_token_s is None:
                         usage.first_token_s = time.perf_counter() - start
+                        usage.cached_tokens = tok.cached_tokens
                     usage.completion_tokens += 1
                     usage.elapsed_s = time.perf_counter() - start
                     pending.append(tok)

@@ -192,9 +192,10 @@ class Node:
     async def receive_failure(self, failure: StageFailure) -> None:
         await self.origin.receive_failure(failure)
 
-    async def release(self, request_id: str, up_to_attempt: int | None = None) -> None:
-        """Free this node's cache for a request (attempts up to `up_to_attempt`, default all)."""
-        await self.stage.release(request_id, up_to_attempt)
+    async def release(self, request_id: str, up_to_attempt: int | None = None, keep: bool = False) -> None:
+        """Free this node's cache for a request (attempts up to `up_to_attempt`, default all);
+        `keep`: the request finished, keep its cache for prefix reuse."""
+        await self.stage.release(request_id, up_to_attempt, keep=keep)
 
     def request_state(self, request_id: str, attempt: int) -> RequestState:
         """ACTIVE, QUEUED (waiting its turn in the engine), RELEASED or UNKNOWN: this node's
@@ -229,8 +230,8 @@ class _LocalPeer:
     async def report_failure(self, failure: StageFailure) -> None:
         await self._node.receive_failure(failure)
 
-    async def release(self, request_id: str, up_to_attempt: int) -> None:
-        await self._node.release(request_id, up_to_attempt)
+    async def release(self, request_id: str, up_to_attempt: int, keep: bool = False) -> None:
+        await self._node.release(request_id, up_to_attempt, keep=keep)
 
     async def health(self, request_id: str = "", attempt: int = 0) -> RequestState:
         return self._node.request_state(request_id, attempt) if request_id else RequestState.UNKNOWN

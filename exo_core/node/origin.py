@@ -83,6 +83,7 @@ class _OriginState:
     reused: str = ""  # the kept cache this attempt started from (prefix cache)
     reuse_refused: bool = False  # a stage did not hold it: the next attempts start from scratch
     cached_tokens: int = 0  # prompt positions the first attempt reused
+    finished: bool = False  # ended by itself (stop or length): its stages keep its cache
     progress_at: float = field(default_factory=time.monotonic)  # last token or (re)start
     advanced_at: float = field(default_factory=time.monotonic)  # last token or progress, any attempt
     silent_since: dict[str, float] = field(default_factory=dict)  # node -> first missed ping
@@ -370,6 +371,7 @@ class Origin:
         """A request finished: its stages keep its cache, which holds every token but the last."""
         request = state.request
         fed = [*request.prompt_tokens, *state.generated[:-1]]
+        state.finished = True
         self.prefixes.add(f"{request.request_id}#{state.attempt}", state.plan, fed)
 
     # ---- what the stages say -----------------------------------------------------------------
@@ -449,16 +451,29 @@ class Origin:
         self._spawn(self._release_on(state.request.request_id, state.attempt, nodes))
 
     async def _release_all(self, state: _OriginState) -> None:
-        """Free every cache of the request: here at once, on the peers in the background."""
+        """Free every cache of the request: here at once, on the peers in the background.
+
+        A finished request's stages keep its cache for prefix reuse instead."""
+        keeping = {s.node_id for s in state.plan} if state.finished else set()
         self._forget_plan(state)
         rid = state.request.request_id
-        await self._client_for(self.node_id).release(rid, state.attempt)
-        self._spawn(self._release_on(rid, state.attempt, state.touched - {self.node_id}))
+        here = self._client_for(self.node_id)
+        if self.node_id in keeping:
+            await here.release(rid, state.attempt, keep=True)
+        else:
+            await here.release(rid, state.attempt)
+        self._spawn(self._release_on(rid, state.attempt, state.touched - {self.node_id}, keeping))
 
-    async def _release_on(self, request_id: str, up_to_attempt: int, node_ids: Set[str]) -> None:
+    async def _release_on(
+        self, request_id: str, up_to_attempt: int, node_ids: Set[str], keeping: Set[str] = frozenset()
+    ) -> None:
         async def one(node_id: str) -> None:
             try:
-                await self._release_client(node_id).release(request_id, up_to_attempt)
+                client = self._release_client(node_id)
+                if node_id in keeping:
+                    await client.release(request_id, up_to_attempt, keep=True)
+                else:
+                    await client.release(request_id, up_to_attempt)
             except Exception as exc:  # a dead peer holds no cache worth freeing
                 log.debug("release failed", peer=node_id, error=str(exc))
 

@@ -40,6 +40,7 @@ from exo_core.engine import InferenceEngine, StageInput, StageOutput, TextStageI
 from exo_core.errors import EngineError
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
+from exo_core.node.constraints import Constraint, ConstraintError, tokenizer_for
 from exo_core.node.messages import (
     PeerClient,
     PeerUnavailable,
@@ -48,6 +49,7 @@ from exo_core.node.messages import (
     StepMessage,
     TokenMessage,
 )
+from exo_core.node.prefix_cache import KeptCaches
 from exo_core.node.sampling import sample
 
 log = structlog.get_logger("exo.node")
@@ -68,6 +70,7 @@ class _StageRequest:
     generated: list[int] = field(default_factory=list)
     positions: int = 0  # positions queued into this stage's cache so far
     last_seen: float = field(default_factory=time.monotonic)
+    constraint: asyncio.Task[Constraint] | None = None  # last stage: the grammar sampling follows
     pending: int = 0  # steps of it waiting for the engine or computing now
 
 
@@ -110,6 +113,7 @@ class Stage:
         self._work: asyncio.Queue[_Work] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self.kept = KeptCaches(engine)  # finished requests' caches, kept for prefix reuse
         self._forward_since: float | None = None  # when the running forward started
         self._computing: list[StepMessage] = []  # its steps
         self.broken: str | None = None  # why the engine worker stopped, if it did
@@ -165,6 +169,15 @@ class Stage:
             if known is not None:
                 await self.engine.release(f"{msg.request_id}#{known.attempt}")
             known = self._requests[msg.request_id] = _StageRequest(msg.attempt, list(msg.replayed))
+            if msg.reuse_from and msg.start_pos > 0:
+                if await self.kept.start_from(msg.reuse_from, msg.cache_key, msg.start_pos):
+                    known.positions = msg.start_pos
+                if self._requests.get(msg.request_id) is not known:  # released meanwhile
+                    await self.engine.release(msg.cache_key)
+                    return
+            if msg.constraint is not None and msg.stage_index == len(msg.plan) - 1:
+                known.constraint = asyncio.create_task(self._constraint(msg, msg.constraint))
+                known.constraint.add_done_callback(_retrieve)
         if msg.start_pos != known.positions:
             # This stage lost (or never had) the request's cache, e.g. it restarted: the origin
             # must replay from scratch.
@@ -199,14 +212,32 @@ class Stage:
             return f"{self.node_id}: {MAX_QUEUED_STEPS} steps already wait for its engine"
         return None
 
-    async def release(self, request_id: str, up_to_attempt: int | None = None) -> None:
-        """Free this stage's cache for a request (attempts up to `up_to_attempt`, default all)."""
+    async def _constraint(self, msg: StepMessage, grammar: str) -> Constraint:
+        """The grammar's matcher over the model's tokenizer (built on a thread: it reads files)."""
+        card = self.models.get(msg.stage.shard.model_id)
+        if card is None:
+            raise ConstraintError(f"this node has no model card for {msg.stage.shard.model_id}")
+        tokenizer = await asyncio.to_thread(tokenizer_for, card)
+        return await asyncio.to_thread(Constraint, grammar, tokenizer, msg.replayed)
+
+    async def _free(self, cache_key: str, known: _StageRequest, keep: bool) -> None:
+        """A request ended here: keep a finished one's cache for prefix reuse when the engine can."""
+        if known.constraint is not None:
+            known.constraint.cancel()
+        if keep and self.kept.enabled and known.positions > 0 and not known.pending:
+            await self.kept.keep(cache_key)
+        else:
+            await self.engine.release(cache_key)
+
+    async def release(self, request_id: str, up_to_attempt: int | None = None, keep: bool = False) -> None:
+        """Free this stage's cache for a request (attempts up to `up_to_attempt`, default all);
+        `keep`: the request finished, keep the cache for prefix reuse (when the engine can)."""
         known = self._requests.get(request_id)
         if up_to_attempt is None:
             up_to_attempt = known.attempt if known is not None else 0
         if known is not None and known.attempt <= up_to_attempt:
             del self._requests[request_id]
-            await self.engine.release(f"{request_id}#{known.attempt}")
+            await self._free(f"{request_id}#{known.attempt}", known, keep)
         self._bury(request_id, up_to_attempt)
 
     def request_state(self, request_id: str, attempt: int) -> RequestState:
@@ -404,6 +435,7 @@ class Stage:
         self._step_done(msg)
         if not self._is_current(msg):
             # Released while we computed: the forward may have re-created the cache it freed.
+            self.kept.discard(msg.cache_key)
             await self.engine.release(msg.cache_key)
             return
         if msg.stage_index + 1 < len(msg.plan):
@@ -426,6 +458,12 @@ class Stage:
         """The last stage: sample the token, send it to the origin and the next step to stage 0."""
         known = self._requests[msg.request_id]
         top: tuple[tuple[int, float], ...]
+        if out.token is not None and known.constraint is not None:
+            await self._send_error(
+                msg,
+                f"{self.engine.name} samples by itself and cannot follow a response format or tool choice",
+            )
+            return
         if out.token is not None:
             sampled_token, logprob, top = out.token, None, ()
         elif out.logits is not None:
@@ -436,7 +474,15 @@ class Stage:
                     "(a numerical fault in the model or engine)",
                 )
                 return
-            s = sample(out.logits, msg.sampling, known.generated, msg.step)
+            try:
+                constraint = await known.constraint if known.constraint is not None else None
+                allowed = constraint.allowed() if constraint is not None else None
+                s = sample(out.logits, msg.sampling, known.generated, msg.step, allowed)
+                if constraint is not None:
+                    constraint.consume(s.token)
+            except (ConstraintError, ValueError) as exc:
+                await self._send_error(msg, f"the response format cannot be followed: {exc}")
+                return
             sampled_token, logprob, top = s.token, s.logprob, s.top
         else:
             await self._send_error(msg, f"{self.engine.name} returned neither logits nor a token")
@@ -461,6 +507,8 @@ class Stage:
             messages=None,
             replayed=(),
             deliver=None,
+            constraint=None,
+            reuse_from="",
         )
         if nxt.stage.node_id == msg.origin:
             await self._forward_to(replace(nxt, deliver=token_msg))  # one message does both
@@ -527,3 +575,9 @@ def _shard_key(msg: StepMessage) -> tuple:
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's failure as seen (the step that needs it reports it)."""
+    if not task.cancelled():
+        task.exception()

@@ -159,12 +159,14 @@ class FailureReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("request_id", "up_to_attempt")
+    __slots__ = ("request_id", "up_to_attempt", "keep")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     UP_TO_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     up_to_attempt: int
-    def __init__(self, request_id: _Optional[str] = ..., up_to_attempt: _Optional[int] = ...) -> None: ...
+    keep: bool
+    def __init__(self, request_id: _Optional[str] = ..., up_to_attempt: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ()
