@@ -73,9 +73,35 @@ BAD_CHAT = [
     (chat(stream_options={"include_usage": True}), 400, "stream_options", "only allowed when stream"),
     (chat(stream=True, stream_options={"include_usage": "yes"}), 400, "stream_options", "true or false"),
     (chat(stream=True, stream_options={"chunk_size": 3}), 400, "stream_options", "not supported"),
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "tool calling"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "no tool support"),
+    (
+        chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        400,
+        "tools[0].function.name",
+        "letters",
+    ),
+    (chat(tools=[{"type": "function"}]), 400, "tools[0].function", "must be an object"),
+    (chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    (
+        chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        400,
+        "tool_choice",
+        "not in tools",
+    ),
     (chat(logit_bias={"50256": -100}), 400, "logit_bias", "not supported"),
-    (chat(response_format={"type": "json_schema"}), 400, "response_format", "plain text"),
+    (chat(response_format={"type": "json_schema"}), 400, "response_format.json_schema", "with a name"),
+    (chat(response_format={"type": "xml"}), 400, "response_format.type", "json_schema"),
+    (
+        chat(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}
+        ),
+        400,
+        "response_format",
+        "cannot be followed",
+    ),
     (chat(store=True), 400, "store", "does not store"),
     (chat(frobnicate=1), 400, "frobnicate", "Unrecognized request argument"),
     (chat(model=None), 400, "model", "model is required"),
@@ -86,7 +112,8 @@ BAD_CHAT = [
     (chat(messages=["hi"]), 400, "messages[0]", "must be an object"),
     (chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role", "must be one of"),
     (chat(messages=[{"content": "hi"}]), 400, "messages[0].role", "must be one of"),
-    (chat(messages=[{"role": "tool", "content": "42"}]), 400, "messages[0]", "tool calling"),
+    (chat(messages=[{"role": "tool", "content": "42"}]), 400, "messages[0].tool_call_id", "required"),
+    (chat(messages=[{"role": "function", "content": "42"}]), 400, "messages[0]", "use 'tool'"),
     (chat(messages=[{"role": "user"}]), 400, "messages[0].content", "is required"),
     (chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content", "string or an array"),
     (

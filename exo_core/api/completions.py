@@ -21,10 +21,13 @@ from typing import Any
 
 from aiohttp import web
 
-from exo_core.api import protocol
+from exo_core.api import protocol, tools
 from exo_core.api.protocol import APIError, ChatRequest, CompletionRequest, TokenLogprob
 from exo_core.api.state import ApiState
+from exo_core.api.tools import ToolStream
 from exo_core.models.cards import ModelCard
+from exo_core.models.tokenizer import Tokenizer, TokenizerError
+from exo_core.node import constraints
 from exo_core.node.generate import (
     ContextLengthError,
     PreparedRequest,
@@ -70,6 +73,7 @@ class Choice:
     started: bool = False  # a streamed chat choice sends its role once
     has_first_token: bool = False
     text_offset: int = 0  # legacy logprobs: characters of this choice's text so far
+    tools: ToolStream | None = None  # chat with tools: splits the answer into content and calls
 
 
 class CompletionRun:
@@ -94,7 +98,11 @@ class CompletionRun:
     async def respond(self, request: web.Request) -> web.StreamResponse:
         self.card = self.state.find_model(self.req.model)
         self.state.check_servable(self.card)
-        if self.state.is_warm(self.card) and self._prompt_chars() <= INLINE_PREPARE_CHARS:
+        if (
+            self.state.is_warm(self.card)
+            and self._prompt_chars() <= INLINE_PREPARE_CHARS
+            and not self._shapes_output()
+        ):
             # A short prompt for a model whose tokenizer is loaded: tokenizing takes less than
             # the two thread hand-offs would add to the time to first token.
             self.choices = self._prepare_all(self.card)
@@ -130,14 +138,94 @@ class CompletionRun:
             seconds=round(time.perf_counter() - self.arrived, 3),
         )
 
+    def _shapes_output(self) -> bool:
+        """Tools or a response format: preparing builds a grammar (on a thread)."""
+        req = self.req
+        return req.response_format is not None or (isinstance(req, ChatRequest) and bool(req.tools))
+
+    def _output_plan(self, card: ModelCard) -> tuple[list[dict[str, Any]] | None, str | None, str | None]:
+        """(tools the template renders, their call format, the grammar the sampler follows)."""
+        req = self.req
+        wants_tools = isinstance(req, ChatRequest) and bool(req.tools) and req.tool_choice != "none"
+        if not wants_tools and req.response_format is None:
+            return None, None, None
+        try:
+            tokenizer: Tokenizer = self.state.generator.tokenizer(card)
+        except (TokenizerError, OSError):
+            return None, None, None  # a whole-request engine: its server gets the fields (extra)
+        render, fmt, grammar, param = None, None, None, "response_format"
+        if wants_tools:
+            assert isinstance(req, ChatRequest) and req.tools
+            template = tokenizer.chat_template
+            if not template.supports_tools:
+                raise APIError(
+                    400,
+                    f"the chat template of {card.id} has no tool support (it never renders `tools`); "
+                    "use a model whose template does, or describe the tools in the prompt",
+                    param="tools",
+                    code="tools_not_supported",
+                )
+            fmt = tools.detect_format(template.source)
+            if fmt is None:
+                raise APIError(
+                    400,
+                    f"the chat template of {card.id} renders tools, but not in a call format exo parses "
+                    "(<tool_call> JSON, or Llama 3.1 JSON function calls)",
+                    param="tools",
+                    code="tools_not_supported",
+                )
+            render = req.tools
+            forced = req.forced_tools
+            if forced:
+                grammar, param = tools.call_grammar(fmt, forced, req.parallel_tool_calls), "tool_choice"
+        if grammar is None and req.response_format is not None:
+            schema = req.response_format.get("json_schema", {}).get("schema")
+            grammar = constraints.json_schema_grammar(schema)
+        if grammar is not None:
+            try:
+                constraints.check_grammar(grammar, tokenizer)
+            except constraints.ConstraintError as exc:
+                raise protocol.invalid(f"{param} cannot be followed: {exc}", param) from exc
+        return render, fmt, grammar
+
+    def _extra(self) -> dict[str, Any]:
+        """The output-shaping fields, for whole-request engines whose servers take them."""
+        req = self.req
+        out: dict[str, Any] = {}
+        if req.response_format is not None:
+            out["response_format"] = req.response_format
+        if isinstance(req, ChatRequest) and req.tools:
+            out.update(
+                tools=req.tools, tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls
+            )
+        return out
+
     def _prepare_all(self, card: ModelCard) -> list[Choice]:
         """Tokenize each prompt once (in a thread: the first use of a model reads its tokenizer)."""
         req = self.req
+        try:
+            render, fmt, grammar = self._output_plan(card)
+        except constraints.ConstraintError as exc:
+            raise protocol.invalid(str(exc), "response_format") from exc
+        extra = self._extra()
         if isinstance(req, ChatRequest):
-            bases = [TextRequest(card, messages=req.messages, max_tokens=req.max_tokens, stop=req.stop)]
+            bases = [
+                TextRequest(
+                    card,
+                    messages=req.messages,
+                    max_tokens=req.max_tokens,
+                    stop=req.stop,
+                    tools=render,
+                    constraint=grammar,
+                    extra=extra,
+                )
+            ]
         else:
             bases = [
-                TextRequest(card, prompt=p, max_tokens=req.max_tokens, stop=req.stop) for p in req.prompts
+                TextRequest(
+                    card, prompt=p, max_tokens=req.max_tokens, stop=req.stop, constraint=grammar, extra=extra
+                )
+                for p in req.prompts
             ]
         choices: list[Choice] = []
         for base in bases:
@@ -152,13 +240,13 @@ class CompletionRun:
                 one = PreparedRequest(
                     text_req, prepared.tokenizer, prepared.prompt_tokens, prepared.max_tokens
                 )
-                choices.append(Choice(len(choices), one))
+                choices.append(Choice(len(choices), one, tools=ToolStream(fmt) if fmt else None))
         return choices
 
     def _prompt_chars(self) -> int:
         req = self.req
         if isinstance(req, ChatRequest):
-            return sum(len(m["content"]) for m in req.messages)
+            return sum(len(m["content"] or "") for m in req.messages)
         return sum(len(p) for p in req.prompts)
 
     def _prompt_heads(self) -> list[Choice]:
@@ -252,36 +340,51 @@ class CompletionRun:
             out.append(TokenLogprob(token_bytes(tokenizer, tok.token), tok.logprob, top))
         return out
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         prompt = sum(c.usage.prompt_tokens for c in self._prompt_heads())
         completion = sum(c.usage.completion_tokens for c in self.choices)
-        return protocol.usage_body(prompt, completion)
+        cached = sum(c.usage.cached_tokens for c in self._prompt_heads())
+        return protocol.usage_body(prompt, completion, cached)
 
     # ---- the answer's text (tool calls are taken out of it) -------------------------------------
 
     def feed_text(self, choice: Choice, chunk: TextChunk) -> None:
         """Keep a chunk of a whole (unstreamed) answer."""
-        choice.text.append(chunk.text)
+        self.stream_text(choice, chunk)
 
     def stream_text(self, choice: Choice, chunk: TextChunk) -> str:
-        """The text of a chunk to stream now."""
+        """The content of a chunk to stream now (tool calls are held back and parsed)."""
         choice.text.append(chunk.text)
-        return chunk.text
+        if choice.tools is None:
+            return chunk.text
+        text, _ = choice.tools.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            more, _ = choice.tools.finish()
+            text += more
+        return text
 
     def final_text(self, choice: Choice) -> str:
         """The whole answer's content."""
+        if choice.tools is not None:
+            return choice.tools.text or ""
         return "".join(choice.text)
 
     def tool_calls_of(self, choice: Choice) -> list[dict[str, Any]]:
-        """The tool calls of a finished answer, in OpenAI's shape."""
-        return []
+        """The tool calls of the answer so far, in OpenAI's shape."""
+        return choice.tools.calls if choice.tools is not None else []
+
+    def finish_reason_of(self, choice: Choice, reason: str | None) -> str | None:
+        """'tool_calls' when an answer that ended by itself called tools."""
+        if reason == "stop" and self.tool_calls_of(choice):
+            return "tool_calls"
+        return reason
 
     # ---- whole responses -------------------------------------------------------------------------
 
     async def _collect(self) -> dict[str, Any]:
         async with contextlib.aclosing(self._events()) as events:
             async for choice, chunk in events:
-                choice.text.append(chunk.text)
+                self.feed_text(choice, chunk)
                 choice.logprobs.extend(self._token_logprobs(choice, chunk))
         return {
             "id": self.id,
@@ -301,11 +404,16 @@ class CompletionRun:
     def _whole_choice(self, choice: Choice) -> dict[str, Any]:
         text = "".join(choice.text)
         if isinstance(self.req, ChatRequest):
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if choice.tools is not None:
+                message["content"] = choice.tools.text
+                if choice.tools.calls:
+                    message["tool_calls"] = choice.tools.calls
             return {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": protocol.chat_logprobs(choice.logprobs) if self.want_logprobs else None,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": self.finish_reason_of(choice, choice.finish_reason),
             }
         prompt = self._echo(choice)
         return {
@@ -372,12 +480,18 @@ class CompletionRun:
             if not choice.started:
                 choice.started = True
                 delta["role"] = "assistant"
-            if chunk.text or logprobs or delta:
-                delta["content"] = chunk.text
+            before = len(self.tool_calls_of(choice))
+            text = self.stream_text(choice, chunk)
+            if text or logprobs or delta:
+                delta["content"] = text
                 lp = protocol.chat_logprobs(logprobs) if self.want_logprobs else None
                 out += self._chunk_frame(self._chat_choice(choice, delta, lp, None))
+            for k, call in enumerate(self.tool_calls_of(choice)[before:], start=before):
+                call_delta = {"tool_calls": [{"index": k, **call}]}
+                out += self._chunk_frame(self._chat_choice(choice, call_delta, None, None))
             if chunk.finish_reason is not None:
-                out += self._chunk_frame(self._chat_choice(choice, {}, None, chunk.finish_reason))
+                finish = self.finish_reason_of(choice, chunk.finish_reason)
+                out += self._chunk_frame(self._chat_choice(choice, {}, None, finish))
             return out
         text = chunk.text
         if not choice.started:

@@ -480,6 +480,7 @@ def _served_cards(state: ApiState) -> list[ModelCard]:
 
 async def tags(request: web.Request) -> web.Response:
     state = _state(request)
+    cards = _served_cards(state)  # on the loop: the peer table changes there
 
     def listing() -> list[dict[str, Any]]:
         return [
@@ -491,7 +492,7 @@ async def tags(request: web.Request) -> web.Response:
                 "digest": _digest(card),
                 "details": _details(card),
             }
-            for card in _served_cards(state)
+            for card in cards
         ]
 
     return web.json_response({"models": await asyncio.to_thread(listing)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -87,8 +88,21 @@ class GenerationParams:
 
 @dataclass
 class ChatRequest(GenerationParams):
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     logprobs: bool = False
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {...}}]
+    tool_choice: str | dict[str, Any] = "auto"  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool = True
+
+    @property
+    def forced_tools(self) -> list[dict[str, Any]]:
+        """The tools one of which the answer must call (empty: the model may answer in text)."""
+        if not self.tools or self.tool_choice in ("none", "auto"):
+            return []
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return [t for t in self.tools if t["function"]["name"] == name]
+        return list(self.tools)
 
 
 @dataclass
@@ -114,7 +128,16 @@ _SHARED_FIELDS = {
     "stream_options",
     "user",
 }
-_CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "safety_identifier"}
+_CHAT_FIELDS = _SHARED_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "safety_identifier",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+}
 _COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "echo"}
 
 
@@ -128,16 +151,12 @@ def _one_of(*allowed: Any) -> Callable[[Any], bool]:
 
 # OpenAI fields exo accepts only when they ask for nothing: name -> (accepts, why it cannot do more).
 _NOOP_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_empty, "tool calling is not supported"),
-    "tool_choice": (_one_of("none"), "tool calling is not supported"),
-    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "tool calling is not supported"),
-    "functions": (_empty, "function calling is not supported"),
-    "function_call": (_one_of("none"), "function calling is not supported"),
-    "logit_bias": (_empty, "logit_bias is not supported"),
-    "response_format": (
-        lambda v: _empty(v) or v == {"type": "text"},
-        "only plain text responses are supported (no JSON mode or schemas)",
+    "functions": (_empty, "the deprecated functions field is not supported; send tools"),
+    "function_call": (
+        _one_of("none"),
+        "the deprecated function_call field is not supported; send tool_choice",
     ),
+    "logit_bias": (_empty, "logit_bias is not supported"),
     "audio": (_empty, "audio output is not supported"),
     "modalities": (lambda v: _empty(v) or v == ["text"], "only the text modality is supported"),
     "prediction": (_empty, "predicted outputs are not supported"),
@@ -303,10 +322,10 @@ def _stops(value: Any) -> tuple[str, ...]:
     raise invalid(f"stop must be a string or an array of strings, not {_describe(value)}", "stop")
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if value is None:
         raise invalid("messages is required: an array of {role, content} objects", "messages")
     if not isinstance(value, list):
@@ -319,19 +338,32 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid(f"{where} must be an object with role and content, not {_describe(message)}", where)
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise invalid(f"{where}.role {role!r} is not supported: tool calling is not supported", where)
+        if role == "function":
+            raise invalid(f"{where}.role 'function' is deprecated and not supported; use 'tool'", where)
         if role not in _ROLES:
             raise invalid(
-                f"{where}.role must be one of system, developer, user, assistant; got {_describe(role)}",
+                f"{where}.role must be one of system, developer, user, assistant, tool; got {_describe(role)}",
                 f"{where}.role",
             )
+        out_message: dict[str, Any] = {"role": _ROLES[role]}
         for key, val in message.items():
             if key in ("role", "content"):
                 continue
             if key == "refusal" and val is None:
                 continue
-            if key in ("tool_calls", "function_call", "audio") and _empty(val):
+            if key in ("function_call", "audio") and _empty(val):
+                continue
+            if key == "tool_calls" and role == "assistant":
+                if not _empty(val):
+                    out_message["tool_calls"] = _history_calls(val, f"{where}.tool_calls")
+                continue
+            if key == "tool_call_id" and role == "tool":
+                if not isinstance(val, str) or not val:
+                    raise invalid(f"{where}.tool_call_id must be a non-empty string", f"{where}.tool_call_id")
+                out_message["tool_call_id"] = val
+                continue
+            if key == "name" and role == "tool" and isinstance(val, str):
+                out_message["name"] = val
                 continue
             if key == "name":
                 raise invalid(
@@ -339,8 +371,115 @@ def _messages(value: Any) -> list[dict[str, str]]:
                     f"{where}.name",
                 )
             raise invalid(f"{where}.{key} is not supported", f"{where}.{key}")
-        out.append({"role": _ROLES[role], "content": _content(message.get("content"), f"{where}.content")})
+        content = message.get("content")
+        if content is None and "tool_calls" in out_message:
+            content = ""
+        if role == "tool" and "tool_call_id" not in out_message:
+            raise invalid(f"{where}.tool_call_id is required for a tool message", f"{where}.tool_call_id")
+        out_message["content"] = _content(content, f"{where}.content")
+        out.append(out_message)
     return out
+
+
+def _history_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls, with arguments as objects (as chat templates render them)."""
+    if not isinstance(value, list):
+        raise invalid(f"{where} must be an array of tool calls", where)
+    calls = []
+    for j, call in enumerate(value):
+        here = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"{here} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", here)
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as exc:
+                raise invalid(f"{here}.function.arguments is not valid JSON ({exc})", here) from exc
+        calls.append(
+            {
+                "id": call.get("id") or f"call_{j}",
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return calls
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    if _empty(value):
+        return None
+    if not isinstance(value, list):
+        raise invalid(f"tools must be an array, not {_describe(value)}", "tools")
+    tools, names = [], set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise invalid(f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise invalid(f"{where}.function must be an object", f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise invalid(
+                f"{where}.function.name must be 1 to 64 letters, digits, _, - or .", f"{where}.function.name"
+            )
+        if name in names:
+            raise invalid(f"{where}: two tools are named {name!r}", f"{where}.function.name")
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid(
+                f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters"
+            )
+        tools.append({"type": "function", "function": dict(function)})
+    return tools
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str | dict[str, Any]:
+    if value is None:
+        return "auto" if tools else "none"
+    if value in ("none", "auto", "required"):
+        if value == "required" and not tools:
+            raise invalid("tool_choice 'required' needs tools", "tool_choice")
+        return str(value)
+    if isinstance(value, dict) and value.get("type") == "function":
+        name = (value.get("function") or {}).get("name")
+        if not tools or name not in {t["function"]["name"] for t in tools}:
+            raise invalid(f"tool_choice names the function {name!r}, which is not in tools", "tool_choice")
+        return {"type": "function", "function": {"name": name}}
+    raise invalid(
+        "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+        "tool_choice",
+    )
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    if value is None or value == {"type": "text"}:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(f"response_format must be an object, not {_describe(value)}", "response_format")
+    kind = value.get("type")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise invalid(
+                "response_format.json_schema must be an object with a name (and a schema)",
+                "response_format.json_schema",
+            )
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise invalid(
+                "response_format.json_schema.schema must be an object", "response_format.json_schema"
+            )
+        return {"type": "json_schema", "json_schema": {"name": spec["name"], "schema": schema}}
+    raise invalid(
+        f"response_format.type must be text, json_object or json_schema; got {_describe(kind)}",
+        "response_format.type",
+    )
 
 
 def _content(value: Any, where: str) -> str:
@@ -390,7 +529,19 @@ def parse_chat_request(data: Any) -> ChatRequest:
     sampling = SamplingParams(
         **shared.pop("sampling"), top_logprobs=(top_logprobs or 0) if logprobs else None
     )
-    return ChatRequest(**shared, user=user, sampling=sampling, messages=messages, logprobs=logprobs)
+    tools = _tools(body.get("tools"))
+    tool_choice = _tool_choice(body.get("tool_choice"), tools)
+    return ChatRequest(
+        **shared,
+        user=user,
+        sampling=sampling,
+        messages=messages,
+        logprobs=logprobs,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=body.bool("parallel_tool_calls", True),
+        response_format=_response_format(body.get("response_format")),
+    )
 
 
 def parse_completion_request(data: Any) -> CompletionRequest:
@@ -434,11 +585,12 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
