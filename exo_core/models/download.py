@@ -33,6 +33,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import structlog
 
 from exo_core.models.checkpoint.gguf import (
     GGUFFile,
@@ -44,6 +47,8 @@ from exo_core.models.files import ModelFilesError, models_dir
 from exo_core.models.progress import TRACKER, Download
 from exo_core.models.shard import Shard
 
+log = structlog.get_logger("exo.download")
+
 MANIFEST_SUFFIX = ".exo-ranges.json"
 HEADER_FIRST_FETCH = 1 << 20  # most headers are smaller; Llama 3's vocabulary takes ~8 MB
 CHUNK = 1 << 20
@@ -54,6 +59,33 @@ Range = tuple[int, int]  # half-open [start, end)
 
 class DownloadError(ModelFilesError):
     """A download failed; the message says why and that running again continues it."""
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What one peer holds of a file: its size, the hub's ETag it was fetched with, its ranges."""
+
+    node_id: str
+    size: int
+    etag: str | None
+    ranges: list[Range]
+
+
+class PeerSource(Protocol):
+    """The cluster's peers as a source of file bytes (`exo_core.networking.file_transfer`)."""
+
+    def have(self, source: str) -> list[Holding]: ...
+
+    def read(self, node_id: str, source: str, start: int, end: int) -> Iterator[bytes]: ...
+
+
+_peers: PeerSource | None = None
+
+
+def set_peer_source(peers: PeerSource | None) -> None:
+    """Fetch from these peers before the hub (set by the runtime while the node runs)."""
+    global _peers
+    _peers = peers
 
 
 # ---- the manifest -------------------------------------------------------------------------------
@@ -435,36 +467,35 @@ def fetch_gguf(
             return dest
         if header_only and dest.is_file() and _holds_header(dest):
             return dest
-        if hub_offline():
-            raise DownloadError(
-                f"{label} is not on this node{f' for {shard}' if shard else ''}, and HF_HUB_OFFLINE is set"
-            )
-        remote = remote_file(repo, filename, revision)
-        manifest = Manifest.load(mpath)
-        if (
-            manifest is None
-            or not dest.is_file()
-            or manifest.size != remote.size
-            or (remote.etag and manifest.etag and manifest.etag != remote.etag)
-        ):
-            # New, or changed upstream: start from nothing (never reuse another version's bytes).
-            manifest = Manifest(remote.size, remote.etag, remote.commit)
-            with open(dest, "wb") as f:
-                f.truncate(remote.size)
-            manifest.save(mpath)
-        read = reader(remote) if reader is not None else (lambda a, b: iter_range(remote, a, b))
+        source = _Sources(repo, filename, revision)
+        if reader is not None:
+            source.reader = reader
         try:
-            gguf = _fetch_header(dest, manifest, read, label)
+            size, etag, commit = source.identity()
+            manifest = Manifest.load(mpath)
+            if (
+                manifest is None
+                or not dest.is_file()
+                or manifest.size != size
+                or (etag and manifest.etag and manifest.etag != etag)
+            ):
+                # New, or changed upstream: start from nothing (never reuse another version's bytes).
+                manifest = Manifest(size, etag, commit)
+                _check_space(dest.parent, 0, label)
+                with open(dest, "wb") as f:
+                    f.truncate(size)
+                manifest.save(mpath)
+            gguf = _fetch_header(dest, manifest, source.read, label)
+            if header_only:
+                fetch_ranges(dest, manifest, header_ranges(gguf), source.read)
+                return dest
             if shard is not None:
                 count = gguf_block_count(gguf)
                 if count is not None and count != shard.n_layers:
                     raise DownloadError(
                         f"{label} has {count} layers, but the shard {shard} expects {shard.n_layers}"
                     )
-            if header_only:
-                fetch_ranges(dest, manifest, header_ranges(gguf), read)
-                return dest
-            wanted = shard_ranges(gguf, shard) if shard is not None else [(0, remote.size)]
+            wanted = shard_ranges(gguf, shard) if shard is not None else [(0, size)]
             layers = f"{shard.start_layer}-{shard.end_layer}/{shard.n_layers}" if shard else ""
             entry = TRACKER.begin(
                 model_id or label,
@@ -472,9 +503,11 @@ def fetch_gguf(
                 filename,
                 sum(b - a for a, b in manifest.missing(wanted)),
                 layers=layers,
+                source=source.label(),
             )
+            source.entry = entry
             try:
-                fetch_ranges(dest, manifest, wanted, read, entry)
+                fetch_ranges(dest, manifest, wanted, source.read, entry)
             except DownloadError as exc:
                 TRACKER.fail(entry, str(exc))
                 raise
@@ -489,6 +522,92 @@ def fetch_gguf(
         if manifest.complete:
             _complete(dest, manifest, label)
         return dest
+
+
+class _Sources:
+    """Where a file's bytes come from: peers of the cluster that hold them first, the hub for
+    the rest. A peer that fails mid-transfer is dropped and the range goes on from the next
+    source at the byte where it stopped."""
+
+    def __init__(self, repo: str, filename: str, revision: str) -> None:
+        self.repo, self.filename, self.revision = repo, filename, revision
+        self.name = f"{repo}:{filename}"
+        self.holdings: list[Holding] = _peers.have(self.name) if _peers is not None else []
+        self.failed: set[str] = set()
+        self.remote: RemoteFile | None = None
+        self.reader: Callable[[RemoteFile], RangeReader] | None = None
+        self.entry: Download | None = None
+
+    def identity(self) -> tuple[int, str | None, str | None]:
+        """Size, ETag and commit: from the peers when they hold the file, else from the hub."""
+        if self.holdings:
+            first = max(self.holdings, key=lambda h: sum(b - a for a, b in h.ranges))
+            self.holdings = [h for h in self.holdings if h.size == first.size]
+            etag = first.etag or next((h.etag for h in self.holdings if h.etag), None)
+            if etag:
+                self.holdings = [h for h in self.holdings if h.etag in (None, etag)]
+            return first.size, etag, None
+        remote = self.hub()
+        return remote.size, remote.etag, remote.commit
+
+    def hub(self) -> RemoteFile:
+        if self.remote is None:
+            if hub_offline():
+                raise DownloadError(
+                    f"{self.repo}/{self.filename} is not on this node or its peers, and HF_HUB_OFFLINE is set"
+                )
+            self.remote = remote_file(self.repo, self.filename, self.revision)
+        return self.remote
+
+    def label(self) -> str:
+        live = [h.node_id for h in self.holdings if h.node_id not in self.failed]
+        return f"peer:{live[0]}" if live else "hub"
+
+    def read(self, start: int, end: int) -> Iterator[bytes]:
+        pos = start
+        while pos < end:
+            holder, stop = self._peer_at(pos, end)
+            if holder is None:
+                remote = self.hub()
+                parts = self.reader(remote)(pos, stop) if self.reader else iter_range(remote, pos, stop)
+            else:
+                if self.entry is not None:
+                    self.entry.source = f"peer:{holder}"
+                assert _peers is not None
+                parts = _peers.read(holder, self.name, pos, stop)
+            try:
+                for chunk in parts:
+                    yield chunk
+                    pos += len(chunk)
+            except Exception as exc:
+                if holder is None:
+                    raise
+                log.warning(
+                    "peer failed mid-transfer; going on from the next source",
+                    peer=holder,
+                    at=pos,
+                    error=str(exc),
+                )
+                self.failed.add(holder)
+                continue
+            if pos < stop:
+                if holder is None:
+                    raise ConnectionError(f"got {pos - start} of {end - start} bytes")
+                self.failed.add(holder)
+
+    def _peer_at(self, pos: int, end: int) -> tuple[str | None, int]:
+        """A live peer holding byte `pos` and how far it holds it; else (None, where the next
+        peer-held range begins)."""
+        nearest = end
+        for holding in self.holdings:
+            if holding.node_id in self.failed:
+                continue
+            for a, b in holding.ranges:
+                if a <= pos < b:
+                    return holding.node_id, min(b, end)
+                if pos < a < nearest:
+                    nearest = a
+        return None, nearest
 
 
 def _fetch_header(dest: Path, manifest: Manifest, read: RangeReader, label: str) -> GGUFFile:

@@ -81,6 +81,11 @@ class GrpcPeerClient:
     def __repr__(self) -> str:
         return f"GrpcPeerClient({self.node_id}@{self.target})"
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The peer's channel, shared with other services on its server (file transfer)."""
+        return self._channel
+
     async def _call(self, name: str, request: Any, timeout: float) -> Any:
         method = getattr(self._stub, name)
         try:

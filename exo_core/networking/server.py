@@ -12,7 +12,7 @@ import structlog
 
 from exo_core.engine import ReplicaUnavailable
 from exo_core.errors import EngineError
-from exo_core.networking import wire
+from exo_core.networking import file_transfer, wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import node_service_pb2 as pb
@@ -126,6 +126,7 @@ async def serve(
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
+    server.add_generic_rpc_handlers((file_transfer.handler(),))  # model bytes for peers
     error: RuntimeError | None = None
     try:
         if auth is None:
