@@ -256,6 +256,17 @@ class TinygradEngine(InferenceEngine):
         for runner in [r for r in self._runners.values() if request_id in r.requests]:
             await self._call(runner.release, request_id)
 
+    reuses_prefixes = True  # the prefix cache: a kept request's first positions start a new one
+
+    async def copy_prefix(self, source_id: str, target_id: str, length: int) -> None:
+        runner = next((r for r in self._runners.values() if source_id in r.requests), None)
+        if runner is None:
+            raise EngineError(f"no cache {source_id} to reuse")
+        await self._call(runner.copy_prefix, source_id, target_id, length)
+
+    def cache_nbytes(self, request_id: str) -> int:
+        return sum(r.request_bytes(request_id) for r in self._runners.values())
+
     async def close(self) -> None:
         await self._call(self._drop)
 

@@ -126,6 +126,22 @@ class ShardRunner:
     def cached_requests(self) -> int:
         return len(self.requests)
 
+    def copy_prefix(self, source_id: str, target_id: str, length: int) -> None:
+        """A new cache for `target_id` holding the first `length` positions of `source_id`'s."""
+        source = self.requests.get(source_id)
+        if source is None or source.length < length:
+            held = source.length if source is not None else 0
+            raise EngineError(f"request {source_id} holds {held} positions here, not {length}")
+        capacity = self.capacity_for(length + PREFILL_CHUNK)
+        cache = self.model.new_cache(capacity)
+        for old, new in zip(source.cache, cache, strict=True):
+            _copy_prefix(old, new, length)
+        self.requests[target_id] = _Request(cache, capacity, length)
+
+    def request_bytes(self, request_id: str) -> int:
+        req = self.requests.get(request_id)
+        return sum(t.nbytes() for t in req.cache) if req is not None else 0
+
     def cache_bytes(self) -> int:
         return sum(t.nbytes() for r in self.requests.values() for t in r.cache)
 
@@ -360,6 +376,16 @@ def _copy_positions(old: Tensor, new: Tensor, length: int) -> None:
         return
     grow = ((0, 0), (0, new.shape[1] - old.shape[1]), (0, 0), (0, 0))
     write(new.uop.buffer, memoryview(old.pad(grow).contiguous().realize().numpy().reshape(-1).view(np.uint8)))
+
+
+def _copy_prefix(old: Tensor, new: Tensor, length: int) -> None:
+    """new[:, :length] = old[:, :length] for [2, capacity, kv, hd] caches of any capacities."""
+    src, dst = host_view(old), host_view(new)
+    if src is not None and dst is not None:
+        dst[:, :length] = src[:, :length]
+        return
+    part = old[:, :length].pad(((0, 0), (0, new.shape[1] - length), (0, 0), (0, 0)))
+    write(new.uop.buffer, memoryview(part.contiguous().realize().numpy().reshape(-1).view(np.uint8)))
 
 
 def _round_up(n: int, multiple: int) -> int:
