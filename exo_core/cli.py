@@ -142,6 +142,13 @@ def _run_options() -> list[click.Parameter]:
             show_default=True,
             help="Seconds a stage may take before it is re-planned around.",
         ),
+        opt(
+            ["--max-concurrent-requests"],
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Generations the API runs at once; as many more wait up to 30 s, the rest get a 503.",
+        ),
         opt(["--models-seed-dir"], type=click.Path(), help="Look for model files here before downloading."),
         opt(
             ["--memory-limit"],
@@ -206,6 +213,7 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         wait_for_peers=params["wait_for_peers"],
         max_context=params.get("max_context"),
         step_timeout=params["step_timeout"],
+        max_concurrent_requests=params["max_concurrent_requests"],
         models_seed_dirs=[params["models_seed_dir"]] if params.get("models_seed_dir") else [],
     )
     try:
@@ -215,12 +223,22 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
     try:
         if prompt:
             code = asyncio.run(_answer(runtime, prompt, params.get("max_tokens"), params["temperature"]))
-            sys.exit(code)
+            _exit_now(code)
         asyncio.run(_serve_forever(runtime))
     except ConfigError as exc:
         raise ExoUsageError(str(exc)) from None
     except KeyboardInterrupt:
         pass
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once, so a stop (SIGTERM, Ctrl-C) finishes within 2 s whatever the engine does:
+    the runtime has stopped (it waits at most a second for the engine), and an engine thread
+    still computing a prefill is not joined, as Python would at exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -26,6 +26,8 @@ from exo_core.plugins import Registry, registry
 
 log = structlog.get_logger("exo.runtime")
 
+ENGINE_STOP_S = 1.0  # what stopping waits for the node's engine
+
 
 @dataclass
 class NodeConfig:
@@ -54,6 +56,7 @@ class NodeConfig:
     wait_for_peers: int = 0
     max_context: int | None = None
     step_timeout: float = 120.0
+    max_concurrent_requests: int = 32  # generations the API runs at once (as many more may wait)
     rpc_timeout: float = 10.0  # deadline of every peer RPC but health checks
     capabilities: DeviceCapabilities | None = None
     models_seed_dirs: list[str] = field(default_factory=list)  # searched before downloading
@@ -269,11 +272,6 @@ class Runtime:
         self.discovery = discovery_cls(context)
         await self.discovery.start()
         await self.peer_tracker.start()
-        from exo_core.models.download import set_peer_source
-        from exo_core.networking.file_transfer import PeerFiles, node_channels
-
-        # downloads ask the peers for a model's bytes before the hub
-        set_peer_source(PeerFiles(node_channels(node), asyncio.get_running_loop()))
 
     def _cluster_key(self) -> Any:
         """The key given (saved as this machine's from now on), or the stored one, or a new one."""
@@ -332,9 +330,6 @@ class Runtime:
                 await discovery.stop()
         tracker, self.peer_tracker = self.peer_tracker, None
         if tracker is not None:
-            from exo_core.models.download import set_peer_source
-
-            set_peer_source(None)
             with contextlib.suppress(Exception):
                 await tracker.stop()
         server, self.server = self.server, None
@@ -342,7 +337,12 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await server.stop(0.5)
         if self.node is not None:
-            await self.node.stop()
+            try:
+                # An engine busy computing (a long prefill) frees its thread only when that step
+                # ends; `exo run` exits without waiting for it (cli._exit_now).
+                await asyncio.wait_for(self.node.stop(), ENGINE_STOP_S)
+            except TimeoutError:
+                log.warning("the engine is still computing; not waiting for it", seconds=ENGINE_STOP_S)
 
     async def __aenter__(self) -> Runtime:
         await self.start()

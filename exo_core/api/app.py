@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from exo_core import __version__
-from exo_core.api import downloads, ollama, protocol
+from exo_core.api import admission, downloads, ollama, protocol
 from exo_core.api.completions import CompletionRun
 from exo_core.api.metrics import CONTENT_TYPE
 from exo_core.api.protocol import APIError
@@ -78,6 +78,8 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> BaseExceptio
 def _error_response(error: APIError, path: str = "") -> web.Response:
     """OpenAI's error shape, or Ollama's under /api/."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if getattr(error, "retry_after", None) is not None:
+        headers = {"Retry-After": str(error.retry_after)}  # type: ignore[attr-defined]
     body = ollama.error_body(error) if path.startswith("/api/") else error.body()
     return web.json_response(body, status=error.status, headers=headers)
 
@@ -192,14 +194,14 @@ async def _run(
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    objects = await asyncio.to_thread(_model_objects, state)
+    objects = await asyncio.to_thread(_model_objects, state, *_model_servers(state))
     return web.json_response({"object": "list", "data": objects})
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
     card = state.find_model(request.match_info["model_id"])
-    objects = await asyncio.to_thread(_model_objects, state, card.id)
+    objects = await asyncio.to_thread(_model_objects, state, *_model_servers(state), card.id)
     if not objects:
         raise APIError(
             404,
@@ -211,10 +213,16 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(objects[0])
 
 
-def _model_objects(state: ApiState, only: str | None = None) -> list[dict[str, Any]]:
-    """The models the cluster can serve now, the default model first."""
-    servers = state.servers_by_model()
-    loaded = _loaded_model_ids(state.node)
+def _model_servers(state: ApiState) -> tuple[dict[str, list[str]], set[str]]:
+    """Which nodes serve each model, and the models loaded here: read on the event loop, where
+    the peer table and the engine change (a worker thread would race them)."""
+    return state.servers_by_model(), _loaded_model_ids(state.node)
+
+
+def _model_objects(
+    state: ApiState, servers: dict[str, list[str]], loaded: set[str], only: str | None = None
+) -> list[dict[str, Any]]:
+    """The models the cluster can serve now, the default model first (on a thread: it reads files)."""
     default = state.runtime.default_model.id
     out = []
     for model_id in sorted(servers, key=lambda m: (m != default, m)):
@@ -299,7 +307,12 @@ async def _warm_up(app: web.Application) -> AsyncIterator[None]:
 def init(runtime: Runtime) -> web.Application:
     """The API app for a started runtime."""
     app = web.Application(
-        middlewares=[preflight_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            preflight_middleware,
+            error_middleware,
+            auth_middleware,
+            admission.middleware(admission.Admission(runtime.config.max_concurrent_requests)),
+        ],
         client_max_size=protocol.MAX_BODY_BYTES,
     )
     state = ApiState(runtime)
