@@ -92,7 +92,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     engine = pick_engine(args.engine)
-    extra = ["--dummy-delay-ms", str(args.dummy_delay_ms)] if engine == "dummy" else []
+    # The dummy engine spends its delay blocking a thread, as real compute does (an asyncio sleep
+    # would hide the cost of waking the event loop from the engine's thread).
+    extra = ["--dummy-delay-ms", str(args.dummy_delay_ms), "--dummy-blocking"] if engine == "dummy" else []
     tokens = min(args.tokens, 16) if engine == "dummy" else args.tokens  # the dummy answer is 16 tokens
     results: dict[str, float] = {}
     print(f"engine: {engine}; {tokens} tokens per stream; requests to node a", flush=True)

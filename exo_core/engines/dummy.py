@@ -16,6 +16,7 @@ N-th wait forever while the node stays up: a stage that answers health but makes
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +64,12 @@ class DummyEngine(InferenceEngine):
             help="Dummy engine: milliseconds of pretend compute per step of the whole model.",
         ),
         click.Option(
+            ["--dummy-blocking"],
+            is_flag=True,
+            help="Dummy engine: spend the delay blocking a worker thread (as real compute does), "
+            "not in an asyncio sleep.",
+        ),
+        click.Option(
             ["--dummy-hang-after"],
             type=int,
             default=None,
@@ -77,6 +84,7 @@ class DummyEngine(InferenceEngine):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.delay_s = float(self.options.get("dummy_delay_ms") or 0.0) / 1000.0
+        self.blocking = bool(self.options.get("dummy_blocking"))
         hang_after = self.options.get("dummy_hang_after")
         self.hang_after: int | None = int(hang_after) if hang_after is not None else None
         self.forwards = 0
@@ -139,7 +147,11 @@ class DummyEngine(InferenceEngine):
         if self.delay_s:
             # One "weight read" for the whole batch; a shard pays its share of the model's layers,
             # so a pipeline costs what one node does (as a real engine's compute would).
-            await asyncio.sleep(self.delay_s * shard.layer_count / shard.n_layers)
+            delay = self.delay_s * shard.layer_count / shard.n_layers
+            if self.blocking:  # the event loop learns of the end from another thread, as with a real engine
+                await asyncio.to_thread(time.sleep, delay)
+            else:
+                await asyncio.sleep(delay)
         return [self._one(shard, item) for item in items]
 
     def _one(self, shard: Shard, item: StageInput) -> StageOutput:

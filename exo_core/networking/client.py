@@ -12,6 +12,7 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
+from exo_core.networking.link import LinkSender
 from exo_core.node.messages import (
     PeerTimeout,
     PeerUnavailable,
@@ -77,6 +78,7 @@ class GrpcPeerClient:
                 self.target, auth.channel_credentials(), options=CHANNEL_OPTIONS + auth.channel_options
             )
         self._stub = pb_grpc.NodeServiceStub(self._channel)
+        self._link = LinkSender(self._channel, f"{node_id} at {self.target}")
 
     def __repr__(self) -> str:
         return f"GrpcPeerClient({self.node_id}@{self.target})"
@@ -98,25 +100,27 @@ class GrpcPeerClient:
 
     # ---- PeerClient ----------------------------------------------------------------------------
 
+    # Steps, tokens, failures, releases and health checks travel on the link (one stream).
+
     async def send_step(self, msg: StepMessage) -> None:
-        await self._call("SendStep", wire.step_to_pb(msg), self.call_timeout)
+        await self._link.send("step", wire.step_to_pb(msg), self.call_timeout)
 
     async def send_token(self, msg: TokenMessage) -> bool:
-        reply = await self._call("SendToken", wire.token_to_pb(msg), self.call_timeout)
+        reply = await self._link.send("token", wire.token_to_pb(msg), self.call_timeout)
         return bool(reply.wanted)
 
     async def report_failure(self, failure: StageFailure) -> None:
-        await self._call("ReportFailure", wire.failure_to_pb(failure), self.call_timeout)
+        await self._link.send("failure", wire.failure_to_pb(failure), self.call_timeout)
 
     async def release(self, request_id: str, up_to_attempt: int, keep: bool = False) -> None:
         request = pb.ReleaseRequest(request_id=request_id, up_to_attempt=up_to_attempt, keep=keep)
-        await self._call("Release", request, self.call_timeout)
+        await self._link.send("release", request, self.call_timeout)
 
     async def health(self, request_id: str = "", attempt: int = 0) -> RequestState:
         """Raises unless the peer answers in time as the node we think it is; with a request id,
         returns the peer's state of that attempt (a `RequestState`)."""
         request = pb.HealthRequest(request_id=request_id, attempt=attempt)
-        reply = await self._call("Health", request, self.health_timeout)
+        reply = (await self._link.send("health", request, self.health_timeout)).health
         if not reply.ok:
             raise PeerUnavailable(f"{self.node_id} at {self.target} reports it is not healthy")
         if self.node_id and reply.node_id != self.node_id:
@@ -152,4 +156,5 @@ class GrpcPeerClient:
         return wire.node_info_from_pb(reply)
 
     async def close(self) -> None:
+        await self._link.close()
         await self._channel.close()

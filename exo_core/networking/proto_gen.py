@@ -1,4 +1,4 @@
-"""Generates the Python modules of node_service.proto into generated/ (`make proto`).
+"""Generates the Python modules of node_service.proto and link.proto into generated/ (`make proto`).
 
     python -m exo_core.networking.proto_gen [OUT_DIR]
 
@@ -14,14 +14,18 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-PROTO = "node_service.proto"
+PROTOS = ("node_service.proto", "link.proto")
 GENERATED = Path(__file__).resolve().parent / "generated"
-FILES = ("node_service_pb2.py", "node_service_pb2.pyi", "node_service_pb2_grpc.py")
-_INIT = '"""Code generated from node_service.proto by `make proto`; do not edit."""\n'
+FILES = tuple(
+    f"{proto.removesuffix('.proto')}{suffix}"
+    for proto in PROTOS
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
+_INIT = '"""Code generated from node_service.proto and link.proto by `make proto`; do not edit."""\n'
 
 
 def generate(out_dir: Path = GENERATED) -> list[Path]:
-    """Run protoc on node_service.proto, writing FILES (and an __init__.py) into out_dir."""
+    """Run protoc on the .proto files, writing FILES (and an __init__.py) into out_dir."""
     from grpc_tools import protoc
 
     proto_dir = Path(__file__).resolve().parent
@@ -35,15 +39,16 @@ def generate(out_dir: Path = GENERATED) -> list[Path]:
             f"--python_out={out_dir}",
             f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}",
-            PROTO,
+            *PROTOS,
         ]
     )
     if code != 0:
-        raise RuntimeError(f"protoc failed on {proto_dir / PROTO} (exit {code})")
-    grpc_module = out_dir / "node_service_pb2_grpc.py"
-    text = grpc_module.read_text(encoding="utf-8")
-    text = re.sub(r"^import node_service_pb2 as", "from . import node_service_pb2 as", text, flags=re.M)
-    grpc_module.write_text(text, encoding="utf-8")
+        raise RuntimeError(f"protoc failed on {', '.join(PROTOS)} in {proto_dir} (exit {code})")
+    for name in FILES:  # generated modules import each other package-relative
+        module = out_dir / name
+        text = module.read_text(encoding="utf-8")
+        text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
+        module.write_text(text, encoding="utf-8")
     (out_dir / "__init__.py").write_text(_INIT, encoding="utf-8")
     return [out_dir / name for name in (*FILES, "__init__.py")]
 

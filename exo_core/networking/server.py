@@ -15,8 +15,10 @@ from exo_core.errors import EngineError
 from exo_core.networking import file_transfer, wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
+from exo_core.networking.generated import link_pb2_grpc as lpb_grpc
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
+from exo_core.networking.link import LinkServicer
 from exo_core.node.messages import RequestState
 from exo_core.node.node import Node
 
@@ -127,6 +129,7 @@ async def serve(
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
     server.add_generic_rpc_handlers((file_transfer.handler(),))  # model bytes for peers
+    lpb_grpc.add_NodeLinkServicer_to_server(LinkServicer(node), server)
     error: RuntimeError | None = None
     try:
         if auth is None:

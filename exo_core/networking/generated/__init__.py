@@ -1,1 +1,1 @@
-"""Code generated from node_service.proto by `make proto`; do not edit."""
+"""Code generated from node_service.proto and link.proto by `make proto`; do not edit."""
