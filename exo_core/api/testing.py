@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from exo_core.api.frontend import OpenAIFrontend
+from exo_core.plugins import Registry
 from exo_core.runtime import NodeConfig, Runtime
 
 T = TypeVar("T")
@@ -24,8 +25,11 @@ class BackgroundNode:
     `openai` client, a browser, or a second event loop in the caller can talk to it.
     """
 
-    def __init__(self, config: NodeConfig, *, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self, config: NodeConfig, *, start_timeout: float = 60.0, registry: Registry | None = None
+    ) -> None:
         self.config = config
+        self.registry = registry  # None: the loaded plugins' registrations
         self.start_timeout = start_timeout
         self.runtime: Runtime | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -64,7 +68,7 @@ class BackgroundNode:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            self.runtime = Runtime(self.config)
+            self.runtime = Runtime(self.config, self.registry)
             await self.runtime.start()
         except BaseException as exc:
             self._error = exc

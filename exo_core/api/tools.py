@@ -194,8 +194,11 @@ class ToolStream:
 
     @property
     def text(self) -> str | None:
+        """The answer's content: None when it only called tools; trimmed before calls."""
         out = "".join(self.content)
-        return out if out.strip() or not self.calls else None
+        if not self.calls:
+            return out
+        return out.strip() or None
 
 
 def _partial_suffix(text: str, marker: str) -> int:

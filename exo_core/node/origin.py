@@ -279,6 +279,16 @@ class Origin:
                     event = failure
                 if event.attempt != state.attempt:
                     continue  # from an attempt already abandoned
+                if isinstance(event, StageFailure) and state.reused:
+                    # A stage does not hold the prefix it was sent (evicted, or an engine that
+                    # keeps none): run the request again from scratch on the same nodes.
+                    log.info("prefix not reused", request=request.request_id, reason=event.reason)
+                    self.prefixes.refused(state.plan)
+                    state.reuse_refused = True
+                    self._release_attempt(state)
+                    state.attempt += 1
+                    await self._start_attempt(state)
+                    continue
                 if isinstance(event, StageFailure):
                     replans += 1
                     self.replans_total += 1
@@ -293,11 +303,7 @@ class Origin:
                         raise GenerationError(
                             f"generation failed after {self.max_replans} re-plans: {event.reason}"
                         )
-                    if state.reused:
-                        # A stage no longer keeps that prefix: run again from scratch, same nodes.
-                        self.prefixes.refused(state.plan)
-                        state.reuse_refused = True
-                    elif event.node_id and event.node_id != self.node_id:
+                    if event.node_id and event.node_id != self.node_id:
                         state.excluded.add(event.node_id)
                     self._release_attempt(state)
                     state.attempt += 1
