@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -229,7 +230,27 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         raise ExoUsageError(str(exc)) from None
     except KeyboardInterrupt:
         pass
+    except asyncio.CancelledError:  # --prompt stopped by a signal
+        _exit_now(130)
     _exit_now(0)
+
+
+# However long stopping takes (the engine mid-prefill, connections draining), the process is
+# gone this long after SIGTERM or Ctrl-C.
+STOP_DEADLINE_S = 1.5
+
+
+def _exit_soon(then: Any) -> None:
+    """A stop signal: arm the deadline (a daemon timer that exits the process), then `then()`."""
+    global _deadline
+    if _deadline is None:
+        _deadline = threading.Timer(STOP_DEADLINE_S, _exit_now, (0,))
+        _deadline.daemon = True
+        _deadline.start()
+    then()
+
+
+_deadline: threading.Timer | None = None
 
 
 def _exit_now(code: int) -> None:
@@ -252,6 +273,10 @@ async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature
     from exo_core.node.messages import GenerationError
     from exo_core.node.sampling import SamplingParams
 
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _exit_soon, main.cancel)
     async with runtime:
         request = TextRequest(
             model=runtime.default_model,
@@ -275,7 +300,7 @@ async def _serve_forever(runtime: Any) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _exit_soon, stop.set)
     async with runtime:
         if runtime.cluster_key_created and sys.stderr.isatty():
             # On the terminal only: the token is a secret, so it never goes to the logs.

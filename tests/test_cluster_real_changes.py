@@ -1,0 +1,78 @@
+"""The real 135M model in real `exo` processes while the cluster changes: a peer joins while an
+answer streams (the answer is the one-node answer; a new request gets the two-node plan and its
+own answer), and a stop during a long prefill ends the process within 2 s.
+
+The engine is tinygrad when installed, else mlx (EXO_TEST_CLUSTER_ENGINE picks one).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import pytest
+
+from exo_core.plugins import registry
+from exo_core.testing.cluster import Cluster, stream_text
+
+
+def _engine():
+    import os
+
+    wanted = os.environ.get("EXO_TEST_CLUSTER_ENGINE")
+    engines = registry().engines
+    for name in [wanted] if wanted else ["tinygrad", "mlx"]:
+        if name in engines and engines[name].available()[0]:
+            return name
+    return None
+
+
+ENGINE = _engine()
+pytestmark = [
+    pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed"),
+    pytest.mark.timeout(600),
+]
+
+
+def test_a_peer_joins_while_an_answer_streams(tmp_path, reference):
+    story, colors = reference["greedy"][-1], reference["greedy"][1]
+    with Cluster.manual(["a", "b"], tmp=tmp_path, engine=ENGINE, listed=["a"], timeout=300) as cluster:
+        alone = cluster.chat("a", story["messages"], max_tokens=48)
+        colors_alone = cluster.chat("a", colors["messages"], max_tokens=12)
+        events, joined_at, second = [], None, None
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _, event in cluster.stream_chat("a", story["messages"], max_tokens=48):
+                events.append(event)
+                if len(events) == 4:  # a streams alone; b joins: new requests get a two-node plan
+                    cluster.list_peers(["a", "b"])
+                    cluster.wait_members("a", {"a", "b"})
+                    joined_at = len(events)
+                    second = pool.submit(cluster.chat, "a", colors["messages"], max_tokens=12)
+            assert stream_text(events) == alone
+            assert second is not None and second.result() == colors_alone
+        _, topo = cluster.get("a", "/v1/topology")
+        assert [s["node_id"] for s in topo["plan"]] == ["a", "b"]
+        assert joined_at is not None and joined_at < len(events)  # the join happened mid-answer
+        assert "stage failed" not in cluster.nodes["a"].log()
+
+
+def test_a_stop_during_a_long_prefill_ends_the_process_within_2_s(tmp_path):
+    prompt = [{"role": "user", "content": "Count the words. " + "alpha beta gamma delta " * 1200}]
+    with Cluster.manual(["s"], tmp=tmp_path, engine=ENGINE, timeout=300) as cluster:
+        node = cluster.nodes["s"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                cluster.post, "s", "/v1/chat/completions", {"model": "smollm2-135m", "messages": prompt}, 60
+            )
+            time.sleep(3.0)  # tokenized and prefilling (minutes of work on this machine)
+            assert not pending.done()
+            started = time.monotonic()
+            node.kill(signal.SIGTERM)
+            assert node.proc is not None
+            node.proc.wait(10)
+            took = time.monotonic() - started
+            with pytest.raises(OSError):  # the connection closed: no answer
+                pending.result()
+        print(f"\n{ENGINE}: stopped {took:.2f} s after SIGTERM during a prefill")
+        assert took < 2.0
