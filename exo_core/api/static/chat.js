@@ -7,6 +7,7 @@ const ui = {
   send: $("send"), stop: $("stop"), stats: $("stats"), nodes: $("nodes"),
   planError: $("plan-error"), apiKey: $("api-key"), keyBox: $("key-box"), composer: $("composer"),
   newChat: $("new-chat"), chat: $("chat"), temperature: $("temperature"),
+  downloads: $("downloads"), downloadsBox: $("downloads-box"),
 };
 
 const state = {
@@ -122,7 +123,66 @@ ui.model.addEventListener("change", () => {
   loadTopology().catch(() => {});
 });
 
+// ---- downloads --------------------------------------------------------------------------------
+
+function bytes(n) {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  return `${(n / 1e3).toFixed(0)} kB`;
+}
+
+async function loadDownloads() {
+  const { node_id: nodeId, data } = await getJSON("/v1/downloads");
+  ui.downloadsBox.hidden = data.length === 0;
+  ui.downloads.replaceChildren(...data.slice(-8).reverse().map((d) => {
+    const li = document.createElement("li");
+    li.className = `download ${d.status}`;
+    const name = document.createElement("div");
+    name.className = "id";
+    name.textContent = d.file + (d.layers ? ` · layers ${d.layers}` : "");
+    const detail = document.createElement("div");
+    detail.className = "detail";
+    const rate = d.status === "downloading" ? ` · ${bytes(d.bytes_per_second)}/s` : "";
+    detail.textContent =
+      `${nodeId} ← ${d.source} · ${bytes(d.done)} of ${bytes(d.total)}${rate} · ${d.status}`;
+    const bar = document.createElement("div");
+    bar.className = "progress";
+    const fill = document.createElement("span");
+    fill.style.width = `${(100 * d.fraction).toFixed(1)}%`;
+    bar.append(fill);
+    li.append(name, detail, bar);
+    if (d.error) {
+      const error = document.createElement("div");
+      error.className = "error-text";
+      error.textContent = d.error;
+      li.append(error);
+    }
+    return li;
+  }));
+  return data.some((d) => d.status === "downloading");
+}
+
 // ---- conversation ----------------------------------------------------------------------------
+
+// Answers are Markdown: parsed by marked, then sanitised by DOMPurify before they touch the
+// DOM (both bundled under /static/vendor, nothing fetched at run time). Links open elsewhere.
+if (window.DOMPurify) {
+  DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.tagName === "A") {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer");
+    }
+  });
+}
+
+function renderAnswer(element, text) {
+  if (!window.marked || !window.DOMPurify) {
+    element.textContent = text;
+    return;
+  }
+  element.innerHTML = DOMPurify.sanitize(marked.parse(text, { gfm: true, breaks: false }));
+}
+window.exoRenderAnswer = renderAnswer; // for the page's tests
 
 function addMessage(role, text) {
   ui.empty.hidden = true;
@@ -221,7 +281,7 @@ async function send(text) {
           if (firstAt === null) firstAt = performance.now();
           tokens += 1; // approximate until usage arrives: a chunk is usually one token
           answer += piece;
-          bubble.textContent = answer;
+          renderAnswer(bubble, answer);
           scrollDown();
         }
         if (choice.finish_reason) finish = choice.finish_reason;
@@ -290,4 +350,14 @@ ui.newChat.addEventListener("click", () => {
 
 refresh();
 setInterval(() => { if (!document.hidden) loadTopology().catch(() => {}); }, 5000);
+
+// Downloads: every second while one runs, else every 5 s.
+async function pollDownloads() {
+  let active = false;
+  try {
+    if (!document.hidden) active = await loadDownloads();
+  } catch (_) { /* shown by the cluster panel's error */ }
+  setTimeout(pollDownloads, active ? 1000 : 5000);
+}
+pollDownloads();
 ui.input.focus();
