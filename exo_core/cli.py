@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -159,7 +160,7 @@ def _run_options() -> list[click.Parameter]:
         opt(
             ["--disable-tui"],
             is_flag=True,
-            help="Accepted for compatibility (exo has no TUI; logs go to stderr).",
+            help="Plain logs instead of the live terminal view (also when stdout is not a terminal).",
         ),
     ]
 
@@ -225,7 +226,7 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         if prompt:
             code = asyncio.run(_answer(runtime, prompt, params.get("max_tokens"), params["temperature"]))
             _exit_now(code)
-        asyncio.run(_serve_forever(runtime))
+        asyncio.run(_serve_forever(runtime, tui=sys.stdout.isatty() and not params.get("disable_tui")))
     except ConfigError as exc:
         raise ExoUsageError(str(exc)) from None
     except KeyboardInterrupt:
@@ -296,7 +297,7 @@ async def _answer(runtime: Any, prompt: str, max_tokens: int | None, temperature
     return 0
 
 
-async def _serve_forever(runtime: Any) -> None:
+async def _serve_forever(runtime: Any, tui: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -308,7 +309,18 @@ async def _serve_forever(runtime: Any) -> None:
             click.echo(
                 f"\nTo add a machine to this cluster, run there:\n\n    exo run --join {token}\n", err=True
             )
-        await stop.wait()
+        view = None
+        if tui:  # the live view: nodes, layers, requests, downloads (`exo_core.tui`)
+            from exo_core.tui import live_view
+
+            view = asyncio.create_task(live_view(runtime))
+        try:
+            await stop.wait()
+        finally:
+            if view is not None:
+                view.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await view
 
 
 def _plugins_command() -> click.Command:
