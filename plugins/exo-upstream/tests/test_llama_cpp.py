@@ -127,3 +127,26 @@ def test_a_layer_sharded_ring_and_an_upstream_serve_one_endpoint_together(tmp_pa
             with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(lambda _: greedy(exo, max_tokens=24), range(4)))
     assert set(answers) == {dummy_answer, reference}, answers
+
+
+def test_a_model_no_card_describes_is_served_under_the_upstreams_id_from_any_node(tmp_path):
+    with llama_server(tmp_path, alias="house-model-q4") as server:
+        direct = client(server.url).chat.completions.create(
+            model="house-model-q4", messages=QUESTION, temperature=0, max_tokens=16
+        )
+        with Cluster.manual(
+            ["a", "b"],
+            tmp=tmp_path,
+            engine="dummy",
+            per_node_args={"b": ["--engine", "upstream", "--upstream", server.url]},
+        ) as cluster:
+            deadline = time.monotonic() + 30
+            exo = client(cluster.nodes["a"].url)  # a knows no such card: it learnt it from b
+            while "house-model-q4" not in {m.id for m in exo.models.list().data}:
+                assert time.monotonic() < deadline, cluster.logs()
+                time.sleep(0.5)
+            reply = exo.chat.completions.create(
+                model="house-model-q4", messages=QUESTION, temperature=0, max_tokens=16
+            )
+    assert reply.choices[0].message.content == direct.choices[0].message.content
+    assert reply.model == "house-model-q4"
