@@ -1,8 +1,9 @@
-"""The real 135M model in real `exo` processes while the cluster changes: a peer joins while an
-answer streams (the answer is the one-node answer; a new request gets the two-node plan and its
-own answer), and a stop during a long prefill ends the process within 2 s.
+"""Real `exo` processes while the cluster changes: a peer joins while the real 135M model streams
+an answer (the answer is the one-node answer; a new request gets the two-node plan and its own
+answer), a stop during a long prefill ends the process within 2 s, and 1,000 requests in a row
+leave no state and no memory behind.
 
-The engine is tinygrad when installed, else mlx (EXO_TEST_CLUSTER_ENGINE picks one).
+The real engine is tinygrad when installed, else mlx (EXO_TEST_CLUSTER_ENGINE picks one).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,12 +31,11 @@ def _engine():
 
 
 ENGINE = _engine()
-pytestmark = [
-    pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed"),
-    pytest.mark.timeout(600),
-]
+pytestmark = pytest.mark.timeout(600)
+real_engine = pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed")
 
 
+@real_engine
 def test_a_peer_joins_while_an_answer_streams(tmp_path, reference):
     story, colors = reference["greedy"][-1], reference["greedy"][1]
     with Cluster.manual(["a", "b"], tmp=tmp_path, engine=ENGINE, listed=["a"], timeout=300) as cluster:
@@ -57,6 +58,7 @@ def test_a_peer_joins_while_an_answer_streams(tmp_path, reference):
         assert "stage failed" not in cluster.nodes["a"].log()
 
 
+@real_engine
 def test_a_stop_during_a_long_prefill_ends_the_process_within_2_s(tmp_path):
     prompt = [{"role": "user", "content": "Count the words. " + "alpha beta gamma delta " * 1200}]
     with Cluster.manual(["s"], tmp=tmp_path, engine=ENGINE, timeout=300) as cluster:
@@ -76,3 +78,34 @@ def test_a_stop_during_a_long_prefill_ends_the_process_within_2_s(tmp_path):
                 pending.result()
         print(f"\n{ENGINE}: stopped {took:.2f} s after SIGTERM during a prefill")
         assert took < 2.0
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _own_active_requests(cluster: Cluster, node_id: str) -> int:
+    _, topo = cluster.get(node_id, "/v1/topology")
+    return next(n["active_requests"] for n in topo["nodes"] if n["self"])
+
+
+def test_a_thousand_requests_in_a_row_leave_nothing_behind(tmp_path):
+    """Two nodes (dummy engine): after 1,000 requests no stage holds one, and memory is flat."""
+    chat = [{"role": "user", "content": "Hi"}]
+    with Cluster.manual(["a", "b"], tmp=tmp_path, engine="dummy") as cluster:
+        pids = {n: p.proc.pid for n, p in cluster.nodes.items() if p.proc is not None}
+        for i in range(1000):
+            if i == 200:  # warm: every pool and cache has its steady size
+                before = {n: _rss_mb(pid) for n, pid in pids.items()}
+            assert cluster.chat("ab"[i % 2], chat, max_tokens=2)
+        after = {n: _rss_mb(pid) for n, pid in pids.items()}
+        deadline = time.monotonic() + 10
+        while any(_own_active_requests(cluster, n) for n in "ab") and time.monotonic() < deadline:
+            time.sleep(0.1)  # the last releases travel in the background
+        assert [_own_active_requests(cluster, n) for n in "ab"] == [0, 0]
+        print(f"\nRSS MB after 200 and 1,000 requests: {before} -> {after}")
+        for n in "ab":
+            assert after[n] - before[n] < 20, (n, before[n], after[n])
