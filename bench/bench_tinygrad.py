@@ -162,17 +162,21 @@ def measure_llamacpp(args) -> dict:
     )
     load_s = time.perf_counter() - t0
 
+    def last_logits() -> np.ndarray:
+        # the last evaluated position's logits (llm.scores is only filled with logits_all)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     def request(n_prompt: int, decode: int) -> tuple[float, float]:
         prompt = prompt_ids(n_prompt)
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         for _ in range(decode):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         return ttft, time.perf_counter() - t1
 
     cold_ttft, _ = request(TTFT_PROMPT, 0)

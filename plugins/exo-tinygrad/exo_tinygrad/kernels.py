@@ -91,6 +91,8 @@ def _kernel(w: PackedWeight, n_rows: int, norm_eps: float | None, swiglu: bool, 
     norm_eps: x is RMS-normalised first (its weight is an extra input; the row's scale is
     computed in the kernel and applied to the sums); swiglu: x holds [gate | up] and the
     input is silu(gate) * up; residual: an extra [n_rows, out] input is added to the result.
+    With offsets, an extra [n_rows, groups] input holds each group's sum of the (normed)
+    input: computed once by a small kernel, not once per output row block.
     """
     out_blocks = (w.out_features + ROWS - 1) // ROWS
     groups, g = w.in_features // w.group, w.group
@@ -101,6 +103,7 @@ def _kernel(w: PackedWeight, n_rows: int, norm_eps: float | None, swiglu: bool, 
         args = [a.flatten() for a in rest]
         offset = args.pop(0) if w.offset is not None else None
         x = args.pop(0)
+        group_sums = args.pop(0) if w.offset is not None else None
         norm_w = args.pop(0) if norm_eps is not None else None
         res = args.pop(0) if residual else None
         n = UOp.range(n_rows, 0)
@@ -122,15 +125,12 @@ def _kernel(w: PackedWeight, n_rows: int, norm_eps: float | None, swiglu: bool, 
             x_lo, x_hi = x_at(i), x_at(i + inner)
             lo, hi = (byte & 15).cast(dtypes.float32), (byte >> 4).cast(dtypes.float32)
             dot = (lo * x_lo + hi * x_hi).reduce(j, arg=Ops.ADD)
-            xsum = (x_lo + x_hi).reduce(j, arg=Ops.ADD) if offset is not None else None
         else:
-            x_j = x_at(i)
-            dot = (byte.cast(dtypes.float32) * x_j).reduce(j, arg=Ops.ADD)
-            xsum = x_j.reduce(j, arg=Ops.ADD) if offset is not None else None
+            dot = (byte.cast(dtypes.float32) * x_at(i)).reduce(j, arg=Ops.ADD)
         at_group = (o * groups + b) * ROWS + r
         term = dot * scale[at_group]
-        if offset is not None:
-            term = term + offset[at_group] * xsum
+        if offset is not None and group_sums is not None:
+            term = term + offset[at_group] * group_sums[n * groups + b]
         acc = term.reduce(b, arg=Ops.ADD)
         if norm_eps is not None:
             k = UOp.range(w.in_features, 5, AxisType.REDUCE)
@@ -189,6 +189,11 @@ def matmul(
     n_rows = flat.shape[0]
     out_padded = (w.out_features + ROWS - 1) // ROWS * ROWS
     inputs = [w.q, w.scale, *([w.offset] if w.offset is not None else []), flat]
+    if w.offset is not None:  # each group's sum of the input the kernel sees
+        xs = flat[:, : w.in_features].silu() * flat[:, w.in_features :] if swiglu else flat
+        if norm is not None:
+            xs = xs * norm[0]
+        inputs.append(xs.reshape(n_rows, w.in_features // w.group, w.group).sum(-1).contiguous())
     if norm is not None:
         inputs.append(norm[0])
     if residual is not None:
@@ -224,6 +229,12 @@ def _call(tensors: list[Tensor], variables: list[UOp | int], fxn) -> Tensor:
     return Tensor(srcs[0].after(kernel))
 
 
+def _thread_rows(T: int, axis_t: int) -> tuple[Opt, ...]:
+    """Split a prefill attention kernel's query rows over the threads (decode has one row)."""
+    parts = threads()
+    return (Opt(OptOps.THREAD, axis_t, parts),) if T > 1 and parts > 1 and T % parts == 0 else ()
+
+
 def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int) -> Tensor:
     """Causal attention scores q·k / sqrt(hd) of sequence b -> [kv, group, T, pos + T].
 
@@ -251,6 +262,7 @@ def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int
         value = (s <= pos + t).where(part.reduce(lane, arg=Ops.ADD) * scale, float("-inf"))
         store = scores[((h * group + g) * T + t) * cap + s].store(value).end(h, g, t, s)
         opts = (Opt(OptOps.UNROLL, 0, lanes),) if lanes > 1 else ()
+        opts += _thread_rows(T, sum(n > 1 for n in (n_kv, group)))
         return store.sink(arg=KernelInfo(name=f"attn_scores_{T}_{H}_{hd}", opts_to_apply=opts))
 
     out = Tensor.empty(H * T * cap, dtype=dtypes.float32, device=q.device)
@@ -280,6 +292,7 @@ def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int) ->
         store = out[(t * n_kv * group + h * group + g) * hd + d].store(acc).end(h, g, t, d)
         axis_d = sum(n > 1 for n in (n_kv, group, T))  # size-1 ranges are dropped
         opts = (Opt(OptOps.UPCAST, axis_d, 16),) if hd % 16 == 0 else ()
+        opts += _thread_rows(T, sum(n > 1 for n in (n_kv, group)))
         return store.sink(arg=KernelInfo(name=f"attn_values_{T}_{hd}", opts_to_apply=opts))
 
     out = Tensor.empty(T * n_kv * group * hd, dtype=dtypes.float32, device=probs.device)
