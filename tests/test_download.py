@@ -23,7 +23,7 @@ from exo_core.models.files import (
 )
 from exo_core.models.progress import TRACKER
 from exo_core.models.shard import Shard
-from exo_core.models.tokenizer import load_tokenizer
+from exo_core.models.tokenizer import TokenizerError, load_tokenizer
 from exo_core.testing.hub import StandInHub
 
 REPO, FILE = "org/smol-gguf", "smol.gguf"
@@ -156,3 +156,14 @@ def test_an_unreachable_hub_is_a_clear_error(hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(DownloadError, match=r"could not reach http://127\.0\.0\.1:9"):
         shard_checkpoint(CARD, FIRST, ["gguf"])
+
+
+def test_the_tokenizer_fetches_the_header_alone(hub, original):
+    tokenizer = load_tokenizer(CARD)  # nothing on the node yet: the header is fetched, no weights
+    assert tokenizer.encode("Paris") == load_tokenizer(
+        ModelCard("e", "e", 30, {"gguf": str(original)})
+    ).encode("Paris")
+    assert ranges_asked(hub) and all(end <= 4 << 20 for _, end in ranges_asked(hub))
+    unknown = ModelCard("y", "y", 30, {"gguf": f"org/nope:{FILE}"})
+    with pytest.raises(TokenizerError, match=r"no tokenizer on this node, and .*no repo org/nope"):
+        load_tokenizer(unknown)

@@ -231,3 +231,37 @@ def test_three_nodes_one_with_the_files_and_no_hub_answer_correctly(tmp_path):
             status, downloads = cluster.get(node_id, "/v1/downloads")
             assert status == 200
             assert [d["source"] for d in downloads["data"]] == ["peer:a"], downloads
+
+
+@pytest.mark.heavy
+def test_two_nodes_fetch_only_their_ranges_from_the_hub_and_answer_like_the_whole_file(tmp_path):
+    site, repo = tmp_path / "site", tmp_path / "repo"
+    write_cards_plugin(site)
+    repo.mkdir()
+    os.symlink(embedded_gguf_path(), repo / FILE)
+    whole = read_gguf(embedded_gguf_path(), string_arrays=False)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    with StandInHub() as hub:
+        hub.add_repo("org/smol-gguf", repo)
+        env = {"PYTHONPATH": str(site), "HF_ENDPOINT": hub.url, "EXO_DISABLE_PLUGINS": "mlx,rkllm"}
+        with Cluster.manual(
+            ["a", "b"], tmp=tmp_path / "cluster", engine="tinygrad", env=env, timeout=300
+        ) as cluster:
+            _, topo = cluster.get("a", "/v1/topology?model=smol-hub")
+            shards = {s["node_id"]: Shard.from_dict(s["shard"]) for s in topo["plan"]}
+            assert sorted(s.layer_count for s in shards.values()) == [15, 15]
+            answer = cluster.chat("a", messages, max_tokens=8, model="smol-hub")
+            assert answer == cluster.chat("a", messages, max_tokens=8, model="smollm2-135m")
+        needed = {n: shard_ranges(whole, s) for n, s in shards.items()}
+        everything = [r for ranges in needed.values() for r in ranges]
+        asked = [
+            (int(r.range[6:].split("-")[0]), int(r.range[6:].split("-")[1]) + 1) for r in hub.downloads(FILE)
+        ]
+        # nothing outside the two shards' ranges was asked of the hub (bar the header's prefix)
+        assert all(b <= 4 << 20 for _, b in subtract(asked, everything))
+        for node_id, ranges in needed.items():
+            held = tmp_path / "cluster" / f"home-{node_id}" / "models" / "org--smol-gguf" / FILE
+            present = [tuple(r) for r in json.loads(manifest_path(held).read_text())["ranges"]]
+            assert subtract(ranges, present) == []  # it has what its layers need
+            assert all(b <= 4 << 20 for _, b in subtract(present, ranges))  # and nothing else
+            assert held.stat().st_blocks * 512 < 0.8 * whole.file_size

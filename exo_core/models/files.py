@@ -276,12 +276,29 @@ def _holds_shard(directory: Path, shard: Shard) -> bool:
     return all((directory / name).is_file() for name in needed)
 
 
-def download_shard_files(repo: str, shard: Shard) -> Path:
-    """Download config.json, the tokenizer, and the weight files holding the shard's tensors;
-    the snapshot directory (where `local_snapshot` finds it later)."""
+def fetch_metadata(card: ModelCard) -> Path | None:
+    """Fetch what the origin needs of a model before any weights: the GGUF header (tokenizer,
+    chat template, tensor sizes) or a repo's config and tokenizer files. None when the card has
+    no hub source to fetch them from; `ModelFilesError` when fetching fails."""
+    source = card.sources.get("gguf")
+    if source and source != EMBEDDED and not os.path.isabs(source):
+        from exo_core.models.download import fetch_gguf
+
+        repo, filename = _split_repo_file(source)
+        return fetch_gguf(repo, filename, None, header_only=True, model_id=card.id)
+    for kind in ("safetensors", "mlx"):
+        hub_repo = card.sources.get(kind)
+        if hub_repo and not os.path.isabs(hub_repo):
+            return download_shard_files(hub_repo, None)
+    return None
+
+
+def download_shard_files(repo: str, shard: Shard | None) -> Path:
+    """Download config.json, the tokenizer, and the weight files holding the shard's tensors
+    (none for `shard=None`); the snapshot directory (where `local_snapshot` finds it later)."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    from exo_core.models.download import hub_endpoint
+    from exo_core.models.download import explain, hub_endpoint
 
     cache, endpoint = models_dir() / "hub", hub_endpoint()
 
@@ -294,6 +311,8 @@ def download_shard_files(repo: str, shard: Shard) -> Path:
         for name in sorted(listing):
             if name.startswith("tokenizer") or name in REPO_EXTRAS:
                 fetch(name)
+        if shard is None:
+            return directory
         if INDEX_FILE in listing:
             needed = shard_files(directory, shard, read_index(fetch(INDEX_FILE)))
         else:
@@ -303,5 +322,7 @@ def download_shard_files(repo: str, shard: Shard) -> Path:
     except CheckpointError:
         raise
     except Exception as exc:  # network, authorisation, a missing file: all the user's to fix
-        raise ModelFilesError(f"could not download {repo} for {shard}: {exc}") from exc
+        raise ModelFilesError(
+            f"could not download {repo} for {shard or 'its tokenizer'}: {explain(repo, None, exc)}"
+        ) from exc
     return directory

@@ -292,12 +292,30 @@ def from_gguf_file(path: Path) -> Tokenizer:
 
 
 def load_tokenizer(card: ModelCard) -> Tokenizer:
-    """The tokenizer for a model card, from local files only (never downloads at this point).
+    """The tokenizer for a model card, from the files on this node; when none are here, the
+    model's metadata alone (a GGUF's header, a repo's tokenizer files) is fetched first, from a
+    peer or the hub (`files.fetch_metadata`), never its weights.
 
     Order: the card's `tokenizer` (a local directory or a Hugging Face repo in the cache),
     then its GGUF file's metadata, then its safetensors snapshot. (A plugin may name a
     tokenizer repo on a shared card; when that repo is absent the card's own files still serve.)
     """
+    try:
+        return _load_local(card)
+    except TokenizerError:
+        from exo_core.models import files
+
+        try:
+            fetched = files.fetch_metadata(card)
+        except files.ModelFilesError as exc:
+            raise TokenizerError(f"model {card.id!r}: no tokenizer on this node, and {exc}") from exc
+        if fetched is None:
+            raise
+        return _load_local(card)
+
+
+def _load_local(card: ModelCard) -> Tokenizer:
+    """The tokenizer from local files only."""
     from exo_core.models import files
 
     if card.tokenizer:

@@ -134,6 +134,13 @@ class PeerFiles:
         self._channels = channels  # node id -> the peer's channel, as the node knows them now
         self._loop = loop
 
+    def _on_loop(self) -> bool:
+        """Called from the node's own event loop (it must not wait on itself)."""
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
     def _run(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
@@ -158,6 +165,9 @@ class PeerFiles:
             found = await asyncio.gather(*(ask(n, c) for n, c in channels.items()))
             return [h for h in found if h is not None]
 
+        if self._on_loop():
+            ask_all().close()
+            return []  # a download on the event loop's thread (none should be) goes to the hub
         try:
             return self._run(ask_all(), HAVE_TIMEOUT + 5)
         except Exception as exc:
