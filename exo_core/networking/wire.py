@@ -123,6 +123,7 @@ def step_to_pb(step: StepMessage) -> pb.StepRequest:
         start_pos=step.start_pos,
         replayed=step.replayed,
         reuse_from=step.reuse_from,
+        more=step.more,
     )
     if step.constraint is not None:
         msg.constraint = step.constraint
@@ -179,6 +180,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
         deliver=token_from_pb(msg.deliver) if msg.HasField("deliver") else None,
         constraint=msg.constraint if msg.HasField("constraint") else None,
         reuse_from=msg.reuse_from,
+        more=msg.more,
     )
 
 

@@ -54,6 +54,9 @@ class StepMessage:
     # Prefix reuse: the first step of an attempt starts this request's cache with the first
     # `start_pos` positions of this finished request's cache (request_id#attempt), kept by every stage.
     reuse_from: str = ""
+    # Pipelined prefill: this is a chunk of a long step and more of it follows (the last stage
+    # caches it and samples nothing yet).
+    more: bool = False
 
     @property
     def stage(self) -> PlanStage:

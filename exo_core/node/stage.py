@@ -15,7 +15,9 @@ Failures stay with their request: every step is checked by the engine (`check_st
 joins a batch, so a malformed one fails alone; NaN logits fail their request with a clear
 error; an exception in a background task is logged and fails its request. A long step (a
 prompt) runs in slices of `STEP_SLICE` positions, each slice its own forward with other
-requests' steps between them, so a prefill shows progress: while a request's step waits or
+requests' steps between them, so a prefill shows progress; a middle stage sends each slice on
+as soon as it is computed (a chunk, `more` set on all but the last), so the next stage computes
+chunk k while this one computes chunk k+1 (pipelined prefill). While a request's step waits or
 computes, and the engine is not stuck, its health says QUEUED (busy, not failed). An engine
 that spends more than `step_timeout` on one forward is stuck: the stage reports it as failed to
 the origin of every request it holds, which re-plans without this node. A worker that dies
@@ -77,11 +79,10 @@ class _StageRequest:
 @dataclass
 class _Work:
     """A step for the engine worker; `done` of its positions are computed already (a long
-    step runs in slices), their hidden states in `parts`."""
+    step runs in slices, each sent on by itself)."""
 
     msg: StepMessage
     done: int = 0
-    parts: list[np.ndarray] = field(default_factory=list)
 
     def slice(self) -> tuple[np.ndarray | None, np.ndarray | None, int]:
         """The next slice's tokens, hidden states and start position."""
@@ -285,12 +286,27 @@ class Stage:
             batch = [await self._work.get()]
             while not self._work.empty():
                 batch.append(self._work.get_nowait())
+            batch = self._one_per_request(batch)
             try:
                 await self._run_batch(batch)
             except Exception as exc:  # a bug: fail these requests, keep serving the others
                 log.exception("engine worker failed a batch")
                 for work in batch:
                     await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
+
+    def _one_per_request(self, batch: list[_Work]) -> list[_Work]:
+        """At most one step per request in a batch: the one that starts earliest (the chunks of a
+        long step arrive one after another); the others go back in the queue, in order."""
+        first: dict[str, _Work] = {}
+        for work in batch:
+            held = first.get(work.msg.request_id)
+            if held is None or work.msg.start_pos + work.done < held.msg.start_pos + held.done:
+                first[work.msg.request_id] = work
+        chosen = {id(work) for work in first.values()}
+        for work in batch:
+            if id(work) not in chosen:
+                self._work.put_nowait(work)
+        return [work for work in batch if id(work) in chosen]
 
     async def _run_batch(self, batch: list[_Work]) -> None:
         live = []
@@ -385,14 +401,25 @@ class Stage:
             self._forward_since, self._computing = None, []
         for (work, item), out in zip(runnable, outputs, strict=True):
             work.done += item.length
-            if work.done < work.msg.length:  # more slices to go: back in the queue, behind the others
-                if out.hidden is not None and not shard.is_last:
-                    work.parts.append(out.hidden)
+            more = work.done < work.msg.length
+            if more:  # more slices to go: back in the queue, behind the others
                 self._work.put_nowait(work)
+            elif work.done == item.length:  # a step in one slice goes on as it came
+                self._spawn(self._after_forward(work.msg, out), work.msg)
                 continue
-            if work.parts and out.hidden is not None:
-                out = replace(out, hidden=np.concatenate([*work.parts, out.hidden]))
-            self._spawn(self._after_forward(work.msg, out), work.msg)
+            if more and shard.is_last:
+                continue  # its cache is filled; only the step's last position is sampled
+            # Pipelined prefill: each slice of a long step goes on as a chunk of its own as soon
+            # as it is computed, so the next stage works on it while this one computes the next
+            # (and no message grows with the prompt).
+            chunk = replace(
+                work.msg,
+                start_pos=item.start_pos,
+                tokens=item.tokens,
+                hidden=item.hidden,
+                more=more or work.msg.more,
+            )
+            self._spawn(self._after_forward(chunk, out, last_chunk=not more), work.msg)
 
     def _stage_input(self, work: _Work) -> StageInput:
         """The engine's view of (the next slice of) a step; a text engine also gets the request."""
@@ -431,13 +458,16 @@ class Stage:
 
     # ---- steps and tokens out ----------------------------------------------------------------
 
-    async def _after_forward(self, msg: StepMessage, out: StageOutput) -> None:
-        self._step_done(msg)
+    async def _after_forward(self, msg: StepMessage, out: StageOutput, last_chunk: bool = True) -> None:
+        if last_chunk:  # the received step is done (a slice before its last is not)
+            self._step_done(msg)
         if not self._is_current(msg):
             # Released while we computed: the forward may have re-created the cache it freed.
             self.kept.discard(msg.cache_key)
             await self.engine.release(msg.cache_key)
             return
+        if msg.more and msg.stage_index + 1 == len(msg.plan):
+            return  # a chunk of a long step: cached; the step's last chunk is the one sampled
         if msg.stage_index + 1 < len(msg.plan):
             if out.hidden is None:
                 await self._send_error(msg, f"{self.engine.name} returned no hidden states")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12node_service.proto\x12\x0b\x65xo.node.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x10\n\x08n_layers\x18\x04 \x01(\x05\"?\n\tPlanStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12!\n\x05shard\x18\x02 \x01(\x0b\x32\x12.exo.node.v1.Shard\"\xc0\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x19\n\x0ctop_logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0f\n\r_top_logprobs\"\xd3\x03\n\x0bStepRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12$\n\x04plan\x18\x04 \x03(\x0b\x32\x16.exo.node.v1.PlanStage\x12\x13\n\x0bstage_index\x18\x05 \x01(\x05\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.exo.node.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x03\x12\x0c\n\x04step\x18\t \x01(\x05\x12\x11\n\tstart_pos\x18\n \x01(\x03\x12#\n\x06tokens\x18\x0b \x01(\x0b\x32\x13.exo.node.v1.Tensor\x12#\n\x06hidden\x18\x0c \x01(\x0b\x32\x13.exo.node.v1.Tensor\x12\x15\n\rmessages_json\x18\r \x01(\t\x12\x10\n\x08replayed\x18\x0e \x03(\x03\x12*\n\x07\x64\x65liver\x18\x0f \x01(\x0b\x32\x19.exo.node.v1.TokenRequest\x12\x17\n\nconstraint\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nreuse_from\x18\x11 \x01(\tB\r\n\x0b_constraint\"\x0b\n\tStepReply\"1\n\x0fTokenTopLogprob\x12\r\n\x05token\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xcc\x01\n\x0cTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x03\x12\x14\n\x07logprob\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x32\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1c.exo.node.v1.TokenTopLogprob\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\tB\n\n\x08_logprob\"\x1c\n\nTokenReply\x12\x0e\n\x06wanted\x18\x01 \x01(\x08\"V\n\x0e\x46\x61ilureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x0e\n\x0c\x46\x61ilureReply\"I\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rup_to_attempt\x18\x02 \x01(\x05\x12\x0c\n\x04keep\x18\x03 \x01(\x08\"\x0e\n\x0cReleaseReply\"4\n\rHealthRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\\\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x30\n\rrequest_state\x18\x03 \x01(\x0e\x32\x19.exo.node.v1.RequestState\"1\n\x05\x46lops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"d\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x03\x12!\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x12.exo.node.v1.Flops\"\xc5\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x35\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1f.exo.node.v1.DeviceCapabilities\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x19\n\x11supports_sharding\x18\x06 \x01(\x08\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x08 \x01(\x05\"\x11\n\x0fNodeInfoRequest\"\x80\x02\n\x15TextGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmessages_json\x18\x03 \x01(\t\x12\x13\n\x06prompt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.exo.node.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nextra_json\x18\x08 \x01(\t\x12\x11\n\tdelivered\x18\t \x01(\tB\t\n\x07_promptB\r\n\x0b_max_tokens\"\xcd\x01\n\x0eTextDeltaReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bunavailable\x18\x06 \x01(\x08\x12\x0e\n\x06status\x18\x07 \x01(\x05\x42\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokens*a\n\x0cRequestState\x12\x13\n\x0fREQUEST_UNKNOWN\x10\x00\x12\x12\n\x0eREQUEST_ACTIVE\x10\x01\x12\x14\n\x10REQUEST_RELEASED\x10\x02\x12\x12\n\x0eREQUEST_QUEUED\x10\x03\x32\xef\x03\n\x0bNodeService\x12<\n\x08SendStep\x12\x18.exo.node.v1.StepRequest\x1a\x16.exo.node.v1.StepReply\x12?\n\tSendToken\x12\x19.exo.node.v1.TokenRequest\x1a\x17.exo.node.v1.TokenReply\x12G\n\rReportFailure\x12\x1b.exo.node.v1.FailureRequest\x1a\x19.exo.node.v1.FailureReply\x12\x41\n\x07Release\x12\x1b.exo.node.v1.ReleaseRequest\x1a\x19.exo.node.v1.ReleaseReply\x12>\n\x06Health\x12\x1a.exo.node.v1.HealthRequest\x1a\x18.exo.node.v1.HealthReply\x12\x42\n\x0bGetNodeInfo\x12\x1c.exo.node.v1.NodeInfoRequest\x1a\x15.exo.node.v1.NodeInfo\x12Q\n\x0cGenerateText\x12\".exo.node.v1.TextGenerationRequest\x1a\x1b.exo.node.v1.TextDeltaReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12node_service.proto\x12\x0b\x65xo.node.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x10\n\x08n_layers\x18\x04 \x01(\x05\"?\n\tPlanStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12!\n\x05shard\x18\x02 \x01(\x0b\x32\x12.exo.node.v1.Shard\"\xc0\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x19\n\x0ctop_logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0f\n\r_top_logprobs\"\xe1\x03\n\x0bStepRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12$\n\x04plan\x18\x04 \x03(\x0b\x32\x16.exo.node.v1.PlanStage\x12\x13\n\x0bstage_index\x18\x05 \x01(\x05\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.exo.node.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x03\x12\x0c\n\x04step\x18\t \x01(\x05\x12\x11\n\tstart_pos\x18\n \x01(\x03\x12#\n\x06tokens\x18\x0b \x01(\x0b\x32\x13.exo.node.v1.Tensor\x12#\n\x06hidden\x18\x0c \x01(\x0b\x32\x13.exo.node.v1.Tensor\x12\x15\n\rmessages_json\x18\r \x01(\t\x12\x10\n\x08replayed\x18\x0e \x03(\x03\x12*\n\x07\x64\x65liver\x18\x0f \x01(\x0b\x32\x19.exo.node.v1.TokenRequest\x12\x17\n\nconstraint\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nreuse_from\x18\x11 \x01(\t\x12\x0c\n\x04more\x18\x12 \x01(\x08\x42\r\n\x0b_constraint\"\x0b\n\tStepReply\"1\n\x0fTokenTopLogprob\x12\r\n\x05token\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xcc\x01\n\x0cTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x03\x12\x14\n\x07logprob\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x32\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1c.exo.node.v1.TokenTopLogprob\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\tB\n\n\x08_logprob\"\x1c\n\nTokenReply\x12\x0e\n\x06wanted\x18\x01 \x01(\x08\"V\n\x0e\x46\x61ilureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x0e\n\x0c\x46\x61ilureReply\"I\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rup_to_attempt\x18\x02 \x01(\x05\x12\x0c\n\x04keep\x18\x03 \x01(\x08\"\x0e\n\x0cReleaseReply\"4\n\rHealthRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\\\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x30\n\rrequest_state\x18\x03 \x01(\x0e\x32\x19.exo.node.v1.RequestState\"1\n\x05\x46lops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"d\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x03\x12!\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x12.exo.node.v1.Flops\"\xc5\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x35\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1f.exo.node.v1.DeviceCapabilities\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x19\n\x11supports_sharding\x18\x06 \x01(\x08\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x08 \x01(\x05\"\x11\n\x0fNodeInfoRequest\"\x80\x02\n\x15TextGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmessages_json\x18\x03 \x01(\t\x12\x13\n\x06prompt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.exo.node.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nextra_json\x18\x08 \x01(\t\x12\x11\n\tdelivered\x18\t \x01(\tB\t\n\x07_promptB\r\n\x0b_max_tokens\"\xcd\x01\n\x0eTextDeltaReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bunavailable\x18\x06 \x01(\x08\x12\x0e\n\x06status\x18\x07 \x01(\x05\x42\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokens*a\n\x0cRequestState\x12\x13\n\x0fREQUEST_UNKNOWN\x10\x00\x12\x12\n\x0eREQUEST_ACTIVE\x10\x01\x12\x14\n\x10REQUEST_RELEASED\x10\x02\x12\x12\n\x0eREQUEST_QUEUED\x10\x03\x32\xef\x03\n\x0bNodeService\x12<\n\x08SendStep\x12\x18.exo.node.v1.StepRequest\x1a\x16.exo.node.v1.StepReply\x12?\n\tSendToken\x12\x19.exo.node.v1.TokenRequest\x1a\x17.exo.node.v1.TokenReply\x12G\n\rReportFailure\x12\x1b.exo.node.v1.FailureRequest\x1a\x19.exo.node.v1.FailureReply\x12\x41\n\x07Release\x12\x1b.exo.node.v1.ReleaseRequest\x1a\x19.exo.node.v1.ReleaseReply\x12>\n\x06Health\x12\x1a.exo.node.v1.HealthRequest\x1a\x18.exo.node.v1.HealthReply\x12\x42\n\x0bGetNodeInfo\x12\x1c.exo.node.v1.NodeInfoRequest\x1a\x15.exo.node.v1.NodeInfo\x12Q\n\x0cGenerateText\x12\".exo.node.v1.TextGenerationRequest\x1a\x1b.exo.node.v1.TextDeltaReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'node_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATE']._serialized_start=2387
-  _globals['_REQUESTSTATE']._serialized_end=2484
+  _globals['_REQUESTSTATE']._serialized_start=2401
+  _globals['_REQUESTSTATE']._serialized_end=2498
   _globals['_TENSOR']._serialized_start=35
   _globals['_TENSOR']._serialized_end=87
   _globals['_SHARD']._serialized_start=89
@@ -42,39 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=240
   _globals['_SAMPLINGPARAMS']._serialized_end=432
   _globals['_STEPREQUEST']._serialized_start=435
-  _globals['_STEPREQUEST']._serialized_end=902
-  _globals['_STEPREPLY']._serialized_start=904
-  _globals['_STEPREPLY']._serialized_end=915
-  _globals['_TOKENTOPLOGPROB']._serialized_start=917
-  _globals['_TOKENTOPLOGPROB']._serialized_end=966
-  _globals['_TOKENREQUEST']._serialized_start=969
-  _globals['_TOKENREQUEST']._serialized_end=1173
-  _globals['_TOKENREPLY']._serialized_start=1175
-  _globals['_TOKENREPLY']._serialized_end=1203
-  _globals['_FAILUREREQUEST']._serialized_start=1205
-  _globals['_FAILUREREQUEST']._serialized_end=1291
-  _globals['_FAILUREREPLY']._serialized_start=1293
-  _globals['_FAILUREREPLY']._serialized_end=1307
-  _globals['_RELEASEREQUEST']._serialized_start=1309
-  _globals['_RELEASEREQUEST']._serialized_end=1382
-  _globals['_RELEASEREPLY']._serialized_start=1384
-  _globals['_RELEASEREPLY']._serialized_end=1398
-  _globals['_HEALTHREQUEST']._serialized_start=1400
-  _globals['_HEALTHREQUEST']._serialized_end=1452
-  _globals['_HEALTHREPLY']._serialized_start=1454
-  _globals['_HEALTHREPLY']._serialized_end=1546
-  _globals['_FLOPS']._serialized_start=1548
-  _globals['_FLOPS']._serialized_end=1597
-  _globals['_DEVICECAPABILITIES']._serialized_start=1599
-  _globals['_DEVICECAPABILITIES']._serialized_end=1699
-  _globals['_NODEINFO']._serialized_start=1702
-  _globals['_NODEINFO']._serialized_end=1899
-  _globals['_NODEINFOREQUEST']._serialized_start=1901
-  _globals['_NODEINFOREQUEST']._serialized_end=1918
-  _globals['_TEXTGENERATIONREQUEST']._serialized_start=1921
-  _globals['_TEXTGENERATIONREQUEST']._serialized_end=2177
-  _globals['_TEXTDELTAREPLY']._serialized_start=2180
-  _globals['_TEXTDELTAREPLY']._serialized_end=2385
-  _globals['_NODESERVICE']._serialized_start=2487
-  _globals['_NODESERVICE']._serialized_end=2982
+  _globals['_STEPREQUEST']._serialized_end=916
+  _globals['_STEPREPLY']._serialized_start=918
+  _globals['_STEPREPLY']._serialized_end=929
+  _globals['_TOKENTOPLOGPROB']._serialized_start=931
+  _globals['_TOKENTOPLOGPROB']._serialized_end=980
+  _globals['_TOKENREQUEST']._serialized_start=983
+  _globals['_TOKENREQUEST']._serialized_end=1187
+  _globals['_TOKENREPLY']._serialized_start=1189
+  _globals['_TOKENREPLY']._serialized_end=1217
+  _globals['_FAILUREREQUEST']._serialized_start=1219
+  _globals['_FAILUREREQUEST']._serialized_end=1305
+  _globals['_FAILUREREPLY']._serialized_start=1307
+  _globals['_FAILUREREPLY']._serialized_end=1321
+  _globals['_RELEASEREQUEST']._serialized_start=1323
+  _globals['_RELEASEREQUEST']._serialized_end=1396
+  _globals['_RELEASEREPLY']._serialized_start=1398
+  _globals['_RELEASEREPLY']._serialized_end=1412
+  _globals['_HEALTHREQUEST']._serialized_start=1414
+  _globals['_HEALTHREQUEST']._serialized_end=1466
+  _globals['_HEALTHREPLY']._serialized_start=1468
+  _globals['_HEALTHREPLY']._serialized_end=1560
+  _globals['_FLOPS']._serialized_start=1562
+  _globals['_FLOPS']._serialized_end=1611
+  _globals['_DEVICECAPABILITIES']._serialized_start=1613
+  _globals['_DEVICECAPABILITIES']._serialized_end=1713
+  _globals['_NODEINFO']._serialized_start=1716
+  _globals['_NODEINFO']._serialized_end=1913
+  _globals['_NODEINFOREQUEST']._serialized_start=1915
+  _globals['_NODEINFOREQUEST']._serialized_end=1932
+  _globals['_TEXTGENERATIONREQUEST']._serialized_start=1935
+  _globals['_TEXTGENERATIONREQUEST']._serialized_end=2191
+  _globals['_TEXTDELTAREPLY']._serialized_start=2194
+  _globals['_TEXTDELTAREPLY']._serialized_end=2399
+  _globals['_NODESERVICE']._serialized_start=2501
+  _globals['_NODESERVICE']._serialized_end=2996
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "origin", "plan", "stage_index", "sampling", "max_tokens", "eos_token_ids", "step", "start_pos", "tokens", "hidden", "messages_json", "replayed", "deliver", "constraint", "reuse_from")
+    __slots__ = ("request_id", "attempt", "origin", "plan", "stage_index", "sampling", "max_tokens", "eos_token_ids", "step", "start_pos", "tokens", "hidden", "messages_json", "replayed", "deliver", "constraint", "reuse_from", "more")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class StepRequest(_message.Message):
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     REUSE_FROM_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     origin: str
@@ -102,7 +103,8 @@ class StepRequest(_message.Message):
     deliver: TokenRequest
     constraint: str
     reuse_from: str
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., origin: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., stage_index: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., messages_json: _Optional[str] = ..., replayed: _Optional[_Iterable[int]] = ..., deliver: _Optional[_Union[TokenRequest, _Mapping]] = ..., constraint: _Optional[str] = ..., reuse_from: _Optional[str] = ...) -> None: ...
+    more: bool
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., origin: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., stage_index: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., messages_json: _Optional[str] = ..., replayed: _Optional[_Iterable[int]] = ..., deliver: _Optional[_Union[TokenRequest, _Mapping]] = ..., constraint: _Optional[str] = ..., reuse_from: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ()
