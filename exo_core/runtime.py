@@ -272,6 +272,12 @@ class Runtime:
         self.discovery = discovery_cls(context)
         await self.discovery.start()
         await self.peer_tracker.start()
+        from exo_core.models.download import set_peer_source
+        from exo_core.networking.file_transfer import PeerFiles, Prefetcher, node_channels
+
+        # downloads ask the peers for a model's bytes before the hub
+        set_peer_source(PeerFiles(node_channels(node), asyncio.get_running_loop()))
+        node.origin.on_plan = Prefetcher(node).plan_made  # downloads start when a plan names a node
 
     def _cluster_key(self) -> Any:
         """The key given (saved as this machine's from now on), or the stored one, or a new one."""
@@ -330,6 +336,9 @@ class Runtime:
                 await discovery.stop()
         tracker, self.peer_tracker = self.peer_tracker, None
         if tracker is not None:
+            from exo_core.models.download import set_peer_source
+
+            set_peer_source(None)
             with contextlib.suppress(Exception):
                 await tracker.stop()
         server, self.server = self.server, None

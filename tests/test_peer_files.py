@@ -252,6 +252,10 @@ def test_two_nodes_fetch_only_their_ranges_from_the_hub_and_answer_like_the_whol
             assert sorted(s.layer_count for s in shards.values()) == [15, 15]
             answer = cluster.chat("a", messages, max_tokens=8, model="smol-hub")
             assert answer == cluster.chat("a", messages, max_tokens=8, model="smollm2-135m")
+            started = {n: cluster.get(n, "/v1/downloads")[1]["data"][-1]["started"] for n in shards}
+            # downloads start when the plan names the nodes: b did not wait for its first step
+            # (which comes after a has downloaded, loaded and run the prompt through its layers)
+            assert abs(started["b"] - started["a"]) < 1.0, started
         needed = {n: shard_ranges(whole, s) for n, s in shards.items()}
         everything = [r for ranges in needed.values() for r in ranges]
         asked = [

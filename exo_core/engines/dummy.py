@@ -55,6 +55,7 @@ class DummyEngine(InferenceEngine):
     name = "dummy"
     supports_sharding = True
     source_kinds = ("gguf", "safetensors", "mlx", "rkllm")
+    downloads_weights = False  # it reads only the tokenizer: planning it a shard downloads nothing
     cli_options = (
         click.Option(
             ["--dummy-delay-ms"],

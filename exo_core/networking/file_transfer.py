@@ -9,6 +9,10 @@ messages are JSON requests and raw byte chunks (a generic handler: no .proto to 
   what this node holds of that file (a whole file is one range; a partial one, its manifest's).
 - `Read {"source", "start", "end"}` -> a stream of chunks of bytes [start, end), refused
   (`NOT_FOUND`) unless every byte of it is on this node.
+- `Prefetch {"model", "shard"}` -> `{"started": bool}`: start downloading what the shard needs
+  (from peers, then the hub) in the background, so every node a plan names downloads at once,
+  before its first step arrives (`Prefetcher`; the engine's load then finds the bytes there, or
+  waits on the file's lock for the download in progress).
 
 Files are found by their hub source name only, through `exo_core.models.files` (EXO_HOME and
 the seed directories); a request cannot name a path. `PeerFiles` is the client side, used by
@@ -35,6 +39,9 @@ log = structlog.get_logger("exo.files")
 SERVICE = "exo.Files"
 HAVE = f"/{SERVICE}/Have"
 READ = f"/{SERVICE}/Read"
+PREFETCH = f"/{SERVICE}/Prefetch"
+HUB_KINDS = ("gguf", "safetensors", "mlx")  # the source kinds downloads fetch
+PREFETCH_AGAIN_S = 60.0  # a plan repeated within this long does not ask again
 CHUNK = 1 << 20
 HAVE_TIMEOUT = 5.0
 CHUNK_TIMEOUT = 30.0  # a peer silent this long mid-transfer is given up on
@@ -106,11 +113,28 @@ async def _read(request: Any, context: grpc.aio.ServicerContext) -> Any:
             yield chunk
 
 
-def handler() -> grpc.GenericRpcHandler:
-    """The `exo.Files` service, for `server.add_generic_rpc_handlers`."""
+def handler(node: Any = None) -> grpc.GenericRpcHandler:
+    """The `exo.Files` service, for `server.add_generic_rpc_handlers` (Prefetch needs the node)."""
+    prefetcher = Prefetcher(node) if node is not None else None
+
+    async def prefetch(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if prefetcher is None or not isinstance(request, dict):
+            return {"started": False}
+        try:
+            from exo_core.models.shard import Shard
+
+            model, shard = str(request["model"]), Shard.from_dict(request["shard"])
+        except (KeyError, TypeError, ValueError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Prefetch needs model and shard")
+            return {"started": False}
+        return {"started": prefetcher.local(model, shard)}
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
+            "Prefetch": grpc.unary_unary_rpc_method_handler(
+                prefetch, request_deserializer=_loads, response_serializer=_dumps
+            ),
             "Have": grpc.unary_unary_rpc_method_handler(
                 _have, request_deserializer=_loads, response_serializer=_dumps
             ),
@@ -210,6 +234,80 @@ class PeerFiles:
                 chunks.get_nowait()
 
 
+def prefetch_kinds(engine: Any) -> list[str]:
+    """The source kinds an engine's loads download (none for engines that read no weights:
+    text engines, and any that set `downloads_weights = False`, like the dummy engine)."""
+    if not getattr(engine, "downloads_weights", not getattr(engine, "works_on_text", False)):
+        return []
+    return [kind for kind in getattr(engine, "source_kinds", ()) if kind in HUB_KINDS]
+
+
+class Prefetcher:
+    """Downloads start when a plan names a node: on the origin, `plan_made` starts this node's
+    shard downloading and asks every other node of the plan to start its own."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self._running: dict[tuple[str, Any], asyncio.Task[None]] = {}
+        self._asked: dict[tuple[str, Any], float] = {}
+
+    def local(self, model_id: str, shard: Any) -> bool:
+        """Start downloading what `shard` needs on this node (once at a time); whether it did."""
+        card = self.node.models.get(model_id)
+        kinds = prefetch_kinds(self.node.engine)
+        offered = [k for k in kinds if card is not None and k in card.sources]
+        key = (model_id, shard)
+        if not offered or key in self._running or shard in getattr(self.node.engine, "loaded_shards", ()):
+            return False
+        self._track(
+            key, asyncio.get_running_loop().create_task(asyncio.to_thread(_download, card, shard, offered))
+        )
+        return True
+
+    def _track(self, key: tuple[str, Any], task: asyncio.Task[None]) -> None:
+        self._running[key] = task
+        task.add_done_callback(lambda _: self._running.pop(key, None))
+
+    def plan_made(self, card: Any, plan: Any) -> None:
+        """Called by the origin with each plan it makes (on the event loop)."""
+        import time
+
+        now = time.monotonic()
+        for stage in plan:
+            key = (stage.node_id, stage.shard)
+            if now - self._asked.get(key, -PREFETCH_AGAIN_S) < PREFETCH_AGAIN_S:
+                continue
+            self._asked[key] = now
+            if stage.node_id == self.node.node_id:
+                self.local(card.id, stage.shard)
+                continue
+            peer = self.node.peers.get(stage.node_id)
+            channel = getattr(getattr(peer, "client", None), "channel", None)
+            if channel is not None:
+                self._track(
+                    key, asyncio.get_running_loop().create_task(_ask_prefetch(channel, card.id, stage))
+                )
+        if len(self._asked) > 1024:
+            self._asked = {k: t for k, t in self._asked.items() if now - t < PREFETCH_AGAIN_S}
+
+
+def _download(card: Any, shard: Any, kinds: list[str]) -> None:
+    from exo_core.models.files import shard_checkpoint
+
+    try:
+        shard_checkpoint(card, shard, kinds)
+    except Exception as exc:  # the stage's load reports it to the request; here it is a note
+        log.info("download ahead of the first step failed", shard=str(shard), error=str(exc))
+
+
+async def _ask_prefetch(channel: grpc.aio.Channel, model_id: str, stage: Any) -> None:
+    call = channel.unary_unary(PREFETCH, request_serializer=_dumps, response_deserializer=_loads)
+    try:
+        await call({"model": model_id, "shard": stage.shard.to_dict()}, timeout=HAVE_TIMEOUT)
+    except Exception as exc:  # an older peer, or one going away: its first step loads as before
+        log.debug("peer did not take the prefetch", peer=stage.node_id, error=str(exc))
+
+
 def node_channels(node: Any) -> Callable[[], dict[str, grpc.aio.Channel]]:
     """The channels of a node's peers (those reached over gRPC), looked up when called."""
 
@@ -224,4 +322,16 @@ def node_channels(node: Any) -> Callable[[], dict[str, grpc.aio.Channel]]:
     return channels
 
 
-__all__ = ["HAVE", "READ", "SERVICE", "PeerFiles", "Range", "handler", "local_file", "node_channels"]
+__all__ = [
+    "HAVE",
+    "PREFETCH",
+    "READ",
+    "SERVICE",
+    "PeerFiles",
+    "Prefetcher",
+    "Range",
+    "handler",
+    "local_file",
+    "node_channels",
+    "prefetch_kinds",
+]

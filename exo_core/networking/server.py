@@ -128,7 +128,7 @@ async def serve(
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
-    server.add_generic_rpc_handlers((file_transfer.handler(),))  # model bytes for peers
+    server.add_generic_rpc_handlers((file_transfer.handler(node),))  # model bytes for peers
     lpb_grpc.add_NodeLinkServicer_to_server(LinkServicer(node), server)
     error: RuntimeError | None = None
     try:

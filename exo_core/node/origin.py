@@ -108,6 +108,8 @@ class Origin:
         self.node_id = node_id
         self.partitioner = partitioner
         self.max_context: int | None = None  # --max-context: the KV cache plans are checked for
+        # Told of every plan made, to start each named node's downloads before its first step.
+        self.on_plan: Callable[[ModelCard, tuple[PlanStage, ...]], None] | None = None
         self.step_timeout = step_timeout
         self.max_replans = max_replans
         self.liveness_interval = liveness_interval
@@ -339,6 +341,8 @@ class Origin:
             raise GenerationError(
                 f"{exc} (nodes lost: {', '.join(sorted(state.excluded)) or 'none'})"
             ) from exc
+        if self.on_plan is not None:
+            self.on_plan(request.model, state.plan)
         state.progress_at = time.monotonic()
         state.silent_since.clear()
         state.touched.update(stage.node_id for stage in state.plan)
