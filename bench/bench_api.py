@@ -16,6 +16,18 @@ keeps >= 0.95 of the in-process decode speed, and adds < 5 ms to the time to fir
 
 For scale it also times a bare aiohttp app (on the node's loop) that streams one frame to the
 same client: the part of the overhead that is HTTP on this machine, not exo.
+
+Two more scenarios, on the embedded model (tinygrad by default):
+
+    .venv/bin/python bench/bench_api.py --scenario prefix-cache   # 10th turn's TTFT, cache on / off
+    .venv/bin/python bench/bench_api.py --scenario grammar        # a JSON schema's cost per token
+
+`prefix-cache` runs a ten-turn greedy chat through the streaming API twice per round, once with
+the prefix cache and once without (the same prompts: greedy answers are the same), and reports
+the tenth turn's time to first token of each (target: cached <= 0.3x uncached). `grammar` asks
+for JSON valid against a schema and times the grammar's work per token (llguidance's mask and
+commit, on the answer's own tokens) against the decode time per token (target < 10%), and the
+decode speed with and without the schema.
 """
 
 from __future__ import annotations
@@ -212,6 +224,8 @@ def rate(samples: list[Sample]) -> float:
 
 
 def main() -> int:
+    if "--scenario" in sys.argv:
+        return scenario_main()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--engine",
@@ -318,6 +332,226 @@ def main() -> int:
         )
         print("  targets met" if met else "  TARGET MISSED")
     return 1 if args.check and not met else 0
+
+
+# ---- the prefix cache and the grammar ----------------------------------------------------------
+
+TURNS = [
+    "What is the capital of France? Answer in one word.",
+    "Tell me one thing tourists like to see there.",
+    "And what is the capital of Italy?",
+    "Name a famous dish from that country.",
+    "How is it usually made?",
+    "Which of the two cities is older?",
+    "Give me a short travel tip for visiting both.",
+    "What language do they speak in the second one?",
+    "How do you say thank you in it?",
+    "Summarise our conversation in one sentence.",
+]
+TARGET_PREFIX_RATIO = 0.3
+TARGET_GRAMMAR_SHARE = 0.10
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "country": {"type": "string", "maxLength": 40},
+        "population_millions": {"type": "number"},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 4},
+    },
+    "required": ["city", "country", "population_millions", "landmarks"],
+    "additionalProperties": False,
+}
+
+
+def stream_chat(url: str, model: str, messages: list[dict[str, Any]], max_tokens: int, **extra: Any):
+    """(time to first token, answer, usage) of one streamed chat completion."""
+    body = {
+        "model": model,
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+    conn = connect(url, timeout=600)
+    try:
+        start = time.perf_counter()
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        first, text, usage, last = None, [], {}, start
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            frame = json.loads(line[6:])
+            if frame.get("usage"):
+                usage = frame["usage"]
+            for choice in frame.get("choices", []):
+                piece = choice["delta"].get("content")
+                if piece:
+                    last = time.perf_counter()
+                    if first is None:
+                        first = last
+                    text.append(piece)
+        assert first is not None, "no answer"
+        return first - start, "".join(text), usage, last - first
+    finally:
+        conn.close()
+
+
+def conversation(url: str, model: str, max_tokens: int) -> tuple[list[float], list[str], list[int]]:
+    messages: list[dict[str, Any]] = []
+    ttfts, answers, cached = [], [], []
+    for question in TURNS:
+        messages.append({"role": "user", "content": question})
+        ttft, text, usage, _ = stream_chat(url, model, messages, max_tokens)
+        messages.append({"role": "assistant", "content": text})
+        ttfts.append(ttft)
+        answers.append(text)
+        cached.append(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
+    return ttfts, answers, cached
+
+
+async def _reset_prefix_cache(node: BackgroundNode, on: bool) -> None:
+    from exo_core.node.prefix_cache import DEFAULT_BUDGET_BYTES, PrefixIndex
+
+    assert node.runtime is not None and node.runtime.node is not None
+    core = node.runtime.node
+    core.origin.prefixes = PrefixIndex()
+    await core.stage.kept.clear()
+    core.stage.kept.budget_bytes = DEFAULT_BUDGET_BYTES if on else 0
+
+
+def bench_prefix_cache(node: BackgroundNode, args: argparse.Namespace) -> dict[str, Any]:
+    conversation(node.url, args.model, args.max_tokens)  # warm: graphs captured, tokenizer loaded
+    on_ttft, off_ttft, same = [], [], True
+    cached_tokens: list[int] = []
+    prompt_tokens = 0
+    for _ in range(args.rounds):
+        node.call(_reset_prefix_cache(node, on=True))
+        ttfts, answers, cached = conversation(node.url, args.model, args.max_tokens)
+        on_ttft.append(ttfts[-1])
+        cached_tokens = cached
+        node.call(_reset_prefix_cache(node, on=False))
+        ttfts_off, answers_off, _ = conversation(node.url, args.model, args.max_tokens)
+        off_ttft.append(ttfts_off[-1])
+        same = same and answers == answers_off
+        messages = [
+            m
+            for q, a in zip(TURNS, answers, strict=True)
+            for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+        ][:-1]
+        prompt_tokens = stream_chat(node.url, args.model, messages, 1)[2]["prompt_tokens"]
+    node.call(_reset_prefix_cache(node, on=True))
+    ratio = statistics.median(on_ttft) / statistics.median(off_ttft)
+    return {
+        "scenario": "prefix-cache",
+        "engine": args.engine,
+        "model": args.model,
+        "rounds": args.rounds,
+        "turn10_prompt_tokens": prompt_tokens,
+        "turn10_cached_tokens": cached_tokens[-1],
+        "cached_tokens_per_turn": cached_tokens,
+        "turn10_ttft_ms_cached": round(1000 * statistics.median(on_ttft), 1),
+        "turn10_ttft_ms_uncached": round(1000 * statistics.median(off_ttft), 1),
+        "ratio": round(ratio, 3),
+        "same_answers": same,
+        "targets_met": ratio <= TARGET_PREFIX_RATIO and same,
+    }
+
+
+def bench_grammar(node: BackgroundNode, args: argparse.Namespace) -> dict[str, Any]:
+    from exo_core.models.tokenizer import load_tokenizer
+    from exo_core.node.constraints import Constraint, json_schema_grammar, ll_tokenizer
+
+    assert node.runtime is not None
+    card = node.runtime.registry.models[args.model]
+    tokenizer = load_tokenizer(card)
+    ll_tokenizer(tokenizer)
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+    ask = [{"role": "user", "content": "Describe Paris as JSON."}]
+    stream_chat(node.url, args.model, ask, args.max_tokens, response_format=fmt)  # warm
+    stream_chat(node.url, args.model, ask, args.max_tokens)
+    constrained, free, grammar_s, tokens = [], [], [], 0
+    answer = ""
+    for _ in range(args.rounds):
+        _, answer, usage, decode_s = stream_chat(
+            node.url, args.model, ask, args.max_tokens, response_format=fmt
+        )
+        constrained.append((usage["completion_tokens"], decode_s))
+        _, _, usage_free, decode_free = stream_chat(node.url, args.model, ask, args.max_tokens)
+        free.append((usage_free["completion_tokens"], decode_free))
+        # The grammar's own work for this answer, as the last stage does it: mask, then commit.
+        ids = tokenizer.encode(answer)
+        start = time.perf_counter()
+        constraint = Constraint(json_schema_grammar(SCHEMA), tokenizer)
+        build = time.perf_counter() - start
+        start = time.perf_counter()
+        for token in ids:
+            constraint.allowed()
+            constraint.consume(token)
+        constraint.allowed()  # the last mask: only end of turn
+        grammar_s.append(((time.perf_counter() - start) / (len(ids) + 1), build))
+        tokens = len(ids)
+    json.loads(answer)  # the answer is JSON (the API test checks it against the schema)
+    per_token = statistics.median(g for g, _ in grammar_s)
+    decode = statistics.median(s / max(n - 1, 1) for n, s in constrained)
+    decode_free = statistics.median(s / max(n - 1, 1) for n, s in free)
+    return {
+        "scenario": "grammar",
+        "engine": args.engine,
+        "model": args.model,
+        "rounds": args.rounds,
+        "answer_tokens": tokens,
+        "grammar_ms_per_token": round(1000 * per_token, 3),
+        "grammar_build_ms": round(1000 * statistics.median(b for _, b in grammar_s), 3),
+        "decode_ms_per_token_with_schema": round(1000 * decode, 3),
+        "decode_ms_per_token_without": round(1000 * decode_free, 3),
+        "grammar_share_of_decode": round(per_token / decode, 4),
+        "targets_met": per_token / decode < TARGET_GRAMMAR_SHARE,
+    }
+
+
+def scenario_main() -> int:
+    parser = argparse.ArgumentParser(description="bench_api scenarios: prefix-cache, grammar")
+    parser.add_argument("--scenario", choices=["prefix-cache", "grammar"], required=True)
+    parser.add_argument("--engine", default="tinygrad")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="default: 32 (prefix-cache), 160 (grammar)"
+    )
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args()
+    if args.max_tokens is None:
+        args.max_tokens = 32 if args.scenario == "prefix-cache" else 160
+    configure_logging("console", "warning")
+    config = NodeConfig(
+        model=args.model,
+        engine=args.engine,
+        api_host="127.0.0.1",
+        api_port=0,
+        node_host="127.0.0.1",
+        discovery="none",
+        node_id="bench",
+    )
+    with BackgroundNode(config, start_timeout=600) as node:
+        run = bench_prefix_cache if args.scenario == "prefix-cache" else bench_grammar
+        result = run(node, args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"  {key:34} {value}")
+        print("  targets met" if result["targets_met"] else "  TARGET MISSED")
+    return 1 if args.check and not result["targets_met"] else 0
 
 
 if __name__ == "__main__":
