@@ -26,6 +26,7 @@ from exo_core.node.sampling import SamplingParams
 from exo_core.node.topology import NodeInfo
 from exo_core.plugins import registry
 from exo_core.runtime import NodeConfig, Runtime
+from exo_core.testing import engine_checks
 from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
 
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -270,3 +271,10 @@ async def test_a_prefill_longer_than_the_step_timeout_is_progress_not_a_failure(
         long = [{"role": "user", "content": "one two three four " * 600}]
         assert await chat(a, long, max_tokens=2) == DUMMY_ANSWER[: len(await chat(a, max_tokens=2))]
         assert a.node.origin.replans_total == 0
+
+
+async def test_the_dummy_engine_holds_shards_side_by_side():
+    card = registry().models["smollm2-135m"]
+    copy = dataclasses.replace(card, id="smollm2-copy", aliases=())
+    engine = DummyEngine()
+    await engine_checks.check_shards_side_by_side(engine, card, [[1, 2, 3], [4, 5]], split=15, other=copy)

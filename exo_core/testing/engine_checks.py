@@ -351,6 +351,52 @@ async def check_cached_requests(
             )
 
 
+async def check_shards_side_by_side(
+    engine: InferenceEngine,
+    model: ModelCard,
+    prompts: Sequence[Sequence[int]],
+    split: int,
+    *,
+    steps: int = 4,
+    other: ModelCard | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> None:
+    """A request running on the whole model keeps its cache while the same engine loads layers
+    0..split-1 (and, with `other`, a second model card) and runs a request there: what a node
+    does when a peer joins mid-answer, or when it serves two models. The first request's greedy
+    tokens and logits equal its run alone, and the engine holds every shard."""
+    whole = _whole(model, None)
+    first_half = Shard(model.id, 0, split - 1, model.n_layers)
+    await engine.load(whole, model)
+    expected = await greedy([(engine, whole)], prompts[0], steps, "side-by-side-alone")
+    running, newcomer = _request_id("side-by-side"), _request_id("newcomer")
+    extra = [(first_half, model)] + ([(_whole(other, None), other)] if other is not None else [])
+    run = Run()
+    try:
+        new, pos = list(prompts[0]), 0
+        for step in range(steps):
+            logits = await _step([(engine, whole)], running, new, pos)
+            pos += len(new)
+            run.logits.append(logits)
+            run.tokens.append(int(np.argmax(logits)))
+            new = [run.tokens[-1]]
+            if step == 0:  # mid-answer: other shards arrive and run requests of their own
+                for shard, card in extra:
+                    await engine.load(shard, card)
+                    await engine.forward(shard, StageInput(newcomer, tokens=_tokens(prompts[1])))
+                    await engine.release(newcomer)
+        held = set(engine.loaded_shards)
+        wanted = {whole, *(shard for shard, _ in extra)}
+        assert wanted <= held, (
+            f"loaded_shards is {sorted(map(str, held))}, expected {sorted(map(str, wanted))}"
+        )
+    finally:
+        await engine.release(running)
+        await engine.release(newcomer)
+    _same_run(expected, run, "a request while other shards loaded and ran next to it", rtol, atol)
+
+
 async def check_start_pos_is_enforced(
     engine: InferenceEngine,
     model: ModelCard,

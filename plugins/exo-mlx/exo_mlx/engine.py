@@ -1,4 +1,10 @@
-"""The exo engine on MLX: one loaded shard, a KV cache per request, compute on one worker thread.
+"""The exo engine on MLX: the shards its requests use, a KV cache per request, compute on one thread.
+
+Several shards are held side by side, each with its own requests' caches (a request planned
+before a peer joined keeps its cache while new requests run on the new range; two models are
+served at once); a shard no request uses is freed only when another needs the memory. Every
+step is checked before it runs (`check_step`: position, width, dtype, length, and room for its
+cache), so a bad step fails with an `EngineError` naming what is wrong and changes nothing.
 
 mlx is imported only inside the worker thread (and by `available()`), never when the plugin
 is imported, so `exo plugins` stays light. All MLX work runs on a single dedicated thread:
@@ -31,6 +37,15 @@ from exo_core.models.shard import Shard
 
 if TYPE_CHECKING:
     from exo_mlx.model import KVCache, ShardModel
+
+
+class _Held:
+    """One loaded shard: its model, its requests' caches, its context limit, where it came from."""
+
+    def __init__(self, shard: Shard, model: ShardModel, limit: int, source: str) -> None:
+        self.shard, self.model, self.limit, self.source = shard, model, limit, source
+        self.caches: dict[str, KVCache] = {}
+
 
 T = TypeVar("T")
 
@@ -90,10 +105,7 @@ class MLXEngine(InferenceEngine):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-mlx")
-        self._shard: Shard | None = None
-        self._model: ShardModel | None = None
-        self._caches: dict[str, KVCache] = {}
-        self._limit: int | None = None
+        self._held: dict[Shard, _Held] = {}  # every shard held, oldest first
         self._waiting: set[str] = set()  # requests whose step is queued for the worker
         self._waiting_lock = threading.Lock()
         self.source: str | None = None  # where the loaded weights came from
@@ -104,7 +116,8 @@ class MLXEngine(InferenceEngine):
     # ---- loading ------------------------------------------------------------------------
 
     async def load(self, shard: Shard, model: ModelCard) -> None:
-        if shard == self._shard:
+        """Hold `shard` next to the shards held already (their requests keep their caches)."""
+        if shard in self._held:
             return
         await self._run(self._load, shard, model)
 
@@ -117,11 +130,10 @@ class MLXEngine(InferenceEngine):
             raise EngineError(
                 f"shard {shard} does not belong to model card {card.id} ({card.n_layers} layers)"
             )
+        if shard in self._held:
+            return
         kind, path = self._find_source(card, shard)
-        # Free the previous shard and its caches before reading the next one.
-        self._model, self._shard = None, None
-        self._caches.clear()
-        mx.clear_cache()
+        self._make_room(path, shard)
         dtype = self._dtype()
         if kind == "gguf":
             model = loader.load_gguf(path, shard, dtype)
@@ -129,8 +141,29 @@ class MLXEngine(InferenceEngine):
             model = loader.load_safetensors(path, shard, dtype)
         mx.clear_cache()  # the buffers of the file's other tensors
         limits = [int(x) for x in (self.options.get("max_context"),) if x]
-        self._limit = limits[0] if limits else model.config.max_context or card.context_length or 4096
-        self._model, self._shard, self.source = model, shard, str(path)
+        limit = limits[0] if limits else model.config.max_context or card.context_length or 4096
+        self._held[shard] = _Held(shard, model, limit, str(path))
+        self.source = str(path)
+
+    def _make_room(self, path: Path, shard: Shard) -> None:
+        """Free shards no request uses, oldest first, while memory for `shard`'s weights is short
+        (a shard with a live request always stays)."""
+        import mlx.core as mx
+        import psutil
+
+        files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+        need = sum(f.stat().st_size for f in files) * shard.layer_count // shard.n_layers
+        for held in list(self._held.values()):
+            if psutil.virtual_memory().available - need >= MEMORY_HEADROOM:
+                return
+            if not held.caches:
+                del self._held[held.shard]
+                mx.clear_cache()
+
+    @property
+    def _model(self) -> ShardModel | None:
+        """The shard loaded last (tests look at its arrays)."""
+        return next(reversed(self._held.values())).model if self._held else None
 
     def _dtype(self):
         import mlx.core as mx
@@ -150,22 +183,66 @@ class MLXEngine(InferenceEngine):
             raise EngineError(f"mlx engine: {exc}") from exc
 
     def context_length(self) -> int | None:
-        return self._limit
+        return min((h.limit for h in self._held.values()), default=None)
 
     @property
     def loaded_shards(self) -> tuple[Shard, ...]:
-        return (self._shard,) if self._shard is not None and self._model is not None else ()
+        return tuple(self._held)
 
     # ---- compute ------------------------------------------------------------------------
 
+    def _held_for(self, shard: Shard) -> _Held:
+        held = self._held.get(shard)
+        if held is None:
+            loaded = ", ".join(str(s) for s in self._held) or "none"
+            raise EngineError(f"mlx engine: shard {shard} is not loaded (loaded: {loaded})")
+        return held
+
+    def check_step(self, shard: Shard, item: StageInput) -> None:
+        """Refuse a step that cannot run as it is, before anything changes."""
+        held = self._held_for(shard)
+        rid, dim = item.request_id, held.model.config.dim
+        if shard.is_first:
+            if item.tokens is None:
+                raise EngineError(f"mlx engine: stage {shard} is the first stage and takes token ids")
+            if item.tokens.ndim != 1 or item.tokens.dtype.kind not in "iu":
+                raise EngineError(
+                    f"mlx engine: request {rid}: token ids must be a 1-D integer array, got "
+                    f"{item.tokens.dtype} {tuple(item.tokens.shape)}"
+                )
+        else:
+            h = item.hidden
+            if h is None or h.ndim != 2 or h.shape[1] != dim or h.dtype.kind != "f":
+                got = "none" if h is None else f"{h.dtype} {tuple(h.shape)}"
+                raise EngineError(f"mlx engine: stage {shard} takes hidden states [T, {dim}], got {got}")
+        if item.length == 0:
+            raise EngineError("mlx engine: a step needs at least one token or hidden state")
+        cache = held.caches.get(rid)
+        at = cache.offset if cache is not None else 0
+        if item.start_pos != at:
+            raise EngineError(
+                f"mlx engine: request {rid}: the step starts at position {item.start_pos}, but its "
+                f"cache on {shard} holds {at} positions"
+            )
+        if at + item.length > held.limit:
+            raise EngineError(
+                f"request {rid} would hold {at + item.length} positions; this node "
+                f"keeps at most {held.limit} per request (--max-context)"
+            )
+        if cache is not None:
+            self._check_memory(held, cache, at + item.length)
+
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
-        if shard != self._shard or self._model is None:
-            raise EngineError(f"mlx engine: shard {shard} is not loaded (loaded: {self._shard})")
+        held = self._held_for(shard)
+        if len({item.request_id for item in items}) != len(items):
+            raise EngineError("mlx engine: a batch holds two steps of the same request")
+        for item in items:  # all of them before any cache changes
+            self.check_step(shard, item)
         ids = [item.request_id for item in items]
         with self._waiting_lock:
             self._waiting.update(ids)
         try:
-            return await self._run(self._forward_batch, list(items))
+            return await self._run(self._forward_batch, held, list(items))
         finally:
             with self._waiting_lock:
                 self._waiting.difference_update(ids)
@@ -174,7 +251,7 @@ class MLXEngine(InferenceEngine):
         """True while the request's step waits for the worker thread (behind other steps)."""
         return request_id in self._waiting
 
-    def _forward_batch(self, items: list[StageInput]) -> list[StageOutput]:
+    def _forward_batch(self, held: _Held, items: list[StageInput]) -> list[StageOutput]:
         with self._waiting_lock:
             self._waiting.difference_update(item.request_id for item in items)
         outputs: dict[int, StageOutput] = {}
@@ -186,18 +263,17 @@ class MLXEngine(InferenceEngine):
                 decode.append(i)
                 seen.add(item.request_id)
         if len(decode) > 1:
-            for i, out in zip(decode, self._run_pass([items[i] for i in decode]), strict=True):
+            for i, out in zip(decode, self._run_pass(held, [items[i] for i in decode]), strict=True):
                 outputs[i] = out
         for i, item in enumerate(items):
             if i not in outputs:
-                outputs[i] = self._run_pass([item])[0]
+                outputs[i] = self._run_pass(held, [item])[0]
         return [outputs[i] for i in range(len(items))]
 
-    def _run_pass(self, items: list[StageInput]) -> list[StageOutput]:
+    def _run_pass(self, held: _Held, items: list[StageInput]) -> list[StageOutput]:
         import mlx.core as mx
 
-        model, shard = self._model, self._shard
-        assert model is not None and shard is not None
+        model, shard = held.model, held.shard
         length = items[0].length
         if length == 0:
             raise EngineError("mlx engine: a step needs at least one token or hidden state")
@@ -210,7 +286,7 @@ class MLXEngine(InferenceEngine):
             if any(h is None or h.ndim != 2 or h.shape[1] != model.config.dim for h in hidden):
                 raise EngineError(f"mlx engine: stage {shard} takes hidden states [T, {model.config.dim}]")
             inputs = mx.array(np.stack([np.asarray(h, dtype=np.float32) for h in hidden]))
-        caches = [self._cache_for(it.request_id, length) for it in items]
+        caches = [self._cache_for(held, it.request_id, length) for it in items]
         result = model(inputs, caches)
         mx.eval(result, *(a for c in caches for a in (*c.keys, *c.values) if a is not None))
         out = np.array(result.astype(mx.float32), copy=True)
@@ -218,29 +294,27 @@ class MLXEngine(InferenceEngine):
             return [StageOutput(logits=row) for row in out]
         return [StageOutput(hidden=h) for h in out]
 
-    def _cache_for(self, request_id: str, new_positions: int) -> KVCache:
-        model, limit = self._model, self._limit
-        assert model is not None and limit is not None
-        cache = self._caches.get(request_id)
+    def _cache_for(self, held: _Held, request_id: str, new_positions: int) -> KVCache:
+        model, limit = held.model, held.limit
+        cache = held.caches.get(request_id)
         if cache is None:
-            cache = self._caches[request_id] = model.new_cache(limit)
+            cache = held.caches[request_id] = model.new_cache(limit)
         if cache.offset + new_positions > limit:
             raise EngineError(
                 f"request {request_id} would hold {cache.offset + new_positions} positions; this node "
                 f"keeps at most {limit} per request (--max-context)"
             )
-        self._check_memory(cache, cache.offset + new_positions)
+        self._check_memory(held, cache, cache.offset + new_positions)
         return cache
 
-    def _check_memory(self, cache: KVCache, positions: int) -> None:
+    def _check_memory(self, held: _Held, cache: KVCache, positions: int) -> None:
         """Fail the request, rather than swap, when its cache must grow and memory is short."""
         import psutil
 
         first = cache.keys[0] if cache.keys else None
         if first is not None and positions <= first.shape[2]:
             return  # fits in what is allocated
-        model = self._model
-        assert model is not None
+        model = held.model
         c = model.config
         capacity = -(-positions // cache.step) * cache.step
         need = 2 * len(model.blocks) * c.n_kv_heads * c.head_dim * model.dtype.size * capacity
@@ -256,19 +330,19 @@ class MLXEngine(InferenceEngine):
         await self._run(self._release, request_id)
 
     def _release(self, request_id: str) -> None:
-        if self._caches.pop(request_id, None) is not None and not self._caches:
+        freed = [h for h in self._held.values() if h.caches.pop(request_id, None) is not None]
+        if freed and not any(h.caches for h in self._held.values()):
             import mlx.core as mx
 
             mx.clear_cache()  # give the freed cache buffers back to the system
 
     def cached_requests(self) -> int:
-        """Requests holding a cache here (for tests and metrics)."""
-        return len(self._caches)
+        """Requests holding a cache here, on every shard held (for tests and metrics)."""
+        return sum(len(h.caches) for h in self._held.values())
 
     async def close(self) -> None:
         def drop() -> None:
-            self._caches.clear()
-            self._model, self._shard = None, None
+            self._held.clear()
 
         await self._run(drop)
         self._worker.shutdown(wait=False)

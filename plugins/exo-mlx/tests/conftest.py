@@ -68,13 +68,17 @@ async def greedy(stages, prompt: list[int], n: int = N_TOKENS, request_id: str =
     """Greedy tokens through a chain of (engine, shard) stages; stops at EOS."""
     tokens: list[int] = []
     step_input = np.asarray(prompt, dtype=np.int64)
+    start_pos = 0
     try:
         while len(tokens) < n:
             hidden = None
             for i, (engine, shard) in enumerate(stages):
                 first = i == 0
                 item = StageInput(
-                    request_id, tokens=step_input if first else None, hidden=None if first else hidden
+                    request_id,
+                    tokens=step_input if first else None,
+                    hidden=None if first else hidden,
+                    start_pos=start_pos,
                 )
                 out = await engine.forward(shard, item)
                 hidden = out.hidden
@@ -82,6 +86,7 @@ async def greedy(stages, prompt: list[int], n: int = N_TOKENS, request_id: str =
             tokens.append(token)
             if token == EOS:
                 break
+            start_pos += len(step_input)
             step_input = np.asarray([token], dtype=np.int64)
     finally:
         for engine, _ in stages:

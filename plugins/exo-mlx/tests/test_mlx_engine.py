@@ -77,10 +77,13 @@ async def test_batched_decode_equals_one_at_a_time(whole):
     for rid, ids in prompts.items():
         await engine.forward(shard, StageInput(rid, tokens=np.asarray(ids)))
         await engine.forward(shard, StageInput(rid + "-ref", tokens=np.asarray(ids)))
-    batch = [StageInput(rid, tokens=np.asarray([30])) for rid in prompts]
+    batch = [StageInput(rid, tokens=np.asarray([30]), start_pos=len(ids)) for rid, ids in prompts.items()]
     batched = await engine.forward_batch(shard, batch)
     for rid, out in zip(prompts, batched, strict=True):
-        alone = await engine.forward(shard, StageInput(rid + "-ref", tokens=np.asarray([30])))
+        start = len(prompts[rid])
+        alone = await engine.forward(
+            shard, StageInput(rid + "-ref", tokens=np.asarray([30]), start_pos=start)
+        )
         np.testing.assert_allclose(out.logits, alone.logits, atol=1e-4)
     for rid in prompts:
         await engine.release(rid)
@@ -95,7 +98,7 @@ async def test_cache_bounded_by_max_context(kit, card):
         assert engine.context_length() == 8
         await engine.forward(shard, StageInput("r", tokens=np.arange(1, 7)))
         with pytest.raises(EngineError, match="at most 8"):
-            await engine.forward(shard, StageInput("r", tokens=np.arange(1, 4)))
+            await engine.forward(shard, StageInput("r", tokens=np.arange(1, 4), start_pos=6))
         await engine.release("r")
         await engine.release("never-seen")  # no error
         assert engine.cached_requests() == 0
