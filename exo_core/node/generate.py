@@ -195,6 +195,7 @@ class Generator:
                     if usage.first_token_s is None:
                         usage.first_token_s = time.perf_counter() - start
                         usage.cached_tokens = tok.cached_tokens
+                        run.first_at = time.perf_counter()  # the ring is measured like a replica
                     usage.completion_tokens += 1
                     usage.elapsed_s = time.perf_counter() - start
                     pending.append(tok)
