@@ -169,11 +169,12 @@ class Origin:
     # ---- whole requests on text ----------------------------------------------------------------
 
     def whole_nodes(self, card: ModelCard, exclude: Set[str] = frozenset()) -> list[NodeInfo]:
-        """Nodes whose engine serves the model whole, on text (`TextEngine`)."""
+        """Nodes whose engine serves the model whole, on text (`TextEngine`). Such a node must
+        list the model: one whose servers offer nothing lists no models, and serves none."""
         return [
             n
             for n in self._cluster()
-            if not n.supports_sharding and n.node_id not in exclude and (not n.models or card.id in n.models)
+            if not n.supports_sharding and n.node_id not in exclude and card.id in n.models
         ]
 
     def route(self, card: ModelCard, *, ring_ok: bool = True) -> str:
