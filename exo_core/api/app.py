@@ -332,7 +332,7 @@ def init(runtime: Runtime) -> web.Application:
             web.post("/v1/completions", completions),
             web.get("/v1/topology", topology),
             *ollama.ROUTES,
-            *downloads.ROUTES,
+            *downloads.routes(state),
         ]
     )
     return app

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from exo_core.api.state import ApiState
 from exo_core.models.progress import TRACKER
 
 
-async def list_downloads(request: web.Request) -> web.Response:
-    """This node's downloads, oldest first: model, repo, file, layers, bytes done of total,
-    status (downloading, done, failed), error, bytes per second."""
-    from exo_core.api.app import STATE  # app imports this module's routes
+def routes(state: ApiState) -> list[web.RouteDef]:
+    """The downloads routes of the API app serving `state`."""
 
-    node = request.app[STATE].node
-    downloads = [d.to_dict() for d in TRACKER.snapshot()]
-    active = sum(1 for d in downloads if d["status"] == "downloading")
-    return web.json_response({"object": "list", "node_id": node.node_id, "active": active, "data": downloads})
+    async def list_downloads(request: web.Request) -> web.Response:
+        """This node's downloads, oldest first: model, repo, file, layers, source, bytes done of
+        total, status (downloading, done, failed), error, bytes per second."""
+        downloads = [d.to_dict() for d in TRACKER.snapshot()]
+        active = sum(1 for d in downloads if d["status"] == "downloading")
+        return web.json_response(
+            {"object": "list", "node_id": state.node.node_id, "active": active, "data": downloads}
+        )
 
-
-ROUTES = [web.get("/v1/downloads", list_downloads)]
+    return [web.get("/v1/downloads", list_downloads)]

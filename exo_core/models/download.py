@@ -43,7 +43,7 @@ from exo_core.models.checkpoint.gguf import (
     read_gguf_header_bytes,
 )
 from exo_core.models.checkpoint.names import ROPE_FREQS, module_name, module_of, shard_modules
-from exo_core.models.files import ModelFilesError, models_dir
+from exo_core.models.paths import ModelFilesError, models_dir
 from exo_core.models.progress import TRACKER, Download
 from exo_core.models.shard import Shard
 

