@@ -278,3 +278,60 @@ async def test_the_dummy_engine_holds_shards_side_by_side():
     copy = dataclasses.replace(card, id="smollm2-copy", aliases=())
     engine = DummyEngine()
     await engine_checks.check_shards_side_by_side(engine, card, [[1, 2, 3], [4, 5]], split=15, other=copy)
+
+
+class _BrokenOrigin(_Recorder):
+    """An origin whose token handler has a bug: it raises on error tokens (not PeerUnavailable)."""
+
+    async def send_token(self, msg: TokenMessage) -> bool:
+        if msg.error is not None:
+            raise RuntimeError("a bug in the origin's token handler")
+        return await super().send_token(msg)
+
+
+class _FailingEngine(DummyEngine):
+    async def forward_batch(self, shard, items):
+        if any(i.request_id.startswith("boom") for i in items):
+            raise RuntimeError("engine bug")
+        return await super().forward_batch(shard, items)
+
+
+async def test_a_dead_engine_worker_is_not_silent():
+    """The worker dies (an exception escaped even its error handling): health says so, the
+    requests it held and every new step are reported failed, so origins re-plan elsewhere."""
+    node = Node("s", _FailingEngine(), dict(registry().models))
+    origin = _BrokenOrigin()
+    node.add_peer(NodeInfo(node_id="o", address="127.0.0.1", port=1), origin)
+    await node.start()
+    try:
+        held = step(node, "held", np.array([1, 2], dtype=np.int64), max_tokens=1)
+        await node.receive_step(held)
+        await until(lambda: origin.tokens.get("held"))
+        await node.receive_step(step(node, "boom", np.array([3], dtype=np.int64)))
+        await until(lambda: node.stage.broken is not None)
+        assert not node.stage.healthy
+        assert node.request_state("held", 0).value == "released"
+        await node.receive_step(step(node, "late", np.array([4], dtype=np.int64)))
+        await until(lambda: any(f.request_id == "late" for f in origin.failures))
+        assert all(f.node_id == "s" for f in origin.failures)
+    finally:
+        await node.stop()
+
+
+async def test_healthcheck_says_unhealthy_while_the_engine_is_stuck():
+    import aiohttp
+
+    from exo_core.testing import node as test_node
+    from exo_core.testing.inprocess import api_url
+
+    async with test_node("dummy", api=True, engine_options={"dummy_hang_after": 0}) as rt:
+        set_step_timeout(rt, 0.3)
+        stuck = asyncio.create_task(chat(rt))
+        await until(lambda: rt.node.stage.stuck_for > 0.3)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(api_url(rt) + "/healthcheck") as resp:
+                body = await resp.json()
+        assert resp.status == 503 and body["status"] == "unhealthy", body
+        assert "no progress" in body["problem"]
+        with pytest.raises(GenerationError):
+            await stuck

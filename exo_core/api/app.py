@@ -273,16 +273,21 @@ async def topology(request: web.Request) -> web.Response:
 async def healthcheck(request: web.Request) -> web.Response:
     state = request.app[STATE]
     node = state.node
-    return web.json_response(
-        {
-            "status": "ok",
-            "node_id": node.node_id,
-            "peers": len(node.peers),
-            "engine": node.engine.name,
-            "version": __version__,
-            "uptime_s": round(time.time() - state.created, 1),
-        }
+    stage = node.stage
+    problem = stage.broken or (
+        None if stage.healthy else f"the engine has made no progress for {stage.stuck_for:.0f} s"
     )
+    body: dict[str, Any] = {
+        "status": "ok" if problem is None else "unhealthy",
+        "node_id": node.node_id,
+        "peers": len(node.peers),
+        "engine": node.engine.name,
+        "version": __version__,
+        "uptime_s": round(time.time() - state.created, 1),
+    }
+    if problem is not None:
+        body["problem"] = problem
+    return web.json_response(body, status=200 if problem is None else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

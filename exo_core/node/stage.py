@@ -131,7 +131,7 @@ class Stage:
             worker, self._worker = self._worker, None
             worker.remove_done_callback(self._worker_ended)
             worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a death is logged already
                 await worker
         for task in list(self._background):
             task.cancel()
