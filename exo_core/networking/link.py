@@ -66,8 +66,8 @@ class LinkSender:
                     call = self._open()
                     try:
                         await call.write(msg)
-                    except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
-                        self._broken(call, exc)
+                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                        self._broken(call, exc)  # the stream ended under us
                 reply = await ack
         except TimeoutError:
             raise PeerTimeout(f"{self._describe}: {kind}: no answer within {timeout:g} s") from None

@@ -1,0 +1,81 @@
+"""The link (one stream per peer) between two nodes in one process over real TLS gRPC: messages
+are acknowledged, bad ones refused with a reason, and the link survives the peer restarting."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from exo_core.models.shard import Shard
+from exo_core.networking import wire
+from exo_core.node.messages import PeerUnavailable, RequestState, StepMessage
+from exo_core.node.partitioning import PlanStage
+from exo_core.node.sampling import SamplingParams
+from exo_core.runtime import NodeConfig, Runtime
+from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _config(node_id, port, path):
+    return NodeConfig(
+        engine="dummy",
+        node_id=node_id,
+        node_host="127.0.0.1",
+        node_port=port,
+        discovery="manual",
+        discovery_config_path=str(path),
+        frontends=(),
+    )
+
+
+async def _until(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.1)
+
+
+async def _healthy(client):
+    try:
+        return await client.health() == RequestState.UNKNOWN
+    except PeerUnavailable:
+        return False
+
+
+async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts(tmp_path):
+    ports = free_ports(2)
+    path = write_peers_file(tmp_path / "peers.json", [NodeSpec("a", ports[0], 0), NodeSpec("b", ports[1], 0)])
+    a = Runtime(_config("a", ports[0], path))
+    b = Runtime(_config("b", ports[1], path))
+    await a.start()
+    await b.start()
+    try:
+        await _until(lambda: asyncio.sleep(0, "b" in a.node.peers))
+        client = a.peer_tracker._tracked["b"].client
+        assert await client.health() == RequestState.UNKNOWN
+
+        plan = (
+            PlanStage("a", Shard("smollm2-135m", 0, 14, 30)),
+            PlanStage("b", Shard("smollm2-135m", 15, 29, 30)),
+        )
+        step = StepMessage("r", 0, "a", plan, 0, SamplingParams(), 8, (), 0, tokens=np.zeros(3, np.int64))
+        with pytest.raises(PeerUnavailable, match="stage 0 of this plan is a, not b"):
+            await client.send_step(step)
+        bad = wire.step_to_pb(step)
+        bad.stage_index = 1
+        bad.ClearField("tokens")
+        with pytest.raises(PeerUnavailable, match="malformed step: a step carries either tokens or hidden"):
+            await client._link.send("step", bad, 5)
+        assert await client.health() == RequestState.UNKNOWN  # the same link goes on
+
+        await b.stop()
+        with pytest.raises(PeerUnavailable):
+            await client.health()
+        b = Runtime(_config("b", ports[1], path))
+        await b.start()
+        await _until(lambda: _healthy(client))  # the same client: a new stream on the same channel
+    finally:
+        await b.stop()
+        await a.stop()
