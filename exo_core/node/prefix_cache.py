@@ -32,7 +32,19 @@ log = structlog.get_logger("exo.node")
 # Reusing fewer positions than this saves less than the bookkeeping costs.
 MIN_REUSE = 16
 MAX_INDEXED = 256  # finished requests the origin remembers
-DEFAULT_BUDGET_BYTES = int(os.environ.get("EXO_PREFIX_CACHE_MB", "1024")) * 2**20
+
+
+def _default_budget() -> int:
+    """EXO_PREFIX_CACHE_MB, else the smaller of 1 GiB and an eighth of the machine's memory."""
+    configured = os.environ.get("EXO_PREFIX_CACHE_MB")
+    if configured is not None:
+        return max(int(configured), 0) * 2**20
+    import psutil
+
+    return min(2**30, psutil.virtual_memory().total // 8)
+
+
+DEFAULT_BUDGET_BYTES = _default_budget()
 MAX_KEPT = 128
 REFUSED_S = 60.0  # after a stage lacked a prefix, its plan is not indexed for this long  # caches a stage keeps, whatever their size
 
