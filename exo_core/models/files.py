@@ -241,7 +241,7 @@ def shard_checkpoint(
         raise ModelFilesError(f"model {card.id!r}: directory {source} does not exist")
     if not download:
         raise ModelFilesError(f"model {card.id!r}: {source} is not downloaded")
-    return kind, download_shard_files(source, shard)
+    return kind, download_shard_files(source, shard, card.id)
 
 
 def shard_files(directory: Path, shard: Shard, weight_map: dict[str, str]) -> list[str]:
@@ -278,24 +278,49 @@ def fetch_metadata(card: ModelCard) -> Path | None:
     for kind in ("safetensors", "mlx"):
         hub_repo = card.sources.get(kind)
         if hub_repo and not os.path.isabs(hub_repo):
-            return download_shard_files(hub_repo, None)
+            return download_shard_files(hub_repo, None, card.id)
     return None
 
 
-def download_shard_files(repo: str, shard: Shard | None) -> Path:
+def download_shard_files(repo: str, shard: Shard | None, model_id: str = "") -> Path:
     """Download config.json, the tokenizer, and the weight files holding the shard's tensors
-    (none for `shard=None`); the snapshot directory (where `local_snapshot` finds it later)."""
-    from huggingface_hub import HfApi, hf_hub_download
+    (none for `shard=None`); the snapshot directory (where `local_snapshot` finds it later).
+
+    Each file's progress goes to the download tracker; a file fetched now is checked against
+    the size and (for weights, kept in LFS) the sha256 the hub lists, and removed when they
+    differ."""
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.hf_api import RepoFile
 
     from exo_core.models.download import explain, hub_endpoint
+    from exo_core.models.progress import tracking_tqdm
 
     cache, endpoint = models_dir() / "hub", hub_endpoint()
+    hashes: dict[str, tuple[int, str | None]] = {}
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo, filename, cache_dir=cache, endpoint=endpoint))
+        fresh = not isinstance(try_to_load_from_cache(repo, filename, cache_dir=cache), str)
+        path = Path(
+            hf_hub_download(
+                repo,
+                filename,
+                cache_dir=cache,
+                endpoint=endpoint,
+                tqdm_class=tracking_tqdm(model_id or repo, repo, filename),
+            )
+        )
+        if fresh and filename in hashes:
+            _verify(path, repo, filename, *hashes[filename])
+        return path
 
     try:
-        listing = set(HfApi(endpoint=endpoint).list_repo_files(repo))
+        entries = [
+            e
+            for e in HfApi(endpoint=endpoint).list_repo_tree(repo, recursive=True)
+            if isinstance(e, RepoFile)
+        ]
+        listing = {e.path for e in entries}
+        hashes.update({e.path: (e.size, e.lfs.sha256 if e.lfs else None) for e in entries})
         directory = fetch(CONFIG_FILE).parent
         for name in sorted(listing):
             if name.startswith("tokenizer") or name in REPO_EXTRAS:
@@ -308,10 +333,30 @@ def download_shard_files(repo: str, shard: Shard | None) -> Path:
             needed = sorted(name for name in listing if name.endswith(".safetensors"))
         for name in needed:
             fetch(name)
-    except CheckpointError:
+    except (CheckpointError, ModelFilesError):
         raise
     except Exception as exc:  # network, authorisation, a missing file: all the user's to fix
         raise ModelFilesError(
             f"could not download {repo} for {shard or 'its tokenizer'}: {explain(repo, None, exc)}"
         ) from exc
     return directory
+
+
+def _verify(path: Path, repo: str, filename: str, size: int, sha256: str | None) -> None:
+    """A downloaded file against the size and sha256 the hub lists; removed when they differ."""
+    import hashlib
+
+    actual = path.stat().st_size
+    problem = f"is {actual} bytes, the hub lists {size}" if actual != size else None
+    if problem is None and sha256:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            problem = f"has sha256 {digest.hexdigest()}, the hub lists {sha256}"
+    if problem is not None:
+        target = path.resolve()
+        path.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        raise ModelFilesError(f"{repo}/{filename} {problem}; it was removed, run again to download it afresh")

@@ -107,3 +107,31 @@ class DownloadTracker:
 
 
 TRACKER = DownloadTracker()
+
+
+def tracking_tqdm(model: str, repo: str, file: str) -> type:
+    """A tqdm class for `huggingface_hub` downloads that reports to `TRACKER` and draws nothing
+    (the terminal views draw from the tracker)."""
+    from tqdm.auto import tqdm
+
+    class Tracked(tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            total = int(kwargs.get("total") or 0)  # type: ignore[call-overload]
+            initial = int(kwargs.get("initial") or 0)  # type: ignore[call-overload]
+            self.entry = TRACKER.begin(model, repo, file, max(total - initial, 0))
+
+        def update(self, n: float | None = 1) -> bool | None:
+            TRACKER.advance(self.entry, int(n or 0))
+            return super().update(n)
+
+        def close(self) -> None:
+            if self.entry.status == "downloading":
+                if self.entry.done >= self.entry.total:
+                    TRACKER.finish(self.entry)
+                else:
+                    TRACKER.fail(self.entry, "interrupted; run again to resume")
+            super().close()
+
+    return Tracked

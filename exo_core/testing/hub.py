@@ -52,6 +52,7 @@ class StandInHub:
         self.gated: dict[str, str] = {}  # repo -> the token it wants
         self.requests: list[HubRequest] = []
         self.cuts: dict[str, int] = {}  # file name -> bytes to send before dropping the connection
+        self.tampered: set[str] = set()  # file names served with a byte flipped (ETag/listing unchanged)
         self._digests: dict[Path, tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._server: _Server | None = None
@@ -64,6 +65,11 @@ class StandInHub:
         self.repos[repo] = Path(directory)
         if token:
             self.gated[repo] = token
+
+    def tamper(self, file: str) -> None:
+        """Serve `file` with its first byte flipped, while the ETag and listing still give the
+        original's sha256: what a corrupted transfer looks like to a client."""
+        self.tampered.add(file)
 
     def cut_after(self, file: str, nbytes: int) -> None:
         """The next GET of `file` with a longer body sends `nbytes` of it, then drops the connection."""
@@ -248,9 +254,12 @@ class _Handler(BaseHTTPRequestHandler):
             f.seek(start)
             left = limit
             while left > 0:
+                at = f.tell()
                 block = f.read(min(left, 1 << 16))
                 if not block:
                     break
+                if at == 0 and file.name in hub.tampered:
+                    block = bytes([block[0] ^ 0xFF]) + block[1:]
                 self.wfile.write(block)
                 left -= len(block)
         if cut is not None:
