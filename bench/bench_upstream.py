@@ -189,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 one = asyncio.run(overhead(fast.url, exo_one, args.rounds, args.max_tokens))
             with exo_node(tmp, [fast.url, slow.url]) as exo_two:
                 asyncio.run(stream_warm(exo_two))
+                before = fast.requests(), slow.requests()
                 through = asyncio.run(aggregate(exo_two, args.clients, args.seconds, args.max_tokens))
+                split = fast.requests() - before[0], slow.requests() - before[1]
             alone_fast = asyncio.run(aggregate(fast.url, args.clients, args.seconds, args.max_tokens))
             alone_slow = asyncio.run(aggregate(slow.url, args.clients, args.seconds, args.max_tokens))
             both_direct = asyncio.run(
@@ -199,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "threads": [args.threads_fast, slow_threads],
         "clients": args.clients,
         "exo_both_tok_s": round(through, 1),
+        "exo_requests_fast_slow": list(split),
         "fast_alone_tok_s": round(alone_fast, 1),
         "slow_alone_tok_s": round(alone_slow, 1),
         "ratio": round(through / (alone_fast + alone_slow), 3),
@@ -218,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{one['decode_exo_tok_s']:7.1f} tok/s ratio {one['decode_ratio']:.3f} (target >= {TARGET_RATIO})")  # fmt: skip
     print(f"two unequal upstreams ({args.threads_fast} and {slow_threads} threads), {args.clients} clients, "
           f"{args.seconds:.0f} s each:")  # fmt: skip
+    print(f"  exo sent {split[0]} requests to the fast one, {split[1]} to the slow one")
     print(f"  through exo {two['exo_both_tok_s']:.1f} tok/s; alone {two['fast_alone_tok_s']:.1f} + "
           f"{two['slow_alone_tok_s']:.1f} tok/s; ratio {two['ratio']:.3f} (target >= {TARGET_BALANCE})")  # fmt: skip
 
