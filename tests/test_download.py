@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -230,3 +231,31 @@ def write_tiny_hf(directory) -> None:
         write_safetensors(directory / name, tensors)
     weight_map = {t: name for name, tensors in files.items() for t in tensors}
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB filesystem (tmpfs; needs root, else the test is skipped)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_refused_before_fetching_with_what_to_do(hub, small_disk, monkeypatch):
+    monkeypatch.setenv("EXO_HOME", str(small_disk / "home"))
+    with pytest.raises(
+        ModelFilesError, match=r"disk full: smol\.gguf needs 0\.0\d GB more, .* has 0\.02 GB free"
+    ):
+        shard_checkpoint(CARD, FIRST, ["gguf"])
+    path = small_disk / "home" / "models" / "org--smol-gguf" / FILE
+    assert manifest_path(path).exists() and local_gguf(CARD) is None  # the header is kept, no whole file
+    weights = [r for r in ranges_asked(hub) if r[1] > 4 << 20]
+    assert weights == []  # nothing past the header was asked for
