@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "EngineError", "PluginError"]
+__all__ = ["OUT_OF_MEMORY", "ConfigError", "EngineError", "PluginError"]
+
+# What an engine's message says when it refuses a KV cache that does not fit in free memory: the
+# message crosses the network as text, and the origin answers such a failure with 503 (try
+# again later) instead of 500.
+OUT_OF_MEMORY = "not enough free memory"
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,8 @@ import json
 import aiohttp
 import pytest
 
-from exo_core.engines.dummy import DUMMY_ANSWER
+from exo_core.engines.dummy import DUMMY_ANSWER, DummyEngine
+from exo_core.errors import EngineError
 from exo_core.testing import node
 from exo_core.testing.inprocess import api_url
 
@@ -47,3 +48,23 @@ async def test_over_the_limit_waits_then_the_line_is_refused_with_retry_after():
                 status, _, body = await task
                 assert status == 200, body
                 assert DUMMY_ANSWER.startswith(body["choices"][0]["message"]["content"])
+
+
+class _FullEngine(DummyEngine):
+    """The dummy engine on a node whose memory is full: it refuses new caches as real engines do."""
+
+    name = "full"
+
+    def check_step(self, shard, item):
+        super().check_step(shard, item)
+        raise EngineError(f"request {item.request_id}: not enough free memory for a KV cache of 9 positions")
+
+
+async def test_a_cache_refused_for_memory_is_a_503_the_client_may_retry():
+    async with node(_FullEngine, api=True) as runtime:
+        url = api_url(runtime) + "/v1/chat/completions"
+        async with aiohttp.ClientSession() as http, http.post(url, json=BODY) as resp:
+            body = await resp.json()
+        assert resp.status == 503, body
+        assert body["error"]["code"] == "insufficient_memory"
+        assert "not enough free memory" in body["error"]["message"]

@@ -39,7 +39,7 @@ import numpy as np
 import structlog
 
 from exo_core.engine import ReplicaUnavailable, TextDelta, TextGeneration, UpstreamError
-from exo_core.errors import EngineError
+from exo_core.errors import OUT_OF_MEMORY, EngineError
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.node.messages import (
@@ -313,7 +313,11 @@ class Origin:
                     await self._start_attempt(state)
                     continue
                 if event.error is not None:
-                    raise GenerationError(event.error)
+                    # a cache refused for memory is temporary: 503, the client may try again
+                    status = 503 if OUT_OF_MEMORY in event.error else 500
+                    raise GenerationError(
+                        event.error, status, "insufficient_memory" if status == 503 else None
+                    )
                 if event.step != len(state.generated):
                     continue  # a duplicate after a replay
                 state.progress_at = state.advanced_at = time.monotonic()
