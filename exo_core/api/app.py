@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,14 +17,13 @@ from exo_core.api import admission, downloads, ollama, protocol
 from exo_core.api.completions import CompletionRun
 from exo_core.api.metrics import CONTENT_TYPE
 from exo_core.api.protocol import APIError
-from exo_core.api.state import ApiState
+from exo_core.api.state import STATE, ApiState, read_json
 from exo_core.models import files
 from exo_core.node.node import Node
 from exo_core.node.partitioning import NoPlanError
 from exo_core.runtime import Runtime
 
 STATIC_DIR = Path(__file__).parent / "static"
-STATE = web.AppKey("exo_api_state", ApiState)
 
 
 def _endpoint(request: web.Request) -> str:
@@ -150,26 +148,6 @@ async def preflight_middleware(request: web.Request, handler: Any) -> web.Stream
             },
         )
     return await handler(request)
-
-
-async def read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > protocol.MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=protocol.MAX_BODY_BYTES, actual_size=request.content_length
-        )
-    raw = await request.read()
-    if not raw.strip():
-        raise protocol.invalid("The request body is empty; send a JSON object")
-    try:
-        return json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise protocol.invalid(
-            f"The request body is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise protocol.invalid(
-            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from exc
 
 
 # ---- handlers ----------------------------------------------------------------------------------

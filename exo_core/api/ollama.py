@@ -29,7 +29,7 @@ from exo_core import __version__
 from exo_core.api import protocol
 from exo_core.api.completions import _CLIENT_GONE, Choice, CompletionRun, _dumps
 from exo_core.api.protocol import APIError, ChatRequest, CompletionRequest
-from exo_core.api.state import ApiState
+from exo_core.api.state import STATE, ApiState, read_json
 from exo_core.models.cards import ModelCard
 from exo_core.node.sampling import SamplingParams
 
@@ -405,22 +405,16 @@ def _arguments(call: dict[str, Any]) -> Any:
 
 
 def _state(request: web.Request) -> ApiState:
-    from exo_core.api.app import STATE
-
     return request.app[STATE]
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    from exo_core.api.app import read_json
-
     data = await read_json(request)
     req = parse_chat(data)
     return await OllamaRun(_state(request), req, "/api/chat", _name(data)).respond(request)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    from exo_core.api.app import read_json
-
     data = await read_json(request)
     if isinstance(data, dict) and not data.get("prompt") and not data.get("raw"):
         # An empty prompt loads the model (Ollama's way to warm it up): say it is ready.
@@ -524,8 +518,6 @@ async def ps(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    from exo_core.api.app import read_json
-
     state = _state(request)
     body = _body(await read_json(request))
     card = state.find_model(_model(body))

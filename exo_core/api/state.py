@@ -4,6 +4,7 @@ exceptions to OpenAI-shaped errors."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,3 +129,26 @@ def to_api_error(exc: BaseException) -> APIError:
             return APIError(exc.status, str(exc), code=exc.code)
         return APIError(exc.status, str(exc), type="server_error", code=exc.code or "generation_failed")
     return APIError(500, f"internal error ({type(exc).__name__}); see the node's log", type="server_error")
+
+
+STATE = web.AppKey("exo_api_state", ApiState)
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > protocol.MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=protocol.MAX_BODY_BYTES, actual_size=request.content_length
+        )
+    raw = await request.read()
+    if not raw.strip():
+        raise protocol.invalid("The request body is empty; send a JSON object")
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise protocol.invalid(
+            f"The request body is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise protocol.invalid(
+            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from exc
