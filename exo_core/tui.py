@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,7 +108,9 @@ def _completion_tokens(runtime: Any) -> float:
     return total
 
 
-def render(runtime: Any, tokens_per_second: float, logs: list[str]) -> Any:
+def render(
+    runtime: Any, tokens_per_second: float, logs: list[str], downloads: list[dict[str, Any]] | None = None
+) -> Any:
     """One frame: the model, the nodes with their layers, memory and engine, requests, downloads."""
     from rich.console import Group
     from rich.table import Table
@@ -149,12 +152,16 @@ def render(runtime: Any, tokens_per_second: float, logs: list[str]) -> Any:
     parts.append(
         Text(f"requests in flight: {node.origin.active_requests} · {tokens_per_second:.1f} tokens/s")
     )
-    downloads = TRACKER.snapshot()[-4:]
-    if downloads:
-        table = Table("download", "layers", "from", "progress", "", expand=True, box=None)
-        for d in downloads:
-            done = f"{d.done / 1e6:.0f}/{d.total / 1e6:.0f} MB {d.status}"
-            table.add_row(d.file, d.layers or "all", d.source, _bar(d.fraction), done)
+    if downloads is None:  # this node's only
+        downloads = [{**d.to_dict(), "node_id": node.node_id} for d in TRACKER.snapshot()]
+    shown = sorted(downloads, key=lambda d: d["started"])[-6:]
+    if shown:
+        table = Table("node", "download", "layers", "from", "progress", "", expand=True, box=None)
+        for d in shown:
+            done = f"{d['done'] / 1e6:.0f}/{d['total'] / 1e6:.0f} MB {d['status']}"
+            table.add_row(
+                d["node_id"], d["file"], d["layers"] or "all", d["source"], _bar(d["fraction"]), done
+            )
         parts.append(table)
     if logs:
         parts.append(Text.from_ansi("\n".join(logs), style="dim"))
@@ -171,14 +178,22 @@ async def live_view(runtime: Any) -> None:
     from rich.console import Console
     from rich.live import Live
 
+    from exo_core.networking.file_transfer import cluster_downloads
+
     tail = _LogTail()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=tail))
     rate = _Rate()
+    downloads: list[dict[str, Any]] | None = None
     try:
         with Live(console=Console(), refresh_per_second=4, transient=False) as live:
-            while True:
+            for frame in itertools.count():
+                if frame % 4 == 0 and runtime.node.peers:  # the peers' downloads every 2 s
+                    nodes = await cluster_downloads(runtime.node, timeout=1.0)
+                    downloads = [{**d, "node_id": n["node_id"]} for n in nodes for d in n["data"]]
+                elif not runtime.node.peers:
+                    downloads = None
                 speed = rate.update(time.monotonic(), _completion_tokens(runtime))
-                live.update(render(runtime, speed, tail.lines))
+                live.update(render(runtime, speed, tail.lines, downloads))
                 await asyncio.sleep(REFRESH_S)
     finally:
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))

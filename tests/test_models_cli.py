@@ -92,3 +92,4 @@ async def test_downloads_route_shows_progress(hub):
     mine = [d for d in body["data"] if d["repo"] == "org/smol-gguf" and d["layers"] == "15-29/30"]
     assert mine and mine[-1]["status"] == "done" and mine[-1]["fraction"] == 1.0
     assert mine[-1]["done"] == mine[-1]["total"] > 0
+    assert [n["node_id"] for n in body["nodes"]] == [runtime.node.node_id]  # no peers: this node's

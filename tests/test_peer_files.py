@@ -231,6 +231,11 @@ def test_three_nodes_one_with_the_files_and_no_hub_answer_correctly(tmp_path):
             status, downloads = cluster.get(node_id, "/v1/downloads")
             assert status == 200
             assert [d["source"] for d in downloads["data"]] == ["peer:a"], downloads
+        # node a's API shows the whole cluster's downloads
+        _, everyone = cluster.get("a", "/v1/downloads")
+        by_node = {n["node_id"]: n["data"] for n in everyone["nodes"]}
+        assert set(by_node) == {"a", "b", "c"} and by_node["a"] == []
+        assert all(d["source"] == "peer:a" and d["status"] == "done" for n in "bc" for d in by_node[n])
 
 
 @pytest.mark.heavy

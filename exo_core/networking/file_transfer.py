@@ -9,6 +9,8 @@ messages are JSON requests and raw byte chunks (a generic handler: no .proto to 
   what this node holds of that file (a whole file is one range; a partial one, its manifest's).
 - `Read {"source", "start", "end"}` -> a stream of chunks of bytes [start, end), refused
   (`NOT_FOUND`) unless every byte of it is on this node.
+- `Downloads {}` -> `{"node_id", "data": [...]}`: this node's downloads (`GET /v1/downloads`
+  shows the whole cluster's).
 - `Prefetch {"model", "shard"}` -> `{"started": bool}`: start downloading what the shard needs
   (from peers, then the hub) in the background, so every node a plan names downloads at once,
   before its first step arrives (`Prefetcher`; the engine's load then finds the bytes there, or
@@ -40,6 +42,7 @@ SERVICE = "exo.Files"
 HAVE = f"/{SERVICE}/Have"
 READ = f"/{SERVICE}/Read"
 PREFETCH = f"/{SERVICE}/Prefetch"
+DOWNLOADS = f"/{SERVICE}/Downloads"
 HUB_KINDS = ("gguf", "safetensors", "mlx")  # the source kinds downloads fetch
 PREFETCH_AGAIN_S = 60.0  # a plan repeated within this long does not ask again
 CHUNK = 1 << 20
@@ -129,11 +132,20 @@ def handler(node: Any = None) -> grpc.GenericRpcHandler:
             return {"started": False}
         return {"started": prefetcher.local(model, shard)}
 
+    async def downloads(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        from exo_core.models.progress import TRACKER
+
+        node_id = getattr(node, "node_id", "")
+        return {"node_id": node_id, "data": [d.to_dict() for d in TRACKER.snapshot()]}
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Prefetch": grpc.unary_unary_rpc_method_handler(
                 prefetch, request_deserializer=_loads, response_serializer=_dumps
+            ),
+            "Downloads": grpc.unary_unary_rpc_method_handler(
+                downloads, request_deserializer=_loads, response_serializer=_dumps
             ),
             "Have": grpc.unary_unary_rpc_method_handler(
                 _have, request_deserializer=_loads, response_serializer=_dumps
@@ -308,6 +320,24 @@ async def _ask_prefetch(channel: grpc.aio.Channel, model_id: str, stage: Any) ->
         log.debug("peer did not take the prefetch", peer=stage.node_id, error=str(exc))
 
 
+async def cluster_downloads(node: Any, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Every node's downloads: this node's, then each peer's (`{"node_id", "data"}`, with
+    `"error"` for a peer that did not answer)."""
+    from exo_core.models.progress import TRACKER
+
+    async def ask(node_id: str, channel: grpc.aio.Channel) -> dict[str, Any]:
+        call = channel.unary_unary(DOWNLOADS, request_serializer=_dumps, response_deserializer=_loads)
+        try:
+            answer = await call({}, timeout=timeout)
+            return {"node_id": node_id, "data": list(answer.get("data", []))}
+        except Exception as exc:
+            return {"node_id": node_id, "data": [], "error": str(exc).splitlines()[0][:200]}
+
+    own = {"node_id": node.node_id, "data": [d.to_dict() for d in TRACKER.snapshot()]}
+    peers = await asyncio.gather(*(ask(n, c) for n, c in sorted(node_channels(node)().items())))
+    return [own, *peers]
+
+
 def node_channels(node: Any) -> Callable[[], dict[str, grpc.aio.Channel]]:
     """The channels of a node's peers (those reached over gRPC), looked up when called."""
 
@@ -323,6 +353,7 @@ def node_channels(node: Any) -> Callable[[], dict[str, grpc.aio.Channel]]:
 
 
 __all__ = [
+    "DOWNLOADS",
     "HAVE",
     "PREFETCH",
     "READ",
@@ -330,6 +361,7 @@ __all__ = [
     "PeerFiles",
     "Prefetcher",
     "Range",
+    "cluster_downloads",
     "handler",
     "local_file",
     "node_channels",

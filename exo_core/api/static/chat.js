@@ -132,9 +132,13 @@ function bytes(n) {
 }
 
 async function loadDownloads() {
-  const { node_id: nodeId, data } = await getJSON("/v1/downloads");
+  // Every node's downloads (the API gathers them from the peers), newest first.
+  const body = await getJSON("/v1/downloads");
+  const nodes = body.nodes || [{ node_id: body.node_id, data: body.data }];
+  const data = nodes.flatMap((n) => n.data.map((d) => ({ ...d, nodeId: n.node_id })));
+  data.sort((a, b) => b.started - a.started);
   ui.downloadsBox.hidden = data.length === 0;
-  ui.downloads.replaceChildren(...data.slice(-8).reverse().map((d) => {
+  ui.downloads.replaceChildren(...data.slice(0, 8).map((d) => {
     const li = document.createElement("li");
     li.className = `download ${d.status}`;
     const name = document.createElement("div");
@@ -144,7 +148,7 @@ async function loadDownloads() {
     detail.className = "detail";
     const rate = d.status === "downloading" ? ` · ${bytes(d.bytes_per_second)}/s` : "";
     detail.textContent =
-      `${nodeId} ← ${d.source} · ${bytes(d.done)} of ${bytes(d.total)}${rate} · ${d.status}`;
+      `${d.nodeId} ← ${d.source} · ${bytes(d.done)} of ${bytes(d.total)}${rate} · ${d.status}`;
     const bar = document.createElement("div");
     bar.className = "progress";
     const fill = document.createElement("span");
