@@ -12,10 +12,13 @@ import pytest
 
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.models.shard import Shard
+from exo_core.models.tokenizer import load_tokenizer
 from exo_core.node.generate import TextRequest, Usage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.prefix_cache import PrefixIndex, common_prefix
+from exo_core.plugins import registry
 from exo_core.runtime import NodeConfig, Runtime
+from exo_core.testing import engine_checks
 from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,3 +146,17 @@ async def test_cancelled_requests_are_freed_not_kept(tmp_path):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert len(a.node.stage.kept) == 0 and len(b.node.stage.kept) == 0
+
+
+@pytest.mark.parametrize("engine_name", ["dummy", "tinygrad"])
+async def test_engines_copy_prefixes_exactly(engine_name):
+    reg = registry()
+    if engine_name not in reg.engines or not reg.engines[engine_name].available()[0]:
+        pytest.skip(f"{engine_name} is not installed")
+    engine = reg.engines[engine_name]({})
+    card = reg.models["smollm2-135m"]
+    prompt = load_tokenizer(card).encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    try:
+        await engine_checks.check_copy_prefix(engine, card, prompt, rtol=1e-5, atol=1e-5)
+    finally:
+        await engine.close()

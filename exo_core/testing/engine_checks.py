@@ -19,7 +19,7 @@ Or single checks on engines a plugin's fixtures already loaded (loading can cost
         await engine_checks.check_shards_chain(whole_engine, first_half, second_half, card, prompt, split=15)
 
 Each check drives the engine only through the `InferenceEngine` interface (load, forward,
-forward_batch, release, loaded_shards, cached_requests), gives every step its `start_pos`,
+forward_batch, release, loaded_shards, cached_requests, copy_prefix), gives every step its `start_pos`,
 decodes greedily from the last stage's logits, raises AssertionError with a readable message on
 a mismatch, and releases every request it made. Request ids are unique per call, so checks can
 share engines. Text engines (`works_on_text`) sample themselves and are not covered.
@@ -439,6 +439,60 @@ async def check_start_pos_is_enforced(
     )
 
 
+async def check_copy_prefix(
+    engine: InferenceEngine,
+    model: ModelCard,
+    prompt: Sequence[int],
+    *,
+    shard: Shard | None = None,
+    steps: int = 3,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> None:
+    """An engine that `reuses_prefixes`: a cache started by `copy_prefix` from another request's
+    first positions continues exactly as a cache filled from scratch; the source is unchanged;
+    copying more positions than the source holds raises `EngineError`. (Others: nothing to check.)"""
+    if not engine.reuses_prefixes:
+        return
+    shard = _whole(model, shard)
+    await engine.load(shard, model)
+    stages = [(engine, shard)]
+    expected = await greedy(stages, prompt, steps, "prefix-alone")
+    source, copy, too_long = (
+        _request_id("prefix-source"),
+        _request_id("prefix-copy"),
+        _request_id("prefix-long"),
+    )
+    keep = max(len(prompt) - 2, 1)
+    try:
+        await _step(stages, source, prompt, 0)
+        try:
+            await engine.copy_prefix(source, too_long, len(prompt) + 1)
+        except EngineError:
+            pass
+        else:
+            raise AssertionError(
+                f"copy_prefix of {len(prompt) + 1} positions from a cache of {len(prompt)} was accepted; "
+                "raise EngineError"
+            )
+        await engine.copy_prefix(source, copy, keep)
+        run, new, pos = Run(), list(prompt[keep:]), keep
+        for _ in range(steps):
+            logits = await _step(stages, copy, new, pos)
+            pos += len(new)
+            run.logits.append(logits)
+            run.tokens.append(int(np.argmax(logits)))
+            new = [run.tokens[-1]]
+        _same_run(run, expected, "a cache started from a copied prefix", rtol, atol)
+        logits = await _step(stages, source, [expected.tokens[0]], len(prompt))
+        np.testing.assert_allclose(
+            logits, expected.logits[1], rtol=rtol, atol=atol, err_msg="copy_prefix changed the source cache"
+        )
+    finally:
+        for request_id in (source, copy, too_long):
+            await engine.release(request_id)
+
+
 # ---- the suite ------------------------------------------------------------------------------
 
 
@@ -509,6 +563,10 @@ async def _suite_start_pos(s: Subject, engines: list[InferenceEngine]) -> None:
     await check_start_pos_is_enforced(_made(s, engines), s.model, s.prompts[0], rtol=s.rtol, atol=s.atol)
 
 
+async def _suite_copy_prefix(s: Subject, engines: list[InferenceEngine]) -> None:
+    await check_copy_prefix(_made(s, engines), s.model, s.prompts[1], rtol=s.rtol, atol=s.atol)
+
+
 def _made(s: Subject, engines: list[InferenceEngine]) -> InferenceEngine:
     engine = s.make_engine()
     assert isinstance(engine, InferenceEngine), f"make_engine() returned {engine!r}, not an InferenceEngine"
@@ -525,6 +583,7 @@ _SUITE: dict[str, Callable[[Subject, list[InferenceEngine]], Awaitable[None]]] =
     "release_frees_cache": _suite_release,
     "cached_requests": _suite_cached_requests,
     "start_pos_is_enforced": _suite_start_pos,
+    "copy_prefix": _suite_copy_prefix,
 }
 
 # The names of the suite's checks, for `@pytest.mark.parametrize("check", engine_checks.CHECKS)`.
