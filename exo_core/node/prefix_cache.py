@@ -71,17 +71,16 @@ class PrefixIndex:
         self.max_entries = max_entries
         self.min_reuse = min_reuse
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._refused: dict[tuple[PlanStage, ...], float] = {}  # plan -> when a stage had no prefix
+        # plan -> (until when it is not indexed, how often a stage lacked a prefix)
+        self._refused: dict[tuple[PlanStage, ...], tuple[float, int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add(self, cache_key: str, plan: tuple[PlanStage, ...], tokens: Sequence[int]) -> None:
-        refused_at = self._refused.get(plan)
-        if refused_at is not None:
-            if time.monotonic() - refused_at < REFUSED_S:
-                return
-            del self._refused[plan]
+        refused = self._refused.get(plan)
+        if refused is not None and time.monotonic() < refused[0]:
+            return
         self._entries[cache_key] = _Entry(plan, np.asarray(tokens, dtype=np.int64))
         self._entries.move_to_end(cache_key)
         while len(self._entries) > self.max_entries:
@@ -89,8 +88,10 @@ class PrefixIndex:
 
     def refused(self, plan: tuple[PlanStage, ...]) -> None:
         """A stage of the plan did not hold a prefix it was sent (evicted, or an engine that keeps
-        none): forget the plan's entries, and index none of it for a while."""
-        self._refused[plan] = time.monotonic()
+        none): forget the plan's entries, and index none of it for a while (a minute, doubling
+        each time up to an hour, so an engine that keeps nothing costs a rerun rarely)."""
+        times = self._refused.get(plan, (0.0, 0))[1] + 1
+        self._refused[plan] = (time.monotonic() + min(REFUSED_S * 2 ** (times - 1), 3600.0), times)
         for key in [k for k, e in self._entries.items() if e.plan == plan]:
             del self._entries[key]
 
