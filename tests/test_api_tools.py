@@ -275,3 +275,9 @@ def test_ollama_tool_calls(server):
     answer("Sunny.")
     again = client.chat(model="qwen2.5", messages=history, tools=[WEATHER], stream=False)
     assert again.message.content == "Sunny."
+    answer("One moment.\n" + HERMES_CALL)
+    parts = list(client.chat(model="qwen2.5", messages=ASK, tools=[WEATHER], stream=True))
+    assert "".join(p.message.content for p in parts).strip() == "One moment."
+    calls = [c for p in parts for c in p.message.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert parts[-1].done and parts[-1].done_reason == "stop"

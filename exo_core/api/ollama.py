@@ -255,6 +255,8 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 converted["content"] = None
         if role == "tool":
             converted["tool_call_id"] = call_ids[-1] if call_ids else "call_0"
+            if isinstance(message.get("tool_name"), str):
+                converted["name"] = message["tool_name"]
         out.append(converted)
     return out
 
