@@ -81,6 +81,7 @@ class Node:
             liveness_interval=liveness_interval,
             liveness_timeout=liveness_timeout,
         )
+        self.origin.held_shards = lambda: self.engine.loaded_shards
 
     # ---- lifecycle -------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Set
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -79,6 +79,7 @@ class _OriginState:
     attempt: int = 0
     generated: list[int] = field(default_factory=list)
     excluded: set[str] = field(default_factory=set)
+    last_failed: str = ""  # the node whose failure started this attempt ("" when none was named)
     touched: set[str] = field(default_factory=set)  # nodes that may hold caches for it
     reused: str = ""  # the kept cache this attempt started from (prefix cache)
     reuse_refused: bool = False  # a stage did not hold it: the next attempts start from scratch
@@ -110,6 +111,8 @@ class Origin:
         self.max_context: int | None = None  # --max-context: the KV cache plans are checked for
         # Told of every plan made, to start each named node's downloads before its first step.
         self.on_plan: Callable[[ModelCard, tuple[PlanStage, ...]], None] | None = None
+        # The shards this node's engine holds now (the node sets it): a replay prefers them.
+        self.held_shards: Callable[[], Sequence[Shard]] = tuple
         self.step_timeout = step_timeout
         self.max_replans = max_replans
         self.liveness_interval = liveness_interval
@@ -308,6 +311,7 @@ class Origin:
                         )
                     if event.node_id and event.node_id != self.node_id:
                         state.excluded.add(event.node_id)
+                    state.last_failed = event.node_id
                     self._release_attempt(state)
                     state.attempt += 1
                     await self._start_attempt(state)
@@ -338,6 +342,17 @@ class Origin:
             self._requests.pop(request.request_id, None)
             await self._release_all(state)
 
+    def _warm_replay(self, card: ModelCard, state: _OriginState) -> tuple[PlanStage, ...]:
+        """A replay runs on this node alone when its engine holds the whole model already (it
+        answered alone before the cluster grew): no stage has to load layers, which can take
+        many seconds, while the client waits. New requests still get the usual plan."""
+        whole = Shard.whole(card.id, card.n_layers)
+        if state.last_failed == self.node_id or whole not in self.held_shards():
+            return state.plan
+        if not any(n.node_id == self.node_id and n.supports_sharding for n in self._cluster()):
+            return state.plan
+        return (PlanStage(self.node_id, whole),)
+
     async def _start_attempt(self, state: _OriginState) -> None:
         request = state.request
         try:
@@ -346,6 +361,8 @@ class Origin:
             raise GenerationError(
                 f"{exc} (nodes lost: {', '.join(sorted(state.excluded)) or 'none'})"
             ) from exc
+        if state.attempt > 0:
+            state.plan = self._warm_replay(request.model, state)
         if self.on_plan is not None:
             self.on_plan(request.model, state.plan)
         state.progress_at = time.monotonic()
