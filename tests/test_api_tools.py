@@ -184,6 +184,16 @@ def test_prose_then_parallel_calls(client):
     assert json.loads(message.tool_calls[1].function.arguments) == {"zone": "CET"}
 
 
+def test_one_call_unless_parallel_calls_are_allowed(client):
+    answer(HERMES_CALL + "\n" + HERMES_CALL.replace("Paris", "Rome"))
+    out = client.chat.completions.create(
+        model="qwen2.5", messages=ASK, tools=[WEATHER], parallel_tool_calls=False
+    )
+    assert [json.loads(c.function.arguments)["city"] for c in out.choices[0].message.tool_calls] == ["Paris"]
+    out = client.chat.completions.create(model="qwen2.5", messages=ASK, tools=[WEATHER])
+    assert len(out.choices[0].message.tool_calls) == 2
+
+
 def test_plain_answer_with_tools_is_content(client):
     answer("It is sunny.")
     out = client.chat.completions.create(model="llama3.2", messages=ASK, tools=[WEATHER])

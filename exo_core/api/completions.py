@@ -370,8 +370,13 @@ class CompletionRun:
         return "".join(choice.text)
 
     def tool_calls_of(self, choice: Choice) -> list[dict[str, Any]]:
-        """The tool calls of the answer so far, in OpenAI's shape."""
-        return choice.tools.calls if choice.tools is not None else []
+        """The tool calls of the answer so far, in OpenAI's shape (only the first one when
+        `parallel_tool_calls` is false)."""
+        if choice.tools is None:
+            return []
+        if isinstance(self.req, ChatRequest) and not self.req.parallel_tool_calls:
+            return choice.tools.calls[:1]
+        return choice.tools.calls
 
     def finish_reason_of(self, choice: Choice, reason: str | None) -> str | None:
         """'tool_calls' when an answer that ended by itself called tools."""
@@ -408,7 +413,7 @@ class CompletionRun:
             if choice.tools is not None:
                 message["content"] = choice.tools.text
                 if choice.tools.calls:
-                    message["tool_calls"] = choice.tools.calls
+                    message["tool_calls"] = self.tool_calls_of(choice)
             return {
                 "index": choice.index,
                 "message": message,
