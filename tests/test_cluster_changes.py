@@ -335,3 +335,15 @@ async def test_healthcheck_says_unhealthy_while_the_engine_is_stuck():
         assert "no progress" in body["problem"]
         with pytest.raises(GenerationError):
             await stuck
+
+
+async def test_the_engine_queue_is_bounded(monkeypatch):
+    from exo_core.node import stage as stage_module
+
+    monkeypatch.setattr(stage_module, "MAX_QUEUED_STEPS", 2)
+    async with lone_stage(DummyEngine({"dummy_hang_after": 0})) as (node, recorder):
+        for rid in ("r1", "r2", "r3", "r4"):
+            await node.receive_step(step(node, rid, np.array([1], dtype=np.int64)))
+            await asyncio.sleep(0.05)  # r1 reaches the (hung) engine, r2 and r3 wait
+        await until(lambda: [f.request_id for f in recorder.failures] == ["r4"])
+        assert "steps already wait" in recorder.failures[0].reason

@@ -388,8 +388,12 @@ class Stage:
             runnable.append((work, item))
         if not runnable:
             return
-        self._computing = [w.msg for w, _ in runnable]
-        self._forward_since = time.monotonic()
+        # One forward at a time is watched; steps that wait on a server each (concurrent_steps)
+        # may wait their turn there as long as it takes.
+        watched = not self.engine.concurrent_steps
+        if watched:
+            self._computing = [w.msg for w, _ in runnable]
+            self._forward_since = time.monotonic()
         try:
             outputs = await self.engine.forward_batch(shard, [item for _, item in runnable])
         except Exception as exc:
@@ -398,7 +402,8 @@ class Stage:
                 await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
             return
         finally:
-            self._forward_since, self._computing = None, []
+            if watched:
+                self._forward_since, self._computing = None, []
         for (work, item), out in zip(runnable, outputs, strict=True):
             work.done += item.length
             more = work.done < work.msg.length
