@@ -232,14 +232,23 @@ def header_on_disk(file: Path, manifest: Manifest) -> GGUFFile | None:
         return None
     if not manifest.ranges or manifest.ranges[0][0] != 0:
         return None
+    present = manifest.ranges[0][1]
+    want = min(HEADER_FIRST_FETCH, present)
     with open(file, "rb") as f:
-        prefix = f.read(manifest.ranges[0][1])
-    try:
-        header = read_gguf_header_bytes(prefix, manifest.size, file)
-    except Exception:  # incomplete or corrupt: fetched again
-        return None
-    header.path = file
-    return header
+        while True:  # read no more of the file than the header takes
+            f.seek(0)
+            prefix = f.read(want)
+            try:
+                header = read_gguf_header_bytes(prefix, manifest.size, file)
+            except GGUFHeaderIncomplete:
+                if want >= present:
+                    return None
+                want = min(want * 4, present)
+                continue
+            except Exception:  # corrupt: fetched again
+                return None
+            header.path = file
+            return header
 
 
 # ---- the hub ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ used to refuse a plan that cannot fit before anything is downloaded.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,28 @@ class ModelMemory:
         return self.shard_bytes(Shard.whole("m", self.n_layers), context)
 
 
+LOOKUP_TTL_S = 2.0  # plans are made per request: finding a model's files is not redone each time
+_looked_up: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, ModelMemory]] = {}
+
+
 def model_memory(card: ModelCard) -> ModelMemory | None:
-    """The card's memory needs from the files on this node (None when none are here yet)."""
+    """The card's memory needs from the files on this node (None when none are here yet: then
+    it is looked for again at the next call, as the origin may have just fetched its header);
+    a result found is looked up again at most every `LOOKUP_TTL_S`."""
+    key = (card.id, tuple(sorted(card.sources.items())))
+    now = time.monotonic()
+    cached = _looked_up.get(key)
+    if cached is not None and now - cached[0] < LOOKUP_TTL_S:
+        return cached[1]
+    found = _lookup(card)
+    if found is not None:
+        if len(_looked_up) > 256:
+            _looked_up.clear()
+        _looked_up[key] = (now, found)
+    return found
+
+
+def _lookup(card: ModelCard) -> ModelMemory | None:
     from exo_core.models import files
 
     try:
