@@ -11,7 +11,7 @@ from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.node.generate import TextRequest
 from exo_core.node.stage import STEP_SLICE
 from exo_core.runtime import NodeConfig, Runtime
-from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
+from exo_core.testing.cluster import Cluster, NodeSpec, free_ports, write_peers_file
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,3 +85,15 @@ async def test_a_long_prompt_crosses_each_hop_in_ordered_chunks(tmp_path):
             assert [more for *_, more in prefill] == [True] * (len(prefill) - 1) + [False]
         # decode steps afterwards are single positions
         assert all(length == 1 for stage, start, length, _ in seen_b if start >= prompt_len)
+
+
+def test_a_6000_token_prompt_over_three_processes(tmp_path):
+    """Three `exo` processes: the prompt crosses two hops in chunks and the answer is the dummy's."""
+    chat = [{"role": "user", "content": " ".join(f"w{i % 89}" for i in range(2060))}]
+    with Cluster.manual(["a", "b", "c"], tmp=tmp_path, memory=[3000, 2000, 1000]) as procs:
+        status, reply = procs.post(
+            "c", "/v1/chat/completions", {"model": "smollm2-135m", "messages": chat, "temperature": 0}
+        )
+        assert status == 200, reply
+        assert 5500 <= reply["usage"]["prompt_tokens"] <= 8000, reply["usage"]
+        assert reply["choices"][0]["message"]["content"] == DUMMY_ANSWER
