@@ -109,3 +109,23 @@ def test_a_thousand_requests_in_a_row_leave_nothing_behind(tmp_path):
         print(f"\nRSS MB after 200 and 1,000 requests: {before} -> {after}")
         for n in "ab":
             assert after[n] - before[n] < 20, (n, before[n], after[n])
+
+
+@real_engine
+async def test_two_model_cards_at_once_on_one_node(reference):
+    """Two cards for the same GGUF, asked at once on one node: each answer is its answer alone."""
+    import asyncio
+    import dataclasses
+
+    from exo_core.testing import chat, node
+
+    card = registry().models["smollm2-135m"]
+    copy = dataclasses.replace(card, id="smollm2-copy", name="SmolLM2 again", aliases=())
+    chats = [(reference["greedy"][0]["messages"], card.id), (reference["greedy"][1]["messages"], copy.id)]
+    async with node(ENGINE, models=[copy]) as runtime:
+        alone = [(await chat(runtime, m, model=model_id, max_tokens=8)).text for m, model_id in chats]
+        together = await asyncio.gather(
+            *(chat(runtime, m, model=model_id, max_tokens=8) for m, model_id in [*chats, *chats])
+        )
+        assert [a.text for a in together] == alone * 2
+        assert {s.model_id for s in runtime.node.engine.loaded_shards} == {card.id, copy.id}
