@@ -347,3 +347,22 @@ async def test_the_engine_queue_is_bounded(monkeypatch):
             await asyncio.sleep(0.05)  # r1 reaches the (hung) engine, r2 and r3 wait
         await until(lambda: [f.request_id for f in recorder.failures] == ["r4"])
         assert "steps already wait" in recorder.failures[0].reason
+
+
+async def test_every_request_has_an_overall_deadline(tmp_path):
+    """b takes steps and never answers, yet stays healthy: re-plans alone would go on for
+    max_replans x step_timeout; the request's stall deadline ends it first."""
+    async with runtimes(tmp_path, ["a", "b"]) as (rts, _specs, _path):
+        a, b = rts["a"], rts["b"]
+        await until(lambda: set(a.node.peers) == {"b"})
+        origin = a.node.origin
+        origin.step_timeout, origin.max_replans, origin.stall_timeout = 0.3, 1000, 2.0
+
+        async def swallow(msg):
+            return None
+
+        b.node.receive_step = swallow
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match=r"no progress for .* giving up"):
+            await chat(a)
+        assert time.monotonic() - started < 5
