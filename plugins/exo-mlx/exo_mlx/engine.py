@@ -183,7 +183,7 @@ class MLXEngine(InferenceEngine):
             raise EngineError(f"mlx engine: {exc}") from exc
 
     def context_length(self) -> int | None:
-        return min((h.limit for h in self._held.values()), default=None)
+        return min((h.limit for h in list(self._held.values())), default=None)
 
     @property
     def loaded_shards(self) -> tuple[Shard, ...]:
@@ -338,7 +338,7 @@ class MLXEngine(InferenceEngine):
 
     def cached_requests(self) -> int:
         """Requests holding a cache here, on every shard held (for tests and metrics)."""
-        return sum(len(h.caches) for h in self._held.values())
+        return sum(len(h.caches) for h in list(self._held.values()))
 
     async def close(self) -> None:
         def drop() -> None:

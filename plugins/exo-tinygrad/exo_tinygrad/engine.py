@@ -68,7 +68,9 @@ class TinygradEngine(InferenceEngine):
         super().__init__(options)
         self._runner: Any = None  # runner.ShardRunner, built on the worker thread
         self._loaded: tuple[Shard, str] | None = None  # the shard loaded last
-        self._runners: dict[Shard, Any] = {}  # every shard held, with its requests' caches
+        # every shard held, with its requests' caches; changed on the tinygrad thread only (the
+        # event loop reads it, through list(...), which copies without letting that thread in)
+        self._runners: dict[Shard, Any] = {}
         self.source: str | None = None
         self._active = 0  # forward_batch calls in flight
         self._last_step = 0.0  # when the last one ended (monotonic)
@@ -253,19 +255,19 @@ class TinygradEngine(InferenceEngine):
             )
 
     async def release(self, request_id: str) -> None:
-        for runner in [r for r in self._runners.values() if request_id in r.requests]:
+        for runner in [r for r in list(self._runners.values()) if request_id in r.requests]:
             await self._call(runner.release, request_id)
 
     reuses_prefixes = True  # the prefix cache: a kept request's first positions start a new one
 
     async def copy_prefix(self, source_id: str, target_id: str, length: int) -> None:
-        runner = next((r for r in self._runners.values() if source_id in r.requests), None)
+        runner = next((r for r in list(self._runners.values()) if source_id in r.requests), None)
         if runner is None:
             raise EngineError(f"no cache {source_id} to reuse")
         await self._call(runner.copy_prefix, source_id, target_id, length)
 
     def cache_nbytes(self, request_id: str) -> int:
-        return sum(r.request_bytes(request_id) for r in self._runners.values())
+        return sum(r.request_bytes(request_id) for r in list(self._runners.values()))
 
     async def close(self) -> None:
         await self._call(self._drop)
@@ -290,13 +292,13 @@ class TinygradEngine(InferenceEngine):
 
     def cached_requests(self) -> int:
         """How many requests hold a KV cache, on every shard held."""
-        return sum(r.cached_requests() for r in self._runners.values())
+        return sum(r.cached_requests() for r in list(self._runners.values()))
 
     def cache_bytes(self) -> int:
-        return sum(r.cache_bytes() for r in self._runners.values())
+        return sum(r.cache_bytes() for r in list(self._runners.values()))
 
     def weight_bytes(self) -> int:
-        return sum(r.model.weight_bytes() for r in self._runners.values())
+        return sum(r.model.weight_bytes() for r in list(self._runners.values()))
 
 
 def model_path(model: ModelCard, shard: Shard) -> Path:
