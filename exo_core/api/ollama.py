@@ -178,7 +178,20 @@ def _format(value: Any) -> dict[str, Any] | None:
     raise protocol.invalid('format must be "json" or a JSON schema object', "format")
 
 
-_COMMON = {"model", "stream", "options", "format", "keep_alive", "think", "logprobs", "top_logprobs"}
+# `truncate` and `shift` (what Ollama does when a prompt outgrows the context) are accepted and
+# ignored: exo answers such a prompt with a context-length error instead.
+_COMMON = {
+    "model",
+    "stream",
+    "options",
+    "format",
+    "keep_alive",
+    "think",
+    "logprobs",
+    "top_logprobs",
+    "truncate",
+    "shift",
+}
 
 
 def parse_chat(data: Any) -> ChatRequest:
