@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 
 import pytest
@@ -26,7 +25,7 @@ from exo_core.models.files import (
 from exo_core.models.progress import TRACKER
 from exo_core.models.shard import Shard
 from exo_core.models.tokenizer import TokenizerError, load_tokenizer
-from exo_core.testing.hub import StandInHub
+from exo_core.testing.hub import StandInHub, write_tiny_llama_safetensors
 
 REPO, FILE = "org/smol-gguf", "smol.gguf"
 CARD = ModelCard("smol", "smol", 30, {"gguf": f"{REPO}:{FILE}"})
@@ -173,7 +172,7 @@ def test_the_tokenizer_fetches_the_header_alone(hub, original):
 
 def test_safetensors_files_are_tracked_and_checked_against_the_hubs_sha256(tmp_path, monkeypatch):
     repo = tmp_path / "st"
-    write_tiny_hf(repo)
+    write_tiny_llama_safetensors(repo)
     card = ModelCard("tiny", "tiny", 2, {"safetensors": "org/tiny"})
     with StandInHub() as server:
         server.add_repo("org/tiny", repo)
@@ -191,46 +190,6 @@ def test_safetensors_files_are_tracked_and_checked_against_the_hubs_sha256(tmp_p
     size = (repo / "model-00003-of-00003.safetensors").stat().st_size
     assert tracked["model-00003-of-00003.safetensors"].status == "done"
     assert tracked["model-00003-of-00003.safetensors"].done == size
-
-
-def write_safetensors(path, names: list[str]) -> None:
-    """A safetensors file of one-float tensors (what matters here is which file holds which)."""
-    header = {
-        n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)
-    }
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * len(names)))
-
-
-def write_tiny_hf(directory) -> None:
-    """A two-layer Llama in three safetensors files with an index: layer 0 and the embedding,
-    layer 1, the final norm and the head."""
-    directory.mkdir()
-    config = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1}
-    config |= {"intermediate_size": 16, "num_hidden_layers": 2, "vocab_size": 16}
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "tokenizer.json").write_text("{}")
-    layer = [
-        "input_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "post_attention_layernorm",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ]
-    files = {
-        "model-00001-of-00003.safetensors": ["model.embed_tokens.weight"]
-        + [f"model.layers.0.{m}.weight" for m in layer],
-        "model-00002-of-00003.safetensors": [f"model.layers.1.{m}.weight" for m in layer],
-        "model-00003-of-00003.safetensors": ["model.norm.weight", "lm_head.weight"],
-    }
-    for name, tensors in files.items():
-        write_safetensors(directory / name, tensors)
-    weight_map = {t: name for name, tensors in files.items() for t in tensors}
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 @pytest.fixture

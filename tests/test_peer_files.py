@@ -19,7 +19,7 @@ from exo_core.models.progress import TRACKER
 from exo_core.models.shard import Shard
 from exo_core.networking import file_transfer
 from exo_core.testing.cluster import Cluster
-from exo_core.testing.hub import StandInHub
+from exo_core.testing.hub import StandInHub, write_tiny_llama_safetensors
 
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE = f"org/smol-gguf:{FILE}"
@@ -107,6 +107,32 @@ def test_a_shard_comes_from_a_peer_when_the_hub_is_unreachable(seeded, tmp_path,
     for a, b in shard_ranges(whole, Shard("smol-hub", 15, 29, 30)):
         assert got[a:b] == data[a:b]
     entry = [d for d in TRACKER.snapshot() if d.repo == "org/smol-gguf" and d.layers == "15-29/30"][-1]
+    assert entry.source == "peer:a" and entry.status == "done"
+
+
+def test_a_safetensors_shard_comes_from_a_peer(seeded, tmp_path, monkeypatch):
+    peer_home = Path(os.environ["EXO_HOME"])
+    repo = peer_home / "models" / "org--tiny"
+    write_tiny_llama_safetensors(repo)
+    (repo / "notes.txt").write_text("not a model file")
+    peers = _PinnedHome(seeded.peers(), peer_home)
+    assert peers.have("org/tiny/notes.txt") == []  # only what a shard download takes is served
+    assert peers.have("org/tiny/../org--tiny/config.json") == []
+    set_peer_source(peers)
+    monkeypatch.setenv("EXO_HOME", str(tmp_path / "mine"))  # the hub is unreachable (DEAD_HUB)
+    card = ModelCard("tiny", "tiny", 2, {"safetensors": "org/tiny"})
+    kind, path = shard_checkpoint(card, Shard("tiny", 1, 1, 2), ["safetensors"])
+    assert kind == "safetensors" and path == tmp_path / "mine" / "models" / "org--tiny"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
+    for name in ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        assert (path / name).read_bytes() == (repo / name).read_bytes()
+    entry = [d for d in TRACKER.snapshot() if d.file == "model-00003-of-00003.safetensors"][-1]
     assert entry.source == "peer:a" and entry.status == "done"
 
 

@@ -88,6 +88,50 @@ def set_peer_source(peers: PeerSource | None) -> None:
     _peers = peers
 
 
+def peer_source() -> PeerSource | None:
+    return _peers
+
+
+def fetch_from_peers(source: str, dest: Path, *, model_id: str = "", repo: str = "") -> Path | None:
+    """A whole file from the peers that hold it, into `dest` (written beside it, then renamed:
+    never a half file under its name); None when no peer has it. A peer failing mid-file
+    hands over to the next one, from the start of the file."""
+    peers = _peers
+    if peers is None:
+        return None
+    holders = [h for h in peers.have(source) if h.ranges == [(0, h.size)]]
+    if not holders:
+        return None
+    size = holders[0].size
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _check_space(dest.parent, size, dest.name)
+    part = dest.with_name(dest.name + ".part")
+    errors = []
+    for holder in holders:
+        entry = TRACKER.begin(model_id or source, repo, dest.name, size, source=f"peer:{holder.node_id}")
+        try:
+            with open(part, "wb") as f:
+                for chunk in peers.read(holder.node_id, source, 0, size):
+                    f.write(chunk)
+                    TRACKER.advance(entry, len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+            if part.stat().st_size != size:
+                raise ConnectionError(f"got {part.stat().st_size} of {size} bytes")
+        except Exception as exc:
+            TRACKER.fail(entry, str(exc))
+            errors.append(f"{holder.node_id}: {exc}")
+            log.warning(
+                "peer failed mid-file; trying the next", peer=holder.node_id, file=source, error=str(exc)
+            )
+            continue
+        os.replace(part, dest)
+        TRACKER.finish(entry)
+        return dest
+    part.unlink(missing_ok=True)
+    raise DownloadError(f"no peer could send {source} ({'; '.join(errors)}); run again to retry")
+
+
 # ---- the manifest -------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from exo_core.models.cards import EMBEDDED, ModelCard
 from exo_core.models.checkpoint.config import CONFIG_FILE, LlamaConfig, read_hf_config
 from exo_core.models.checkpoint.errors import CheckpointError
 from exo_core.models.checkpoint.names import HF, shard_modules
-from exo_core.models.checkpoint.safetensors import INDEX_FILE, SafetensorsCheckpoint, read_index
+from exo_core.models.checkpoint.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint, read_index
 from exo_core.models.paths import ModelFilesError, models_dir
 from exo_core.models.paths import exo_home as exo_home  # files.exo_home() is what callers use
 from exo_core.models.shard import Shard
@@ -282,13 +282,75 @@ def fetch_metadata(card: ModelCard) -> Path | None:
     return None
 
 
+def repo_file_wanted(name: str) -> bool:
+    """Whether a shard download fetches this file of a safetensors repo (what peers may serve)."""
+    return (
+        name in (CONFIG_FILE, INDEX_FILE)
+        or name.startswith("tokenizer")
+        or name in REPO_EXTRAS
+        or name.endswith(".safetensors")
+    )
+
+
+# Files a repo may have that a shard download takes, asked of peers by name (they list no repo).
+PEER_REPO_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    *REPO_EXTRAS,
+)
+
+
+def _shard_files_from_peers(repo: str, shard: Shard | None, model_id: str) -> Path | None:
+    """A repo's files for `shard` from the cluster's peers, into EXO_HOME/models/ORG--REPO;
+    None when no peer has the repo (its config.json). Files the peers lack come from the hub."""
+    from exo_core.models.download import fetch_from_peers, peer_source
+
+    if peer_source() is None:
+        return None
+    directory = models_dir() / repo.replace("/", "--")
+
+    def get(name: str) -> Path | None:
+        if (directory / name).is_file():
+            return directory / name
+        return fetch_from_peers(f"{repo}/{name}", directory / name, model_id=model_id, repo=repo)
+
+    if get(CONFIG_FILE) is None:
+        return None
+    for name in PEER_REPO_FILES:
+        get(name)
+    if shard is None:
+        return directory
+    index = get(INDEX_FILE)
+    needed = shard_files(directory, shard, read_index(index)) if index is not None else [SINGLE_FILE]
+    missing = [name for name in needed if get(name) is None]
+    if missing:
+        from huggingface_hub import hf_hub_download
+
+        from exo_core.models.download import explain, hub_endpoint
+
+        try:  # what no peer has comes from the hub, into the same directory
+            for name in missing:
+                hf_hub_download(repo, name, local_dir=directory, endpoint=hub_endpoint())
+        except Exception as exc:
+            raise ModelFilesError(
+                f"could not download {repo} for {shard}: no peer has {', '.join(missing)}, "
+                f"and {explain(repo, None, exc)}"
+            ) from exc
+    return directory
+
+
 def download_shard_files(repo: str, shard: Shard | None, model_id: str = "") -> Path:
     """Download config.json, the tokenizer, and the weight files holding the shard's tensors
     (none for `shard=None`); the snapshot directory (where `local_snapshot` finds it later).
+    Peers of the cluster that have the repo are asked first (`_shard_files_from_peers`).
 
     Each file's progress goes to the download tracker; a file fetched now is checked against
     the size and (for weights, kept in LFS) the sha256 the hub lists, and removed when they
     differ."""
+    from_peers = _shard_files_from_peers(repo, shard, model_id)
+    if from_peers is not None:
+        return from_peers
     from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.hf_api import RepoFile
 

@@ -49,6 +49,8 @@ CHUNK = 1 << 20
 HAVE_TIMEOUT = 5.0
 CHUNK_TIMEOUT = 30.0  # a peer silent this long mid-transfer is given up on
 _SOURCE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+:[\w.+-]+\.gguf$")
+# A file of a safetensors repo: "org/repo/NAME", NAME one of what a shard download fetches.
+_REPO_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+/[\w.-]+$")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -64,10 +66,23 @@ def _raw(data: bytes) -> bytes:
 
 
 def local_file(source: object) -> tuple[Path, Manifest] | None:
-    """This node's file for a hub GGUF source and what of it is here (None when nothing)."""
+    """This node's file for a source and what of it is here (None when nothing): a hub GGUF
+    ("org/repo:file.gguf", whole or partial) or a file of a safetensors repo ("org/repo/NAME")."""
     from exo_core.models import files
 
-    if not isinstance(source, str) or not _SOURCE.match(source) or ".." in source:
+    if not isinstance(source, str) or ".." in source:
+        return None
+    if _REPO_FILE.match(source):
+        repo, name = source.rsplit("/", 1)
+        if not files.repo_file_wanted(name):
+            return None
+        directory = files.local_snapshot(repo)
+        path = directory / name if directory is not None else None
+        if path is None or not path.is_file():
+            return None
+        size = path.stat().st_size
+        return path, Manifest(size, None, None, [(0, size)])
+    if not _SOURCE.match(source):
         return None
     repo, filename = source.split(":", 1)
     for candidate in files._gguf_candidates(repo, filename):

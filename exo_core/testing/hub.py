@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -289,3 +290,53 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(data)
+
+
+# ---- a model to serve -------------------------------------------------------------------------
+
+
+def _write_safetensors(path: Path, names: list[str]) -> None:
+    """A safetensors file of one-float tensors (what matters is which file holds which)."""
+    header = {
+        n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)
+    }
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * len(names)))
+
+
+LAYER_TENSORS = (
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def write_tiny_llama_safetensors(directory: Path) -> dict[str, list[str]]:
+    """A two-layer Llama repo in three safetensors files with an index (the embedding and layer
+    0; layer 1; the final norm and the head), config.json and tokenizer.json, for tests of
+    which files a shard fetches (the tensors are placeholders, not a working model). Returns
+    file name -> its tensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1}
+    config |= {"intermediate_size": 16, "num_hidden_layers": 2, "vocab_size": 16}
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer.json").write_text("{}")
+    files = {
+        "model-00001-of-00003.safetensors": [
+            "model.embed_tokens.weight",
+            *(f"model.layers.0.{m}.weight" for m in LAYER_TENSORS),
+        ],
+        "model-00002-of-00003.safetensors": [f"model.layers.1.{m}.weight" for m in LAYER_TENSORS],
+        "model-00003-of-00003.safetensors": ["model.norm.weight", "lm_head.weight"],
+    }
+    for name, tensors in files.items():
+        _write_safetensors(directory / name, tensors)
+    weight_map = {t: name for name, tensors in files.items() for t in tensors}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return files
