@@ -8,8 +8,10 @@ import contextlib
 import time
 
 import numpy as np
+import openai
 import pytest
 
+from exo_core.api.testing import BackgroundNode, request
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.models.shard import Shard
 from exo_core.models.tokenizer import load_tokenizer
@@ -160,3 +162,30 @@ async def test_engines_copy_prefixes_exactly(engine_name):
         await engine_checks.check_copy_prefix(engine, card, prompt, rtol=1e-5, atol=1e-5)
     finally:
         await engine.close()
+
+
+def test_usage_and_metrics_count_cached_tokens():
+    config = NodeConfig(
+        engine="dummy",
+        api_host="127.0.0.1",
+        api_port=0,
+        node_host="127.0.0.1",
+        discovery="none",
+        node_id="pc",
+    )
+    with BackgroundNode(config) as server, openai.OpenAI(base_url=f"{server.url}/v1", api_key="x") as client:
+        messages = [{"role": "user", "content": "Tell me about the weather in Paris today."}]
+        first = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And tomorrow?"},
+        ]
+        stream = client.chat.completions.create(
+            model="smollm2-135m", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        usage = [chunk.usage for chunk in stream if chunk.usage][-1]
+        assert usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+        metrics = request("GET", f"{server.url}/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith("exo_cached_prompt_tokens_total"))
+        assert float(line.split()[-1]) == usage.prompt_tokens_details.cached_tokens

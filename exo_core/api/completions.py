@@ -309,6 +309,8 @@ class CompletionRun:
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason
             usage = choice.usage
+            if usage.cached_tokens and choice.index % self.req.n == 0:  # a prompt counts once
+                metrics.cached_prompt_tokens.labels(model).inc(usage.cached_tokens)
             if usage.completion_tokens > 1 and usage.first_token_s is not None:
                 decode_s = usage.elapsed_s - usage.first_token_s
                 if decode_s > 0:

@@ -41,6 +41,9 @@ class ApiMetrics:
         )
         self.prompt_tokens = Counter("exo_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.completion_tokens = Counter("exo_completion_tokens", "Tokens generated.", ["model"], registry=r)
+        self.cached_prompt_tokens = Counter(
+            "exo_cached_prompt_tokens", "Prompt tokens taken from the prefix cache.", ["model"], registry=r
+        )
         self.time_to_first_token = Histogram(
             "exo_time_to_first_token_seconds",
             "From the request's arrival to its first generated token.",
