@@ -102,8 +102,16 @@ def fetch_from_peers(source: str, dest: Path, *, model_id: str = "", repo: str =
     holders = [h for h in peers.have(source) if h.ranges == [(0, h.size)]]
     if not holders:
         return None
+    with _locked(dest):  # one writer per file (a prefetch and an engine's load may both ask)
+        if dest.is_file():
+            return dest
+        return _fetch_whole_from(peers, holders, source, dest, model_id, repo)
+
+
+def _fetch_whole_from(
+    peers: PeerSource, holders: list[Holding], source: str, dest: Path, model_id: str, repo: str
+) -> Path:
     size = holders[0].size
-    dest.parent.mkdir(parents=True, exist_ok=True)
     _check_space(dest.parent, size, dest.name)
     part = dest.with_name(dest.name + ".part")
     errors = []
@@ -409,7 +417,11 @@ RangeReader = Callable[[int, int], Iterator[bytes]]
 def _locked(file: Path) -> Iterator[None]:
     """One downloader per file, across threads and processes."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file.with_name(file.name + ".lock"), "a") as lock:
+    # Locks live apart from the model files (a repo directory holds only the repo's files).
+    locks = models_dir() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(str(file.resolve()).encode()).hexdigest()
+    with open(locks / f"{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
