@@ -92,7 +92,6 @@ def remove(card: ModelCard) -> list[Path]:
             for path in (
                 entry.path,
                 manifest_path(entry.path),
-                entry.path.with_name(entry.path.name + ".lock"),
             ):
                 if path.exists():
                     path.unlink()
