@@ -10,7 +10,6 @@ complete), and after it consumes the sampled token. The grammar never loosens: a
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import weakref
@@ -121,11 +120,6 @@ class Constraint:
             self._check()
             raise ConstraintError(f"token {token} does not fit the grammar")
 
-    @property
-    def done(self) -> bool:
-        """The grammar is complete and admits nothing more (only end-of-turn)."""
-        return self.matcher.is_stopped()
-
 
 _tokenizers: dict[str, Tokenizer] = {}
 
@@ -138,12 +132,3 @@ def tokenizer_for(card: ModelCard) -> Tokenizer:
     if found is None:
         found = _tokenizers[card.id] = load_tokenizer(card)
     return found
-
-
-@functools.cache
-def available() -> bool:
-    try:
-        import llguidance  # noqa: F401
-    except ImportError:
-        return False
-    return True
