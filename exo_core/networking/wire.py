@@ -26,6 +26,9 @@ from exo_core.node.topology import DeviceCapabilities, NodeInfo
 TOKENS_DTYPE, TOKENS_RANK = np.dtype(np.int64), 1
 HIDDEN_DTYPE, HIDDEN_RANK = np.dtype(np.float32), 2
 MAX_TENSOR_BYTES = 1 << 30
+_LITTLE_ENDIAN = np.little_endian
+_PLANS: dict[tuple[Any, ...], tuple[PlanStage, ...]] = {}  # every step of a request carries its plan
+_MAX_PLANS = 1024
 
 
 class WireError(ValueError):
@@ -36,9 +39,9 @@ class WireError(ValueError):
 
 
 def tensor_to_pb(array: np.ndarray, dtype: np.dtype) -> pb.Tensor:
-    array = np.ascontiguousarray(array, dtype=dtype)
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return pb.Tensor(data=little.tobytes(), dtype=array.dtype.name, shape=list(array.shape))
+    if not (array.dtype == dtype and array.flags.c_contiguous and _LITTLE_ENDIAN):
+        array = np.ascontiguousarray(array, dtype=dtype).astype(dtype.newbyteorder("<"), copy=False)
+    return pb.Tensor(data=array.tobytes(), dtype=dtype.name, shape=array.shape)
 
 
 def tensor_from_pb(msg: pb.Tensor, dtype: np.dtype, rank: int, field: str) -> np.ndarray:
@@ -77,6 +80,21 @@ def shard_from_pb(msg: pb.Shard) -> Shard:
         return Shard(msg.model_id, msg.start_layer, msg.end_layer, msg.n_layers)
     except ValueError as exc:
         raise WireError(str(exc)) from None
+
+
+def plan_from_pb(stages: Any) -> tuple[PlanStage, ...]:
+    """The plan of a step; the same plan arrives with every step of a request, so it is built once."""
+    key = tuple(
+        (s.node_id, s.shard.model_id, s.shard.start_layer, s.shard.end_layer, s.shard.n_layers)
+        for s in stages
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = tuple(PlanStage(s.node_id, shard_from_pb(s.shard)) for s in stages)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
@@ -142,7 +160,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
     """A step from a peer, checked: a plan, a stage in it, exactly one well-formed input."""
     if not msg.request_id:
         raise WireError("step without a request id")
-    plan = tuple(PlanStage(s.node_id, shard_from_pb(s.shard)) for s in msg.plan)
+    plan = plan_from_pb(msg.plan)
     if not plan:
         raise WireError("step without a plan")
     if not 0 <= msg.stage_index < len(plan):
