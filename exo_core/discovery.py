@@ -57,7 +57,10 @@ class DiscoveryContext:
     options: Mapping[str, Any] = field(default_factory=dict)  # the module's `exo run` options
     timeout: float = 30.0  # seconds before a silent candidate is dropped
     peers_file: Path | None = None  # --discovery-config-path
-    # Signs and verifies announcements (exo_core.networking.auth.ClusterAuth); None in open mode.
+    # Signs and verifies announcements with the cluster key; None with --insecure. A module may
+    # use `auth.mac(text, length)`, `auth.verify_mac(text, sig, length)` (HMAC-SHA256 in hex,
+    # for what it publishes: sign its whole content, address included) and `auth.next_seq()`
+    # (a number that only grows, across restarts too). (exo_core.networking.auth.ClusterAuth)
     auth: Any = None
     # A peers file may say what this node's capabilities are (so every node plans alike).
     set_own_capabilities: Callable[[DeviceCapabilities], None] = lambda caps: None

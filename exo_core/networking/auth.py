@@ -181,7 +181,10 @@ class ClusterAuth:
         """None (and remembered) when `seq` is newer than any seen from `node_id`."""
         if not isinstance(seq, int) or isinstance(seq, bool):
             return "no sequence number"
-        if seq <= self._last_seq.get(node_id, -1):
+        last = self._last_seq.get(node_id, -1)
+        if seq == last:
+            return "duplicate"  # the same packet heard twice (two interfaces on one network)
+        if seq < last:
             return "replayed: not newer than one already heard"
         if len(self._last_seq) > 10_000:
             self._last_seq.clear()

@@ -170,6 +170,8 @@ class UDPDiscovery(Discovery):
         auth = self.context.auth
         if auth is not None:
             reason = auth.check_announcement(message, source)
+            if reason == "duplicate":
+                return reason
             if reason is not None:
                 self._log_refusal(source, message.get("node_id"), reason)
                 return reason
