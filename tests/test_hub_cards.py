@@ -144,3 +144,17 @@ def run_prompt(model: str, env: dict[str, str]) -> str:
 def test_exo_run_a_hub_gguf_answers_like_the_embedded_model(hub, tmp_path):
     env = {"HF_ENDPOINT": hub.url, "EXO_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}
     assert run_prompt("hf.co/org/smol-gguf:Q4_1", env) == run_prompt("smollm2-135m", env)
+
+
+def test_a_node_restarts_with_a_tag_id_without_the_hub(hub, monkeypatch):
+    card = card_from_hub("hf.co/org/smol-gguf:Q4_1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # unreachable: what is on disk answers
+    assert card_from_hub("hf.co/org/smol-gguf:Q4_1") == card
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert card_from_hub("hf.co/org/smol-gguf:Q4_1") == card
+    with pytest.raises(ModelFilesError, match="HF_HUB_OFFLINE is set and nothing of org/other"):
+        card_from_hub("hf.co/org/other:Q4_K_M")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with pytest.raises(ModelFilesError, match="no repo org/nope"):  # a refusal is not papered over
+        card_from_hub("hf.co/org/nope:Q4_1")

@@ -51,8 +51,9 @@ def parse_hub_id(model_id: str) -> tuple[str, str | None]:
     return repo, selector or None
 
 
-def pick_gguf(repo: str, files: list[str], selector: str | None) -> str:
-    """The GGUF file an id names: by file name, by quantisation tag, or the default one."""
+def pick_gguf(repo: str, files: list[str], selector: str | None, *, only_file_wins: bool = True) -> str:
+    """The GGUF file an id names: by file name, by quantisation tag, or the default one (the
+    Q4_K_M file, else a repo's only GGUF when `only_file_wins`)."""
     ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
     if selector and selector.lower().endswith(".gguf"):
         if selector in files:
@@ -61,7 +62,7 @@ def pick_gguf(repo: str, files: list[str], selector: str | None) -> str:
     tag = selector or DEFAULT_QUANT
     pattern = re.compile(rf"(^|[-._/]){re.escape(tag)}([-._]|$)", re.IGNORECASE)
     matches = [f for f in ggufs if pattern.search(f.rsplit("/", 1)[-1].removesuffix(".gguf") + ".")]
-    if not matches and selector is None and len(ggufs) == 1:
+    if not matches and selector is None and only_file_wins and len(ggufs) == 1:
         matches = ggufs
     whole = [f for f in matches if not _SPLIT.search(f)]
     if not whole and matches:
@@ -84,23 +85,59 @@ def card_from_hub(model_id: str) -> ModelCard:
     repo, selector = parse_hub_id(model_id)
     if selector and selector.lower().endswith(".gguf"):
         return _gguf_card(model_id, repo, selector)  # from the header on disk when it is here
-    files = _repo_files(repo)
+    local = _local_repo_files(repo)
+    if local:  # what is on this node answers first (the hub is asked only for what is not)
+        try:  # (a repo's only GGUF on this node is not necessarily the repo's only one)
+            return _card_from_files(model_id, repo, selector, local, only_file_wins=False)
+        except ModelFilesError:
+            pass
+    return _card_from_files(model_id, repo, selector, _repo_files(repo))
+
+
+def _card_from_files(
+    model_id: str, repo: str, selector: str | None, files: list[str], *, only_file_wins: bool = True
+) -> ModelCard:
     if selector is None and "config.json" in files and any(f.endswith(".safetensors") for f in files):
         return _safetensors_card(model_id, repo)
     if not any(f.lower().endswith(".gguf") for f in files):
         raise ModelFilesError(f"{repo} has neither safetensors weights with a config.json nor GGUF files")
-    return _gguf_card(model_id, repo, pick_gguf(repo, files, selector))
+    return _gguf_card(model_id, repo, pick_gguf(repo, files, selector, only_file_wins=only_file_wins))
 
 
-def _repo_files(repo) -> list[str]:
+def _repo_files(repo: str) -> list[str]:
+    """The repo's file names: from the hub; offline, or when the hub cannot be reached (not when
+    it refuses), those of the repo on this node."""
+    local = _local_repo_files(repo)
     if hub_offline():
-        raise DownloadError(f"HF_HUB_OFFLINE is set: cannot list {repo}'s files (name the file: :FILE.gguf)")
+        if local:
+            return local
+        raise DownloadError(f"HF_HUB_OFFLINE is set and nothing of {repo} is on this node")
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return list(HfApi(endpoint=hub_endpoint()).list_repo_files(repo))
     except Exception as exc:
+        if local and not isinstance(exc, HfHubHTTPError):
+            return local
         raise DownloadError(explain(repo, None, exc)) from exc
+
+
+def _local_repo_files(repo: str) -> list[str]:
+    """Names of the repo's files on this node: its GGUFs (whole or partial), or its snapshot."""
+    from exo_core.models.files import _gguf_candidates, local_snapshot
+
+    folder = repo.replace("/", "--")
+    names = {
+        path.name
+        for base in {candidate.parent for candidate in _gguf_candidates(repo, "x.gguf")}
+        if base.name == folder and base.is_dir()
+        for path in base.glob("*.gguf")
+    }
+    snapshot = local_snapshot(repo)
+    if snapshot is not None:
+        names |= {p.name for p in snapshot.iterdir() if p.is_file()}
+    return sorted(names)
 
 
 def _gguf_card(model_id: str, repo: str, filename: str) -> ModelCard:
