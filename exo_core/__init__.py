@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "TextEngine": "exo_core.engine",
     "TextGeneration": "exo_core.engine",
     "TextDelta": "exo_core.engine",
+    "ToolCall": "exo_core.engine",
     "ReplicaUnavailable": "exo_core.engine",
     "UpstreamError": "exo_core.engine",
     "StageOutput": "exo_core.engine",
@@ -68,7 +69,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # public submodules: the checkpoint readers (GGUF, safetensors, Llama-family config, tensor names)
-_MODULES: dict[str, str] = {"checkpoint": "exo_core.models.checkpoint"}
+_MODULES: dict[str, str] = {"checkpoint": "exo_core.checkpoint"}
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -103,6 +104,7 @@ __all__ = [
     "TextStageInput",
     "Tokenizer",
     "TokenizerError",
+    "ToolCall",
     "UpstreamError",
     "__version__",
     "checkpoint",
@@ -145,12 +147,13 @@ if TYPE_CHECKING:
         TextEngine,
         TextGeneration,
         TextStageInput,
+        ToolCall,
         UpstreamError,
     )
     from exo_core.errors import ConfigError, EngineError, PluginError
     from exo_core.frontend import Frontend
     from exo_core.hookspecs import hookimpl
-    from exo_core.models import checkpoint
+    from exo_core import checkpoint
     from exo_core.models.cards import DEFAULT_MODEL_ID, EMBEDDED, ModelCard
     from exo_core.models.files import ModelFilesError, embedded_gguf_path, exo_home, shard_checkpoint
     from exo_core.models.shard import Shard
