@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @contextlib.asynccontextmanager
-async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, reg=None):
+async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, reg=None, step_timeout=120.0):
     """Started runtimes for `ids` (dummy engine); the peers file lists `listed` (default: all)."""
     ports = free_ports(len(ids))
     specs = {nid: NodeSpec(nid, port, 0) for nid, port in zip(ids, ports, strict=True)}
@@ -53,6 +53,7 @@ async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, reg=None):
                 discovery_config_path=str(path),
                 discovery_options={"timeout": 5.0},
                 frontends=(),
+                step_timeout=step_timeout,
             )
             rt = Runtime(config, reg)
             await rt.start()
@@ -261,13 +262,15 @@ async def test_a_hung_lone_node_gives_the_client_an_error_within_its_deadline(tm
         assert time.monotonic() - started < 5
 
 
-async def test_a_prefill_longer_than_the_step_timeout_is_progress_not_a_failure(tmp_path):
-    """A prompt of ~2,600 tokens is 11 slices of 0.15 s: 1.6 s of prefill, step timeout 0.5 s."""
-    async with runtimes(tmp_path, ["a", "b"], delay_ms=300) as (rts, _specs, _path):
+async def test_a_prefill_longer_than_the_step_timeout_is_progress_not_a_failure(tmp_path, monkeypatch):
+    """A prompt of ~2,600 tokens is 11 slices of 0.15 s: 1.6 s of prefill, step timeout 0.5 s,
+    and requests idle for 1 s are freed (but not while they compute)."""
+    from exo_core.node import stage as stage_module
+
+    monkeypatch.setattr(stage_module, "MIN_IDLE_S", 1.0)
+    async with runtimes(tmp_path, ["a", "b"], delay_ms=300, step_timeout=0.5) as (rts, _specs, _path):
         a = rts["a"]
         await until(lambda: set(a.node.peers) == {"b"})
-        for rt in rts.values():
-            set_step_timeout(rt, 0.5)
         long = [{"role": "user", "content": "one two three four " * 600}]
         assert await chat(a, long, max_tokens=2) == DUMMY_ANSWER[: len(await chat(a, max_tokens=2))]
         assert a.node.origin.replans_total == 0

@@ -62,6 +62,9 @@ MAX_TOMBSTONES = 10_000
 STEP_SLICE = 256
 # Steps waiting for the engine (each live request has at most one): beyond this, refused.
 MAX_QUEUED_STEPS = 4096
+# A request whose origin has sent nothing for max(2 x step_timeout, this) and that is not
+# computing here is freed (its origin died or dropped this node).
+MIN_IDLE_S = 60.0
 
 
 @dataclass
@@ -260,12 +263,12 @@ class Stage:
 
     async def _expire_idle_requests(self) -> None:
         """Free stage caches whose origin went silent (it died, or dropped this node)."""
-        idle_after = max(2 * self.step_timeout, 60.0)
         while True:
+            idle_after = max(2 * self.step_timeout, MIN_IDLE_S)
             await asyncio.sleep(min(idle_after / 4, 30.0))
             now = time.monotonic()
             for request_id, known in list(self._requests.items()):
-                if now - known.last_seen > idle_after:
+                if known.pending == 0 and now - known.last_seen > idle_after:  # not while it computes
                     log.info("releasing an abandoned request", request=request_id)
                     await self.release(request_id, known.attempt)
 
@@ -406,6 +409,9 @@ class Stage:
                 self._forward_since, self._computing = None, []
         for (work, item), out in zip(runnable, outputs, strict=True):
             work.done += item.length
+            known = self._requests.get(work.msg.request_id)
+            if known is not None:
+                known.last_seen = time.monotonic()  # a slice done: alive, whatever the origin says
             more = work.done < work.msg.length
             if more:  # more slices to go: back in the queue, behind the others
                 self._work.put_nowait(work)
