@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
-from tinygrad.device import Buffer
+from tinygrad.device import Buffer, BufferSpec
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import UOp
 
@@ -49,11 +49,18 @@ def from_numpy(array: np.ndarray, device: str | None = None) -> Tensor:
     return _tensor(buffer, array.shape)
 
 
-def zeros(shape: tuple[int, ...], dtype: DType = dtypes.float32, device: str | None = None) -> Tensor:
-    """A realized tensor of zeros."""
+def zeros(
+    shape: tuple[int, ...], dtype: DType = dtypes.float32, device: str | None = None, *, own: bool = False
+) -> Tensor:
+    """A realized tensor of zeros. `own`: memory of its own, returned to the system when the
+    tensor goes (KV caches: tinygrad's allocator would otherwise keep freed buffers for reuse,
+    so the caches of past long requests stayed allocated for good)."""
     size = int(np.prod(shape))
-    buffer = Buffer(Device.canonicalize(device or Device.DEFAULT), size, dtype).allocate()
-    write(buffer, memoryview(bytearray(size * dtype.itemsize)))
+    device = Device.canonicalize(device or Device.DEFAULT)
+    options = BufferSpec(nolru=True) if own else None
+    buffer = Buffer(device, size, dtype, options=options).allocate()
+    if not (own and device.split(":")[0] == "CPU"):  # a fresh anonymous mapping is zeroed already
+        write(buffer, memoryview(bytearray(size * dtype.itemsize)))
     return _tensor(buffer, shape)
 
 

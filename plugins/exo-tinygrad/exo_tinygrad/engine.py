@@ -330,7 +330,12 @@ def graph_dir(path: Path, shard: Shard, max_context: int) -> Path | None:
         max_context=max_context,
         device=Device.DEFAULT,
     )
-    return files.exo_home() / "cache" / "tinygrad" / key
+    directory = files.exo_home() / "cache" / "tinygrad" / "graphs" / key
+    try:
+        graphs.prune(directory)
+    except OSError:
+        return None  # an unwritable EXO_HOME: capture in every process, as before
+    return directory
 
 
 _executor: ThreadPoolExecutor | None = None

@@ -13,8 +13,8 @@ What a graph refers to is saved by role, not by value:
 - anything else (a constant the graph only reads) with its contents.
 The graph's inputs (KV caches, staging buffers) are parameters of the graph, not part of it.
 
-Files live under `EXO_HOME/cache/tinygrad/<key>/` where the key covers the model file (path,
-size, modification time), the shard, the context cap, the device, tinygrad's version, this
+Files live under `EXO_HOME/cache/tinygrad/graphs/<key>/` where the key covers the model file
+(path, size, modification time), the shard, the context cap, the device, tinygrad's version, this
 package's code and the settings that change generated code; one file per graph
 (`prefill-256.pkl`, `decode-256x1.pkl`, ...). A file that cannot be read is ignored (and the
 graph captured again); files are written to a temporary name and renamed, so concurrent
@@ -70,6 +70,29 @@ def cache_key(**parts: Any) -> str:
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+KEEP_DIRECTORIES = 8  # graph directories kept per EXO_HOME (other models, shards, versions)
+
+
+def prune(directory: Path, keep: int = KEEP_DIRECTORIES) -> None:
+    """Mark `directory` used now and delete all but the `keep` most recently used of its
+    siblings (each code or model change makes a new key: old ones would pile up)."""
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    os.utime(directory)
+    try:
+        siblings = sorted(
+            (p for p in directory.parent.iterdir() if p.is_dir()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+    except OSError:
+        return
+    for old in siblings[keep:]:
+        if old != directory:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class GraphStore:

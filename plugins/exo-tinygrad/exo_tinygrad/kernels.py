@@ -27,9 +27,19 @@ from exo_tinygrad.buffers import from_numpy
 ROWS = 8  # output rows per SIMD group
 
 
+def custom_kernels(device: str) -> bool:
+    """Whether the UOp kernels with CPU opts run on `device`. Elsewhere (GPUs) the matmul falls
+    back to plain tinygrad ops (dequantise, matmul: tinygrad fuses and parallelises them), and
+    the attention kernels run without the CPU opts. `EXO_TINYGRAD_KERNELS=plain` forces the
+    fallback (tests check it against the kernels on CPU)."""
+    if os.environ.get("EXO_TINYGRAD_KERNELS", "") == "plain":
+        return False
+    return device.split(":")[0].upper() in ("CPU", "CLANG")
+
+
 def threads() -> int:
     """CPU threads a kernel is split into (tinygrad's THREAD opt; 1: not split)."""
-    if os.environ.get("THREADS", "1") == "0":
+    if os.environ.get("THREADS", "1") == "0" or not custom_kernels(os.environ.get("DEV", "CPU")):
         return 1
     return max(1, int(os.environ.get("NUM_CPU_THREADS") or os.cpu_count() or 1))
 
@@ -183,6 +193,8 @@ def matmul(
     residual: Tensor | None = None,
 ) -> Tensor:
     """x [..., in] float32 -> [..., out] float32 (see `_kernel` for norm / swiglu / residual)."""
+    if not custom_kernels(str(x.device)):
+        return _matmul_plain(x, w, norm=norm, swiglu=swiglu, residual=residual)
     lead = x.shape[:-1]
     width = w.in_features * (2 if swiglu else 1)
     flat = x.reshape(-1, width)
@@ -206,6 +218,38 @@ def matmul(
     if out_padded != w.out_features:
         y = y[:, : w.out_features]
     return y.reshape(*lead, w.out_features)
+
+
+def dequantize(w: PackedWeight) -> Tensor:
+    """The weight as float32 [out, in], in plain tinygrad ops (lazy: fused into its use)."""
+    blocks, groups = (w.out_features + ROWS - 1) // ROWS, w.in_features // w.group
+    inner = w.group // 2 if w.nibbles else w.group
+    q = w.q.reshape(blocks, groups, inner, ROWS)
+    if w.nibbles:  # low nibbles are the first half of a group, high nibbles the second
+        values = (q & 15).cat(q.rshift(4), dim=2).cast(dtypes.float32)
+    else:
+        values = q.cast(dtypes.float32)
+    full = values * w.scale.reshape(blocks, groups, 1, ROWS)
+    if w.offset is not None:
+        full = full + w.offset.reshape(blocks, groups, 1, ROWS)
+    return full.permute(0, 3, 1, 2).reshape(blocks * ROWS, w.in_features)[: w.out_features]
+
+
+def _matmul_plain(
+    x: Tensor,
+    w: PackedWeight,
+    *,
+    norm: tuple[Tensor, float] | None = None,
+    swiglu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """`matmul` in plain tinygrad ops, for devices the UOp kernel's CPU opts do not suit."""
+    if swiglu:
+        x = x[..., : w.in_features].silu() * x[..., w.in_features :]
+    if norm is not None:
+        x = x * (x.square().mean(-1, keepdim=True) + norm[1]).rsqrt() * norm[0]
+    y = x @ dequantize(w).T
+    return y if residual is None else y + residual
 
 
 # ---- attention scores ---------------------------------------------------------------------
@@ -263,6 +307,8 @@ def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int
         store = scores[((h * group + g) * T + t) * cap + s].store(value).end(h, g, t, s)
         opts = (Opt(OptOps.UNROLL, 0, lanes),) if lanes > 1 else ()
         opts += _thread_rows(T, sum(n > 1 for n in (n_kv, group)))
+        if not custom_kernels(str(q.device)):
+            opts = ()
         return store.sink(arg=KernelInfo(name=f"attn_scores_{T}_{H}_{hd}", opts_to_apply=opts))
 
     out = Tensor.empty(H * T * cap, dtype=dtypes.float32, device=q.device)
@@ -293,6 +339,8 @@ def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int) ->
         axis_d = sum(n > 1 for n in (n_kv, group, T))  # size-1 ranges are dropped
         opts = (Opt(OptOps.UPCAST, axis_d, 16),) if hd % 16 == 0 else ()
         opts += _thread_rows(T, sum(n > 1 for n in (n_kv, group)))
+        if not custom_kernels(str(probs.device)):
+            opts = ()
         return store.sink(arg=KernelInfo(name=f"attn_values_{T}_{hd}", opts_to_apply=opts))
 
     out = Tensor.empty(T * n_kv * group * hd, dtype=dtypes.float32, device=probs.device)

@@ -206,7 +206,7 @@ class ShardModel:
         """One request's KV cache: per layer, keys and values for `capacity` positions."""
         c = self.config
         shape = (2, capacity, c.n_kv_heads, c.head_dim)
-        return [zeros(shape) for _ in self.blocks]
+        return [zeros(shape, own=True) for _ in self.blocks]
 
     def cache_bytes_per_position(self) -> int:
         c = self.config

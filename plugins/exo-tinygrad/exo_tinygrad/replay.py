@@ -35,6 +35,7 @@ from exo_tinygrad.executor import Pool, Program
 @dataclass
 class _Kernel:
     fxn: Any  # ctypes function of the compiled kernel
+    runtime: Any  # its tinygrad program, which owns the code's memory: kept alive here
     address: int  # its address
     args: list[Any]  # int (fixed address), ("in", slot), ("view", uop), ("var", name), ("core",) per argument
     parts: int  # THREAD parts (0: not split)
@@ -168,7 +169,7 @@ def _plan(call: UOp) -> _Kernel | None:
     if parts and ("core",) not in args:
         return None
     address = ctypes.cast(runtime.fxn, ctypes.c_void_p).value or 0
-    return _Kernel(runtime.fxn, address, args, parts, ast.arg.name)
+    return _Kernel(runtime.fxn, runtime, address, args, parts, ast.arg.name)
 
 
 def _address(buffer: Buffer) -> int:

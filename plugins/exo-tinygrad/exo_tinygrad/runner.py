@@ -16,6 +16,7 @@ Everything here runs on the engine's one worker thread (tinygrad is not thread-s
 
 from __future__ import annotations
 
+import gc
 import itertools
 import pickle
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class _Graph:
         captured = self.jit.captured is not None
         out = self.jit(*args)
         if not captured and self.jit.captured is not None:
+            forget_compile_memos()
             self.replay = Replay.build(self.jit, kernels.threads())
             if self.store is not None:
                 try:
@@ -358,6 +360,19 @@ class ShardRunner:
         layers = len(self.model.blocks)
         caches = [flat[b * layers : (b + 1) * layers] for b in range(len(positions))]
         return self.model(x, caches, list(positions)).realize()
+
+
+def forget_compile_memos() -> None:
+    """Drop tinygrad's process-wide memos of schedules and lowered kernels. They only speed up
+    scheduling the same graph again, which a captured graph never does, and each holds whole
+    UOp graphs: after capturing a few dozen graphs they were 1.5 GB of Python objects that
+    every full garbage collection walked (decode slowed several times)."""
+    from tinygrad.codegen import to_program_cache
+    from tinygrad.schedule import schedule_cache
+
+    to_program_cache.clear()
+    schedule_cache.clear()
+    gc.collect()
 
 
 def _read(t: Tensor) -> np.ndarray:

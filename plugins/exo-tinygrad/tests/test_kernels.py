@@ -95,3 +95,31 @@ def test_fused_swiglu():
     gate, up = gate_up[:, :64], gate_up[:, 64:]
     expected = (gate / (1 + np.exp(-gate)) * up) @ weight.T
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("qtype", "rows", "cols", "n", "fusion"),
+    [
+        (T.Q4_1, 48, 256, 3, "norm+residual"),
+        (T.Q8_0, 40, 96, 1, "swiglu"),
+        (T.Q6_K, 24, 256, 2, ""),
+    ],
+    ids=["q4_1-norm-residual", "q8_0-swiglu", "q6_k"],
+)
+@on_tinygrad_thread
+def test_plain_fallback_matches_kernel(monkeypatch, qtype, rows, cols, n, fusion):
+    """The plain-ops matmul used on devices the UOp kernels do not suit (GPUs), on CPU."""
+    Tensor, kernels = tg()
+    packed = kernels.pack(random_weight(qtype, rows, cols, seed=7)[0])
+    rng = np.random.default_rng(2)
+    width = cols * (2 if fusion == "swiglu" else 1)
+    x = Tensor(rng.standard_normal((n, width)).astype(np.float32))
+    kwargs = {"swiglu": fusion == "swiglu"}
+    if "norm" in fusion:
+        kwargs["norm"] = (Tensor(rng.standard_normal(cols).astype(np.float32)), 1e-5)
+        kwargs["residual"] = Tensor(rng.standard_normal((n, rows)).astype(np.float32))
+    expected = kernels.matmul(x, packed, **kwargs).numpy()
+    monkeypatch.setenv("EXO_TINYGRAD_KERNELS", "plain")
+    assert not kernels.custom_kernels("CPU")
+    y = kernels.matmul(x, packed, **kwargs).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
