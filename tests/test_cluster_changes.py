@@ -369,3 +369,20 @@ async def test_every_request_has_an_overall_deadline(tmp_path):
         with pytest.raises(GenerationError, match=r"no progress for .* giving up"):
             await chat(a)
         assert time.monotonic() - started < 5
+
+
+class _GarbageEngine(DummyEngine):
+    """Requests whose id starts with "junk" get logits that are not numbers (a broken engine)."""
+
+    async def forward_batch(self, shard, items):
+        outs = await super().forward_batch(shard, items)
+        return [
+            StageOutput(logits=np.array(["?"] * 4)) if i.request_id.startswith("junk") else o
+            for i, o in zip(items, outs, strict=True)
+        ]
+
+
+async def test_an_exception_after_the_forward_fails_its_request_instead_of_vanishing():
+    async with lone_stage(_GarbageEngine({"dummy_delay_ms": 5})) as (node, recorder):
+        error = await _run_batch_with(node, recorder, step(node, "junk", np.array([5], dtype=np.int64)))
+        assert error.startswith("s: ")

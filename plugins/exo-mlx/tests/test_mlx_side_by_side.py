@@ -18,3 +18,12 @@ async def test_a_request_keeps_its_cache_while_other_shards_load(kit, card, refe
         )
     finally:
         await engine.close()
+
+
+async def test_a_step_at_another_position_than_its_cache_is_refused(kit, card, reference):
+    engine = await kit.loaded_engine(card, 0, card.n_layers - 1)
+    try:
+        prompt = reference["greedy"][0]["prompt_ids"]
+        await engine_checks.check_start_pos_is_enforced(engine, card, prompt, rtol=1e-3, atol=1e-3)
+    finally:
+        await engine.close()

@@ -29,3 +29,8 @@ async def test_a_cache_that_does_not_fit_in_memory_is_refused_before_anything_ru
     with pytest.raises(EngineError, match="not enough free memory for a KV cache"):
         await engine.forward(shard, StageInput("too-big", tokens=np.arange(1, 9)))
     assert engine.cached_requests() == 0
+
+
+async def test_a_step_at_another_position_than_its_cache_is_refused(engine, card, reference):
+    prompt = reference["greedy"][0]["prompt_ids"]
+    await engine_checks.check_start_pos_is_enforced(engine, card, prompt, rtol=1e-3, atol=1e-3)
