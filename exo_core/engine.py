@@ -64,6 +64,7 @@ __all__ = [
     "TextEngine",
     "TextGeneration",
     "TextStageInput",
+    "ToolCall",
     "UpstreamError",
 ]
 
@@ -318,15 +319,31 @@ class TextGeneration:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete tool call a server answered with: its id, the function's name, and the
+    arguments as the server wrote them (JSON text, passed on unparsed)."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
 @dataclass
 class TextDelta:
-    """A piece of a text engine's answer. The last one has `finish_reason` ("stop" or "length")
-    and, when the server said, its token counts."""
+    """A piece of a text engine's answer. The last one has `finish_reason` ("stop", "length" or
+    "tool_calls") and, when the server said, its token counts.
+
+    `tool_calls` are whole calls (an engine assembles a server's streamed fragments); engines
+    send them with the last delta, so a stream cut before its end never delivered any and a
+    replay on another replica gives them once.
+    """
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class TextEngine(InferenceEngine):

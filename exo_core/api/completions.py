@@ -74,6 +74,9 @@ class Choice:
     has_first_token: bool = False
     text_offset: int = 0  # legacy logprobs: characters of this choice's text so far
     tools: ToolStream | None = None  # chat with tools: splits the answer into content and calls
+    server_calls: list[dict[str, Any]] = field(default_factory=list)  # a whole-request server's calls
+    counted_tokens: int = 0  # completion tokens already on the metric
+    counted_done: bool = False  # its usage is on the metrics
 
 
 class CompletionRun:
@@ -119,6 +122,8 @@ class CompletionRun:
             return web.json_response(await self._collect(), dumps=lambda o: _dumps(o).decode())
         finally:
             metrics.active_requests.dec()
+            for choice in self.choices:  # answers cut short (client gone, failure) count too
+                self._count_usage(choice)
             self._log_done()
 
     def _log_done(self) -> None:
@@ -306,8 +311,10 @@ class CompletionRun:
         if self._token_counter is None:
             self._token_counter = metrics.completion_tokens.labels(model)
         self._token_counter.inc(len(chunk.tokens))
+        choice.counted_tokens += len(chunk.tokens)
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason
+            self._count_usage(choice)
             usage = choice.usage
             if usage.cached_tokens and choice.index % self.req.n == 0:  # a prompt counts once
                 metrics.cached_prompt_tokens.labels(model).inc(usage.cached_tokens)
@@ -315,6 +322,21 @@ class CompletionRun:
                 decode_s = usage.elapsed_s - usage.first_token_s
                 if decode_s > 0:
                     metrics.tokens_per_second.labels(model).observe((usage.completion_tokens - 1) / decode_s)
+
+    def _count_usage(self, choice: Choice) -> None:
+        """Put what the token stream did not show on the metrics, once: a whole-request server's
+        answer arrives as text, counted by its usage (the server's counts, or an estimate)."""
+        if choice.counted_done or self.card is None:
+            return
+        choice.counted_done = True
+        metrics, usage = self.state.metrics, choice.usage
+        if usage.completion_tokens > choice.counted_tokens:
+            metrics.completion_tokens.labels(self.card.id).inc(
+                usage.completion_tokens - choice.counted_tokens
+            )
+            choice.counted_tokens = usage.completion_tokens
+        if not choice.prepared.prompt_tokens and choice.index % self.req.n == 0 and usage.prompt_tokens:
+            metrics.prompt_tokens.labels(self.card.id).inc(usage.prompt_tokens)  # not tokenized here
 
     def _token_logprobs(self, choice: Choice, chunk: TextChunk) -> list[TokenLogprob]:
         if not self.want_logprobs:
@@ -357,6 +379,10 @@ class CompletionRun:
     def stream_text(self, choice: Choice, chunk: TextChunk) -> str:
         """The content of a chunk to stream now (tool calls are held back and parsed)."""
         choice.text.append(chunk.text)
+        choice.server_calls.extend(
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in chunk.tool_calls
+        )
         if choice.tools is None:
             return chunk.text
         text, _ = choice.tools.feed(chunk.text)
@@ -372,18 +398,19 @@ class CompletionRun:
         return "".join(choice.text)
 
     def tool_calls_of(self, choice: Choice) -> list[dict[str, Any]]:
-        """The tool calls of the answer so far, in OpenAI's shape (only the first one when
-        `parallel_tool_calls` is false)."""
-        if choice.tools is None:
-            return []
+        """The tool calls of the answer so far, in OpenAI's shape: a whole-request server's, then
+        those parsed from the text (only the first one when `parallel_tool_calls` is false)."""
+        calls = choice.server_calls + (choice.tools.calls if choice.tools is not None else [])
         if isinstance(self.req, ChatRequest) and not self.req.parallel_tool_calls:
-            return choice.tools.calls[:1]
-        return choice.tools.calls
+            return calls[:1]
+        return calls
 
     def finish_reason_of(self, choice: Choice, reason: str | None) -> str | None:
         """'tool_calls' when an answer that ended by itself called tools."""
         if reason == "stop" and self.tool_calls_of(choice):
             return "tool_calls"
+        if reason == "tool_calls" and not self.tool_calls_of(choice):
+            return "stop"  # a server that said so but sent no call
         return reason
 
     # ---- whole responses -------------------------------------------------------------------------
@@ -414,8 +441,10 @@ class CompletionRun:
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if choice.tools is not None:
                 message["content"] = choice.tools.text
-                if choice.tools.calls:
-                    message["tool_calls"] = self.tool_calls_of(choice)
+            calls = self.tool_calls_of(choice)
+            if calls:
+                message["tool_calls"] = calls
+                message["content"] = message["content"] or None
             return {
                 "index": choice.index,
                 "message": message,

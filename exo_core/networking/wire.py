@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from exo_core.engine import TextDelta, TextGeneration
+from exo_core.engine import TextDelta, TextGeneration, ToolCall
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.networking.generated import node_service_pb2 as pb
@@ -357,15 +357,21 @@ def delta_to_pb(delta: TextDelta) -> pb.TextDeltaReply:
         msg.prompt_tokens = delta.prompt_tokens
     if delta.completion_tokens is not None:
         msg.completion_tokens = delta.completion_tokens
+    for call in delta.tool_calls:
+        msg.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
     return msg
 
 
 def delta_from_pb(msg: pb.TextDeltaReply) -> TextDelta:
-    if msg.finish_reason not in ("", "stop", "length"):
+    if msg.finish_reason not in ("", "stop", "length", "tool_calls"):
         raise WireError(f"unknown finish reason {msg.finish_reason!r}")
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in msg.tool_calls)
+    if any(not c.name for c in calls):
+        raise WireError("a tool call without a function name")
     return TextDelta(
         text=msg.text,
         finish_reason=msg.finish_reason or None,
         prompt_tokens=msg.prompt_tokens if msg.HasField("prompt_tokens") else None,
         completion_tokens=msg.completion_tokens if msg.HasField("completion_tokens") else None,
+        tool_calls=calls,
     )

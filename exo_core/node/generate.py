@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from tokenizers import decoders
 
-from exo_core.engine import TextDelta, TextGeneration
+from exo_core.engine import TextDelta, TextGeneration, ToolCall
 from exo_core.models.cards import ModelCard
 from exo_core.models.files import ModelFilesError
 from exo_core.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -72,11 +72,16 @@ class PreparedRequest:
 
 @dataclass
 class TextChunk:
-    """New text and the tokens that produced it; the last chunk has a finish reason."""
+    """New text and the tokens that produced it; the last chunk has a finish reason.
+
+    `tool_calls` are the calls a whole-request server answered with (on the last chunk); a
+    model run here writes its calls as text, which the API parses.
+    """
 
     text: str
     tokens: list[GeneratedToken]
     finish_reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass
@@ -235,6 +240,7 @@ class Generator:
         stops = StopMatcher(req.stop)
         received: list[str] = []
         counted: list[TextDelta] = []
+        calls: list[ToolCall] = []
         start = time.perf_counter()
         deltas = self.node.origin.generate_text(request, first)
         try:
@@ -242,17 +248,22 @@ class Generator:
                 async for delta in deltas:
                     if delta.prompt_tokens is not None or delta.completion_tokens is not None:
                         counted.append(delta)
-                    if delta.text:
+                    if delta.text or delta.tool_calls:
                         if usage.first_token_s is None:
                             usage.first_token_s = time.perf_counter() - start
                         received.append(delta.text)
+                    calls.extend(delta.tool_calls)
+                    received.extend(c.name + c.arguments for c in delta.tool_calls)  # usage estimate
                     usage.elapsed_s = time.perf_counter() - start
                     text, stopped = stops.feed(delta.text)
                     if stopped:
+                        self._text_usage(prepared, usage, "".join(received), counted)
                         yield TextChunk(text, [], "stop")
                         return
                     if delta.finish_reason is not None:
-                        yield TextChunk(text + stops.flush(), [], delta.finish_reason)
+                        # usage is final before the last chunk: the API counts it then
+                        self._text_usage(prepared, usage, "".join(received), counted)
+                        yield TextChunk(text + stops.flush(), [], delta.finish_reason, tuple(calls))
                         return
                     if text:
                         yield TextChunk(text, [])

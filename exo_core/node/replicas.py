@@ -251,9 +251,18 @@ class ReplicaSet:
                         delivered += text
                         if delta.finish_reason is not None:
                             skip.finish()
-                        if text or delta.finish_reason is not None or delta.completion_tokens is not None:
+                        if (
+                            text
+                            or delta.finish_reason is not None
+                            or delta.completion_tokens is not None
+                            or delta.tool_calls
+                        ):
                             yield TextDelta(
-                                text, delta.finish_reason, delta.prompt_tokens, delta.completion_tokens
+                                text,
+                                delta.finish_reason,
+                                delta.prompt_tokens,
+                                delta.completion_tokens,
+                                delta.tool_calls,
                             )
                         if delta.finish_reason is not None:
                             return

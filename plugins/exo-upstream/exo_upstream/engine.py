@@ -6,9 +6,13 @@ exo card id when one matches (the card's id or an alias, case-insensitive, or MO
 under the upstream's own id always. A request is one streamed `POST /v1/chat/completions`
 (or `/v1/completions` for a plain prompt) carrying the sampling settings, `max_tokens`, `stop`
 and every extra field the client sent (`tools`, `response_format`, ...) as they are; text is
-passed on as it arrives, and the usage is the server's own.
+passed on as it arrives, and the usage is the server's own. Tool calls the server streams in
+fragments (`delta.tool_calls`: index, id, name, pieces of the arguments) are put together and
+handed on whole, with the last delta (`finish_reason` "tool_calls").
 
-Failures: a server that cannot be reached, answers 503, or cuts its stream is a
+Failures: a server that cannot be reached, answers 503, cuts its stream, or goes silent
+mid-answer (`--upstream-idle-timeout`, counted from the answer's first byte: a request waiting
+in the server's queue sends nothing and is bounded by `--upstream-first-byte-timeout`) is a
 `ReplicaUnavailable` (core goes on with another replica, skipping the text already delivered);
 a 4xx keeps its status and the server's message; a 5xx, or a body that is not the protocol, is
 a 502 with what the server said.
@@ -16,10 +20,12 @@ a 502 with what the server said.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
 import re
+import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +41,7 @@ from exo_core import (
     TextDelta,
     TextEngine,
     TextGeneration,
+    ToolCall,
     UpstreamError,
 )
 
@@ -42,6 +49,8 @@ log = structlog.get_logger("exo.upstream")
 
 KEY_ENV = "EXO_UPSTREAM_API_KEY"
 CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length", "n_ctx")
+IDLE_TIMEOUT = 120.0  # seconds without a byte, once the answer has started
+FIRST_BYTE_TIMEOUT = 900.0  # seconds until the answer starts (queueing on the server included)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,24 @@ class UpstreamEngine(TextEngine):
             help="upstream engine: an OpenAI-compatible server (repeatable); MODEL picks one of its "
             "models (default: all). Key from EXO_UPSTREAM_API_KEY[_HOST_PORT].",
         ),
+        click.Option(
+            ["--upstream-idle-timeout"],
+            type=float,
+            default=IDLE_TIMEOUT,
+            show_default=True,
+            metavar="SECONDS",
+            help="upstream engine: an answer that has started and then sends nothing this long is "
+            "taken as cut, and goes on on another replica.",
+        ),
+        click.Option(
+            ["--upstream-first-byte-timeout"],
+            type=float,
+            default=FIRST_BYTE_TIMEOUT,
+            show_default=True,
+            metavar="SECONDS",
+            help="upstream engine: the longest wait for an answer's first byte (a request queued "
+            "on a busy server sends nothing until its turn); then it goes to another replica.",
+        ),
     )
 
     @classmethod
@@ -119,6 +146,8 @@ class UpstreamEngine(TextEngine):
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         self.upstreams = parse_upstreams(self.options.get("upstream"))
+        self.idle_timeout = _seconds(self.options, "upstream_idle_timeout", IDLE_TIMEOUT)
+        self.first_byte_timeout = _seconds(self.options, "upstream_first_byte_timeout", FIRST_BYTE_TIMEOUT)
         self._by_url = {u.url: u for u in self.upstreams}
         # exo model id -> {replica url: the upstream's own model id}
         self.routes: dict[str, dict[str, str]] = {}
@@ -254,7 +283,7 @@ class UpstreamEngine(TextEngine):
         }
         if request.messages is not None:
             path = "/v1/chat/completions"
-            body["messages"] = request.messages
+            body["messages"] = [_wire_message(m) for m in request.messages]
         else:
             path = "/v1/completions"
             body["prompt"] = request.prompt or ""
@@ -284,9 +313,16 @@ class UpstreamEngine(TextEngine):
         finish: str | None = None
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
+        calls = _CallAssembler(replica)
         done = False
+        waited = f"upstream {replica} did not start its answer within {self.first_byte_timeout:g} s"
         try:
-            async with self._http().post(url, json=body, headers=self._headers(replica)) as resp:
+            try:
+                async with asyncio.timeout(self.first_byte_timeout):
+                    resp = await self._http().post(url, json=body, headers=self._headers(replica))
+            except TimeoutError:
+                raise ReplicaUnavailable(waited + " (--upstream-first-byte-timeout)") from None
+            async with resp:
                 if resp.status != 200:
                     raw = await resp.read()
                     message = f"upstream {replica}: {_message(raw)}"
@@ -300,7 +336,8 @@ class UpstreamEngine(TextEngine):
                     raise UpstreamError(
                         f"upstream {replica} answered with {resp.content_type}, not an event stream: {raw[:120]!r}"
                     )
-                async for data in _sse_data(resp):
+                events = _sse_data(resp, replica, self.first_byte_timeout, self.idle_timeout)
+                async for data in events:
                     if data == "[DONE]":
                         done = True
                         break
@@ -312,11 +349,21 @@ class UpstreamEngine(TextEngine):
                     for choice in obj.get("choices") or ():
                         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                             continue
-                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        if chat:
+                            # streamed pieces are `delta`s; a server may send a whole `message`
+                            part = choice.get("delta") or choice.get("message") or {}
+                            if not isinstance(part, dict):
+                                raise UpstreamError(
+                                    f"upstream {replica} streamed a delta that is not an object"
+                                )
+                            text = part.get("content")
+                            calls.feed(part.get("tool_calls"), whole="delta" not in choice)
+                        else:
+                            text = choice.get("text")
                         if text:
                             yield TextDelta(str(text))
                         if choice.get("finish_reason"):
-                            finish = "length" if choice["finish_reason"] == "length" else "stop"
+                            finish = _finish(choice["finish_reason"])
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             raise ReplicaUnavailable(
                 f"cannot reach upstream {replica} ({exc or type(exc).__name__})"
@@ -329,13 +376,137 @@ class UpstreamEngine(TextEngine):
             raise ReplicaUnavailable(
                 f"upstream {replica} cut the answer short: the stream ended without [DONE]"
             )
-        yield TextDelta("", finish or "stop", prompt_tokens, completion_tokens)
+        whole = calls.whole()
+        if whole and finish in (None, "stop"):
+            finish = "tool_calls"
+        elif not whole and finish == "tool_calls":
+            finish = "stop"
+        yield TextDelta("", finish or "stop", prompt_tokens, completion_tokens, whole)
 
 
-async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncGenerator[str]:
-    """The `data:` payloads of an event stream (events may span reads; comments are skipped)."""
+def _finish(reason: Any) -> str:
+    """The server's finish reason as exo's: "length", "tool_calls", else "stop"."""
+    if reason == "length":
+        return "length"
+    return "tool_calls" if reason in ("tool_calls", "function_call") else "stop"
+
+
+class _CallAssembler:
+    """Tool calls put together from a server's streamed fragments (OpenAI's `delta.tool_calls`:
+    the first fragment of a call has its index, id and name, the rest pieces of its arguments)."""
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+        self.calls: dict[int, dict[str, Any]] = {}
+        self._last = -1
+
+    def feed(self, fragments: Any, whole: bool = False) -> None:
+        """One delta's `tool_calls` (`whole`: a `message`'s complete calls, listed in order)."""
+        if fragments is None:
+            return
+        if not isinstance(fragments, list):
+            raise self._bad(f"tool_calls is {type(fragments).__name__}, not a list")
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                raise self._bad(f"a tool call fragment is {fragment!r}, not an object")
+            function = fragment.get("function") or {}
+            if not isinstance(function, dict):
+                raise self._bad(f"a tool call's function is {function!r}, not an object")
+            index = fragment.get("index")
+            if whole:
+                index = len(self.calls)
+            elif index is None:  # some servers leave it out: a new id starts a new call
+                known = {c["id"] for c in self.calls.values()}
+                fresh = fragment.get("id") and fragment["id"] not in known
+                index = self._last + 1 if fresh or self._last < 0 else self._last
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise self._bad(f"a tool call fragment has index {index!r}")
+            call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+            self._last = index
+            if isinstance(fragment.get("id"), str) and fragment["id"] and not call["id"]:
+                call["id"] = fragment["id"]
+            name = function.get("name")
+            if isinstance(name, str) and name and name != call["name"]:
+                call["name"] += name
+            arguments = function.get("arguments")
+            if isinstance(arguments, dict | list):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            if isinstance(arguments, str):
+                call["arguments"].append(arguments)
+            elif arguments is not None:
+                raise self._bad(f"a tool call's arguments are {arguments!r}, not text")
+
+    def whole(self) -> tuple[ToolCall, ...]:
+        out = []
+        for index in sorted(self.calls):
+            call = self.calls[index]
+            if not call["name"]:
+                raise self._bad(f"tool call {index} never named its function")
+            call_id = call["id"] or "call_" + uuid.uuid4().hex[:24]
+            out.append(ToolCall(call_id, call["name"], "".join(call["arguments"])))
+        return tuple(out)
+
+    def _bad(self, what: str) -> UpstreamError:
+        return UpstreamError(f"upstream {self.replica} streamed a malformed tool call: {what}")
+
+
+def _wire_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message as OpenAI servers take it: core keeps a history call's arguments as an
+    object (chat templates render them so); the protocol wants them as JSON text."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    out = dict(message)
+    out["tool_calls"] = [
+        {**call, "function": {**call["function"], "arguments": _arguments_text(call["function"])}}
+        for call in calls
+    ]
+    return out
+
+
+def _arguments_text(function: dict[str, Any]) -> str:
+    arguments = function.get("arguments", "")
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _seconds(options: Mapping[str, Any], key: str, default: float) -> float:
+    value = options.get(key)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"--{key.replace('_', '-')} wants a number of seconds above 0, got {value!r}")
+    return seconds
+
+
+async def _sse_data(
+    resp: aiohttp.ClientResponse, replica: str, first_byte: float, idle: float
+) -> AsyncGenerator[str]:
+    """The `data:` payloads of an event stream (events may span reads; comments are skipped).
+
+    Until the first byte arrives the wait is bounded by `first_byte` seconds (from now: a queued
+    request), after it each silence by `idle`; either is a `ReplicaUnavailable`."""
     event: list[str] = []
-    async for raw in resp.content:
+    started = False
+    while True:
+        try:
+            async with asyncio.timeout(idle if started else first_byte):
+                raw = await resp.content.readline()
+        except TimeoutError:
+            if started:
+                raise ReplicaUnavailable(
+                    f"upstream {replica} sent nothing for {idle:g} s mid-answer (--upstream-idle-timeout)"
+                ) from None
+            raise ReplicaUnavailable(
+                f"upstream {replica} did not start its answer within {first_byte:g} s "
+                "(--upstream-first-byte-timeout)"
+            ) from None
+        if not raw:
+            break
+        started = True
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
             if event:
