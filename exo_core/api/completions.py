@@ -154,6 +154,8 @@ class CompletionRun:
         wants_tools = isinstance(req, ChatRequest) and bool(req.tools) and req.tool_choice != "none"
         if not wants_tools and req.response_format is None:
             return None, None, None
+        if self.state.generator.node.origin.text_only(card):
+            return None, None, None  # its servers get the fields (extra) and answer in their shape
         try:
             tokenizer: Tokenizer = self.state.generator.tokenizer(card)
         except (TokenizerError, OSError):

@@ -180,6 +180,13 @@ class Origin:
             if not n.supports_sharding and n.node_id not in exclude and card.id in n.models
         ]
 
+    def text_only(self, card: ModelCard) -> bool:
+        """Only whole-request nodes serve the model (no node can hold its layers): its requests
+        always go to a server as text, whatever this node's tokenizer could do."""
+        return bool(self.whole_nodes(card)) and not any(
+            n.supports_sharding and (not n.models or card.id in n.models) for n in self._cluster()
+        )
+
     def route(self, card: ModelCard, *, ring_ok: bool = True) -> str:
         """`RING`, or the whole-request node with the shortest expected time for one more request.
 

@@ -67,6 +67,7 @@ class StandIn:
     text: str = "It is sunny in Paris."
     bodies: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
+    model: str = MODEL  # the id it lists
 
 
 def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
@@ -78,7 +79,7 @@ def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **ext
 @contextlib.asynccontextmanager
 async def stand_in(server: StandIn) -> AsyncIterator[StandIn]:
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": server.model, "object": "model"}]})
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -177,6 +178,19 @@ async def test_tool_calls_streamed_in_fragments_reach_the_openai_client_streamed
     # the tools went to the server as the client sent them
     assert upstream.bodies[0]["tools"] == TOOLS
     assert upstream.bodies[1]["tool_choice"] == "auto" and upstream.bodies[1]["parallel_tool_calls"] is True
+
+
+async def test_tools_of_a_model_with_a_local_card_served_only_upstream_skip_its_template():
+    """smollm2-135m has a card and a tokenizer here, but only an upstream serves it: its chat
+    template (which renders no tools) is not asked, the server is."""
+    upstream = StandIn(model="smollm2-135m")
+    async with exo(upstream) as url, openai_client(url) as client:
+        reply = await client.chat.completions.create(
+            model="smollm2-135m", messages=ASK, tools=TOOLS, tool_choice="required"
+        )
+    calls = reply.choices[0].message.tool_calls or []
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in calls] == _expected_calls()
+    assert upstream.bodies[0]["tool_choice"] == "required"
 
 
 async def test_a_tool_result_round_trip_reaches_the_upstream_intact():
