@@ -130,6 +130,19 @@ def test_expected_time_is_queue_depth_times_measured_speed():
     assert balancer.pick(["slow"]) is None
 
 
+def test_a_replica_with_two_servers_counts_its_queue_per_server():
+    balancer = Balancer()
+    for key in ("one", "two"):
+        balancer.of(key).decode_tps, balancer.of(key).first_s = 20.0, 0.1
+    depth = {"one": 1, "two": 1}.__getitem__
+    width = {"one": 1, "two": 2}.__getitem__
+    assert balancer.expected_s("two", 1, servers=2) == balancer.expected_s("two", 0)
+    assert balancer.pick(["one", "two"], depth) == "one"  # as one queue each: a tie, order decides
+    assert balancer.pick(["one", "two"], depth, width) == "two"  # "two" has a server free
+    balancer.of("one").inflight, balancer.of("two").inflight = 0, 1
+    assert balancer.pick(["two", "one"], servers=width) == "one"  # a tie: fewer in flight per server
+
+
 def test_replay_skip_drops_exactly_the_delivered_text():
     skip = ReplaySkip("Bonjour, ça")
     assert skip.feed("Bon") == "" and skip.feed("jour, ç") == "" and skip.feed("a va ?") == " va ?"

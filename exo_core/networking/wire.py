@@ -277,6 +277,7 @@ def node_info_to_pb(info: NodeInfo) -> pb.NodeInfo:
         supports_sharding=info.supports_sharding,
         models=list(info.models),
         active_requests=info.active_requests,
+        servers=dict(info.servers),
     )
 
 
@@ -290,6 +291,7 @@ def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
         supports_sharding=msg.supports_sharding,
         models=tuple(msg.models),
         active_requests=msg.active_requests,
+        servers=tuple(sorted((k, v) for k, v in msg.servers.items() if v > 0)),
     )
 
 

@@ -110,7 +110,20 @@ class Node:
             supports_sharding=self.engine.supports_sharding,
             models=self._served_models,
             active_requests=self.active_stage_requests(),
+            servers=self._servers(),
         )
+
+    def _servers(self) -> tuple[tuple[str, int], ...]:
+        """How many servers the text engine fronts for each model it serves (each is a queue)."""
+        if self.replicas is None:
+            return ()
+        engine = self.replicas.engine
+        out = []
+        for model_id in self._served_models:
+            card = self.models.get(model_id)
+            if card is not None:
+                out.append((model_id, len(engine.replicas(card))))
+        return tuple(out)
 
     def set_served_models(self, model_ids: Sequence[str]) -> None:
         self._served_models = tuple(model_ids)

@@ -202,7 +202,8 @@ class Origin:
         ):
             keys.append(RING)
         reported = {n.node_id: n.active_requests for n in whole}
-        return self.balancer.pick(keys, lambda k: reported.get(k, 0)) or keys[0]
+        servers = {n.node_id: n.servers_for(card.id) for n in whole}
+        return self.balancer.pick(keys, lambda k: reported.get(k, 0), lambda k: servers.get(k, 1)) or keys[0]
 
     async def generate_text(
         self, request: TextGeneration, first: str | None = None
@@ -219,7 +220,8 @@ class Origin:
                 if node_id is None:
                     candidates = self.whole_nodes(request.model, tried)
                     reported = {n.node_id: n.active_requests for n in candidates}
-                    node_id = self.balancer.pick(list(reported), reported.__getitem__)
+                    servers = {n.node_id: n.servers_for(request.model.id) for n in candidates}
+                    node_id = self.balancer.pick(list(reported), reported.__getitem__, servers.__getitem__)
                     if node_id is None:
                         lost = f" ({'; '.join(reasons)})" if reasons else ""
                         raise GenerationError(f"no node can serve {request.model.id} right now{lost}")

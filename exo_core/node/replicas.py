@@ -90,24 +90,41 @@ class Balancer:
             stats = self.stats[key] = ReplicaStats()
         return stats
 
-    def expected_s(self, key: str, reported_depth: int = 0) -> float:
-        """Seconds until one more request on `key` would be answered, as far as is known."""
+    def expected_s(self, key: str, reported_depth: int = 0, servers: int = 1) -> float:
+        """Seconds until one more request on `key` would be answered, as far as is known.
+
+        `servers`: how many requests `key` runs side by side (a node fronting two upstreams is
+        two queues): its depth counts per server."""
         stats = self.of(key)
         measured = [s.decode_tps for s in self.stats.values() if s.decode_tps]
         tps = stats.decode_tps or (max(measured) if measured else 1.0)
         firsts = [s.first_s for s in self.stats.values() if s.first_s is not None]
         first = stats.first_s if stats.first_s is not None else (min(firsts) if firsts else 0.0)
         depth = max(stats.inflight, reported_depth)
-        return (depth + 1) * (first + self._typical_tokens / tps)
+        return (depth // max(servers, 1) + 1) * (first + self._typical_tokens / tps)
 
-    def pick(self, keys: Sequence[str], reported_depth: Callable[[str], int] | None = None) -> str | None:
-        """The replica in rotation with the shortest expected time (ties: fewer in flight, then order)."""
+    def pick(
+        self,
+        keys: Sequence[str],
+        reported_depth: Callable[[str], int] | None = None,
+        servers: Callable[[str], int] | None = None,
+    ) -> str | None:
+        """The replica in rotation with the shortest expected time (ties: fewer in flight per
+        server, then order)."""
         up = [k for k in keys if self.of(k).up]
         if not up:
             return None
         depth = reported_depth or (lambda _k: 0)
+        width = servers or (lambda _k: 1)
         order = {k: i for i, k in enumerate(up)}
-        return min(up, key=lambda k: (self.expected_s(k, depth(k)), self.of(k).inflight, order[k]))
+        return min(
+            up,
+            key=lambda k: (
+                self.expected_s(k, depth(k), width(k)),
+                self.of(k).inflight / max(width(k), 1),
+                order[k],
+            ),
+        )
 
     def run(self, key: str) -> Run:
         self.of(key).inflight += 1

@@ -44,6 +44,12 @@ class NodeInfo:
     supports_sharding: bool = True
     models: tuple[str, ...] = ()  # model ids this node's engine can serve
     active_requests: int = 0
+    # Whole-request engines: (model id, how many servers of this node serve it), one queue each.
+    servers: tuple[tuple[str, int], ...] = ()
+
+    def servers_for(self, model_id: str) -> int:
+        """How many requests for the model this node can run side by side (1 unless it said)."""
+        return max(1, dict(self.servers).get(model_id, 1))
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +61,7 @@ class NodeInfo:
             "supports_sharding": self.supports_sharding,
             "models": list(self.models),
             "active_requests": self.active_requests,
+            "servers": dict(self.servers),
         }
 
     @classmethod
@@ -68,6 +75,7 @@ class NodeInfo:
             supports_sharding=bool(data.get("supports_sharding", True)),
             models=tuple(data.get("models") or ()),
             active_requests=int(data.get("active_requests", 0)),
+            servers=tuple((str(k), int(v)) for k, v in (data.get("servers") or {}).items()),
         )
 
 

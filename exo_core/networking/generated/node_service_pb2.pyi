@@ -215,7 +215,14 @@ class DeviceCapabilities(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chip: _Optional[str] = ..., memory: _Optional[int] = ..., flops: _Optional[_Union[Flops, _Mapping]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "port", "capabilities", "engine", "supports_sharding", "models", "active_requests")
+    __slots__ = ("node_id", "address", "port", "capabilities", "engine", "supports_sharding", "models", "active_requests", "servers")
+    class ServersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +231,7 @@ class NodeInfo(_message.Message):
     SUPPORTS_SHARDING_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     port: int
@@ -232,7 +240,8 @@ class NodeInfo(_message.Message):
     supports_sharding: bool
     models: _containers.RepeatedScalarFieldContainer[str]
     active_requests: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., supports_sharding: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    servers: _containers.ScalarMap[str, int]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., supports_sharding: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., servers: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class NodeInfoRequest(_message.Message):
     __slots__ = ()

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from aiohttp import web
 from exo_upstream.engine import UpstreamEngine
 
 from exo_core import ConfigError, ToolCall
+from exo_core.networking import wire
 from exo_core.testing import Cluster, api_url, node
 
 MODEL = "toolbot"
@@ -63,7 +65,8 @@ USAGE = {"prompt_tokens": 31, "completion_tokens": 17, "total_tokens": 48}
 class StandIn:
     """What the stand-in does and what it was sent."""
 
-    mode: str = "tools"  # tools | text | stall | queued | silent | malformed
+    mode: str = "tools"  # tools | text | stall | silent | malformed
+    wait: float = 0.0  # seconds before it answers at all (queued behind other requests)
     text: str = "It is sunny in Paris."
     bodies: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
@@ -84,8 +87,8 @@ async def stand_in(server: StandIn) -> AsyncIterator[StandIn]:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         server.bodies.append(body)
-        if server.mode == "queued":  # a serial server busy with another request: nothing yet
-            await asyncio.sleep(1.5)
+        if server.wait:  # a serial server busy with another request: nothing yet
+            await asyncio.sleep(server.wait)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if server.mode == "silent":
@@ -274,7 +277,7 @@ async def test_an_upstream_silent_mid_answer_fails_over_and_a_queued_one_is_wait
         assert time.monotonic() - start < 10
         assert len(stalls.bodies) == 1 and len(answers.bodies) == 1
     # queued 1.5 s before its first byte, idle limit 0.5 s: waited for, not failed over
-    queued = StandIn(mode="queued")
+    queued = StandIn(mode="text", wait=1.5)
     async with exo(queued, upstream_idle_timeout=0.5) as url, openai_client(url) as client:
         reply = await client.chat.completions.create(model=MODEL, messages=ASK)
     assert reply.choices[0].message.content == "It is sunny in Paris." and len(queued.bodies) == 1
@@ -316,6 +319,47 @@ def stand_in_thread(server: StandIn) -> Iterator[StandIn]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+async def test_a_node_reports_how_many_servers_serve_each_model():
+    async with (
+        stand_in(StandIn()) as one,
+        stand_in(StandIn()) as two,
+        stand_in(StandIn(model="other")) as three,
+        node("upstream", engine_options={"upstream": (one.url, two.url, three.url)}) as runtime,
+    ):
+        info = runtime.node.info()
+    assert dict(info.servers) == {MODEL: 2, "other": 1}
+    assert info.servers_for(MODEL) == 2 and info.servers_for("unknown") == 1
+    assert wire.node_info_from_pb(wire.node_info_to_pb(info)).servers == info.servers
+
+
+def test_a_node_fronting_two_servers_counts_as_two_queues(tmp_path):
+    """Six requests at once from node b: node a fronts two servers, b one; a takes four."""
+    with contextlib.ExitStack() as stack:
+        a1, a2, b1 = (stack.enter_context(stand_in_thread(StandIn(mode="text", wait=2.0))) for _ in range(3))
+        cluster = stack.enter_context(
+            Cluster.manual(
+                ["a", "b"],
+                tmp=tmp_path,
+                engine="upstream",
+                per_node_args={
+                    "a": ["--upstream", a1.url, "--upstream", a2.url],
+                    "b": ["--upstream", b1.url],
+                },
+                env={"HF_HUB_OFFLINE": "1"},
+            )
+        )
+        deadline = time.monotonic() + 30
+        while '"servers": {"toolbot": 2}' not in json.dumps(
+            cluster.get("b", "/v1/topology?model=toolbot")[1]
+        ):
+            assert time.monotonic() < deadline, cluster.get("b", "/v1/topology?model=toolbot")
+            time.sleep(0.2)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: cluster.chat("b", ASK, model=MODEL), range(6)))
+    assert all(answer == "It is sunny in Paris." for answer in answers)
+    assert (len(a1.bodies), len(a2.bodies), len(b1.bodies)) == (2, 2, 2)
 
 
 def test_tool_calls_cross_the_peer_link(tmp_path):
