@@ -23,7 +23,11 @@ from exo_core.node.messages import (
 )
 from exo_core.node.topology import NodeInfo
 
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# The largest legal message, with room to spare: a step's hidden states cross a hop one slice
+# (node.stage.STEP_SLICE = 256 positions) at a time, 16 MiB at the widest Llama (16,384 x 4
+# bytes); a whole prompt's token ids are 8 MiB at a million tokens; the request's messages are
+# at most the API's 4 MiB body. Anything larger is refused before it is read into memory.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _STATES = {
     pb.REQUEST_ACTIVE: RequestState.ACTIVE,
     pb.REQUEST_QUEUED: RequestState.QUEUED,
