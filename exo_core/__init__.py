@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     # frontends
     "Frontend": "exo_core.frontend",
     "Runtime": "exo_core.runtime",
+    "NodeConfig": "exo_core.runtime",
     "GenerationError": "exo_core.node.messages",
 }
 
@@ -86,6 +87,7 @@ __all__ = [
     "ModelCard",
     "ModelFilesError",
     "NoPlanError",
+    "NodeConfig",
     "NodeInfo",
     "Partitioner",
     "PeerSink",
@@ -135,6 +137,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from exo_core import checkpoint
     from exo_core.discovery import Discovery, DiscoveryContext, PeerSink
     from exo_core.engine import (
         EngineThread,
@@ -153,7 +156,6 @@ if TYPE_CHECKING:
     from exo_core.errors import ConfigError, EngineError, PluginError
     from exo_core.frontend import Frontend
     from exo_core.hookspecs import hookimpl
-    from exo_core import checkpoint
     from exo_core.models.cards import DEFAULT_MODEL_ID, EMBEDDED, ModelCard
     from exo_core.models.files import ModelFilesError, embedded_gguf_path, exo_home, shard_checkpoint
     from exo_core.models.shard import Shard
@@ -162,4 +164,4 @@ if TYPE_CHECKING:
     from exo_core.node.partitioning import NoPlanError, Partitioner, PlanStage
     from exo_core.node.sampling import SamplingParams
     from exo_core.node.topology import DeviceCapabilities, NodeInfo, is_rk3588
-    from exo_core.runtime import Runtime
+    from exo_core.runtime import NodeConfig, Runtime

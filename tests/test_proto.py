@@ -1,5 +1,7 @@
 """The node service's wire format: generated code is current, tensors are checked, messages round-trip."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,5 @@ def test_token_failure_and_node_info_round_trip():
         3,
     )
     assert wire.node_info_from_pb(wire.node_info_to_pb(info)) == info
+    fronting = dataclasses.replace(info, servers=(("smollm2-135m", 2),))
+    assert wire.node_info_from_pb(wire.node_info_to_pb(fronting)).servers == fronting.servers

@@ -10,6 +10,7 @@ Public, like the names in `exo_core.__all__` (see `docs/plugins.md`):
   cluster (`Cluster.manual`).
 """
 
+from exo_core.engines.dummy import DUMMY_ANSWER  # what the built-in dummy engine answers
 from exo_core.testing import engine_checks
 from exo_core.testing.cluster import Cluster
 from exo_core.testing.inprocess import Answer, Usage, api_url, chat, node
@@ -22,7 +23,16 @@ from exo_core.testing.registration import (
     model_card,
 )
 
+
+def quiet_logs(level: str = "warning") -> None:
+    """exo's plain console logging at `level` (structlog's default renders slow rich tracebacks)."""
+    from exo_core.log import configure_logging
+
+    configure_logging("console", level)
+
+
 __all__ = [
+    "DUMMY_ANSWER",
     "Answer",
     "Cluster",
     "Registration",
@@ -36,4 +46,5 @@ __all__ = [
     "engine_class",
     "model_card",
     "node",
+    "quiet_logs",
 ]

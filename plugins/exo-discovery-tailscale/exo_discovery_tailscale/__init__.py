@@ -1,6 +1,6 @@
 """exo-discovery-tailscale: find peers through the Tailscale API."""
 
-from exo_core.hookspecs import hookimpl
+from exo_core import hookimpl
 
 
 @hookimpl

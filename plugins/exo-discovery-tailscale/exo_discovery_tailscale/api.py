@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from exo_core.node.topology import DeviceCapabilities
+from exo_core import DeviceCapabilities
 
 DEFAULT_API_URL = "https://api.tailscale.com"
 PREFIX = "custom:exo_"

@@ -10,10 +10,8 @@ import pytest
 from exo_discovery_tailscale.api import TailscaleAPI, TailscaleAPIError, parse_attributes
 from exo_discovery_tailscale.fake_api import FakeTailscaleAPI
 
-from exo_core import ConfigError, Runtime
-from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.node.generate import TextRequest
-from exo_core.runtime import NodeConfig
+from exo_core import ConfigError, NodeConfig, Runtime
+from exo_core.testing import DUMMY_ANSWER, chat
 from exo_core.testing.cluster import free_ports
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,9 +75,8 @@ async def test_nodes_publish_and_find_each_other_and_answer_together():
         a = rts["node-a"]
         plan = a.node.make_plan(a.default_model)
         assert {stage.node_id for stage in plan} == {"node-a", "node-b"}
-        req = TextRequest(model=a.default_model, messages=[{"role": "user", "content": "Hi"}])
-        text = "".join([c.text async for c in a.generator.stream(a.generator.prepare(req))])
-        assert text == DUMMY_ANSWER
+        answer = await chat(a, [{"role": "user", "content": "Hi"}], model=a.default_model.id)
+        assert answer.text == DUMMY_ANSWER
 
 
 async def test_a_device_that_leaves_the_tailnet_is_dropped():

@@ -1,6 +1,6 @@
 """exo-mlx: a Llama-family engine on MLX. mlx is imported lazily, never by this module."""
 
-from exo_core.hookspecs import hookimpl
+from exo_core import hookimpl
 
 
 @hookimpl

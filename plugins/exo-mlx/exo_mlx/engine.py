@@ -31,9 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import numpy as np
 
-from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models.cards import ModelCard
-from exo_core.models.shard import Shard
+from exo_core import EngineError, InferenceEngine, ModelCard, Shard, StageInput, StageOutput
 
 if TYPE_CHECKING:
     from exo_mlx.model import KVCache, ShardModel
@@ -175,11 +173,11 @@ class MLXEngine(InferenceEngine):
 
     def _find_source(self, card: ModelCard, shard: Shard) -> tuple[str, Path]:
         """The card's source to load: one already on this node, else one downloaded now."""
-        from exo_core.models import files
+        from exo_core import ModelFilesError, shard_checkpoint
 
         try:
-            return files.shard_checkpoint(card, shard, SOURCE_PREFERENCE)
-        except files.ModelFilesError as exc:
+            return shard_checkpoint(card, shard, SOURCE_PREFERENCE)
+        except ModelFilesError as exc:
             raise EngineError(f"mlx engine: {exc}") from exc
 
     def context_length(self) -> int | None:

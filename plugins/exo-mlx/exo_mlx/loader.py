@@ -26,8 +26,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from exo_core.engine import EngineError
-from exo_core.models.checkpoint import (
+from exo_core import EngineError, Shard
+from exo_core.checkpoint import (
     GGUF,
     GGUF_PERMUTED_QK,
     HF,
@@ -40,7 +40,6 @@ from exo_core.models.checkpoint import (
     read_hf_checkpoint,
     shard_modules,
 )
-from exo_core.models.shard import Shard
 from exo_mlx.model import MLP, Attention, Block, Linear, ShardModel
 
 # Architectures this engine implements (its GGUF path has no q/k/v biases and assumes

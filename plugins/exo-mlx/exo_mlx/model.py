@@ -11,7 +11,7 @@ import math
 
 import mlx.core as mx
 
-from exo_core.models.checkpoint import LlamaConfig
+from exo_core.checkpoint import LlamaConfig
 
 
 class Linear:

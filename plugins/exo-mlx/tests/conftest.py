@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from exo_core import ModelCard, Shard, StageInput
-from exo_core.models.builtin import BUILTIN_CARDS
+from exo_core.testing import model_card
 
 # The llama.cpp reference lives in the repository's core tests (copied from shared/reference).
 REFERENCE = Path(__file__).parents[3] / "tests" / "data" / "smollm2-135m-llamacpp.json"
@@ -34,7 +34,7 @@ def reference() -> dict:
 
 @pytest.fixture(scope="session")
 def card() -> ModelCard:
-    return next(c for c in BUILTIN_CARDS if c.id == "smollm2-135m")
+    return model_card("smollm2-135m")
 
 
 def expected_answer(chat: dict, n: int = N_TOKENS) -> list[int]:

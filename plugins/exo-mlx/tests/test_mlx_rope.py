@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 from exo_mlx.loader import rope_periods
 
-from exo_core.models.checkpoint import LlamaConfig, llama3_rope_factors
+from exo_core.checkpoint import LlamaConfig, llama3_rope_factors
 
 LLAMA_31 = {
     "rope_type": "llama3",

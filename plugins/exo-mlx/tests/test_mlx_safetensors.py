@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from exo_core import ModelCard, embedded_gguf_path
-from exo_core.models.checkpoint import GLOBAL_MODULES, LAYER_MODULES, module_name
+from exo_core.checkpoint import GLOBAL_MODULES, LAYER_MODULES, module_name
 
 N_LAYERS, N_HEADS, N_KV_HEADS = 30, 9, 3
 CONFIG = {

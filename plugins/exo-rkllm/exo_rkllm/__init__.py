@@ -4,7 +4,7 @@ Registers the `rkllm` engine (the default on an RK3588) and the model cards it s
 engine module (aiohttp, click) is imported only when a hook runs, never when exo lists plugins.
 """
 
-from exo_core.hookspecs import hookimpl
+from exo_core import hookimpl
 
 
 @hookimpl

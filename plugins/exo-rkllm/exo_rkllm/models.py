@@ -9,7 +9,7 @@ has (Qwen 2.5, Llama 3.2, SmolLM2) are registered again and merged: they gain th
 
 from __future__ import annotations
 
-from exo_core.models.cards import ModelCard
+from exo_core import ModelCard
 
 
 def _card(

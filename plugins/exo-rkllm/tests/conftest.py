@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from exo_rkllm.fake_server import FakeRKLLAMA
 
-from exo_core.log import configure_logging
+from exo_core.testing import quiet_logs
 
 # Test modules import rkllm_helpers by name (pytest's importlib mode puts nothing on sys.path).
 sys.path.insert(0, str(Path(__file__).parent))
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _plain_logs():
     # exo's own console logging (plain tracebacks): structlog's default renders rich tracebacks,
     # which take seconds for each engine error the node logs.
-    configure_logging("console", "warning")
+    quiet_logs()
 
 
 @pytest.fixture(autouse=True)

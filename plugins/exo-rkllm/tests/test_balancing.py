@@ -11,57 +11,16 @@ from collections.abc import AsyncIterator
 from exo_rkllm.fake_server import FakeRKLLAMA, fake_answer
 from rkllm_helpers import rkllm_runtime
 
-from exo_core import Runtime, TextGeneration
-from exo_core.node.messages import PeerUnavailable, StageFailure, StepMessage, TokenMessage
-from exo_core.node.node import Node
+from exo_core import Runtime
 from exo_core.testing import chat
-
-
-class DirectPeer:
-    """Another node in this process, called directly (a PeerClient)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.gone = False
-
-    def _check(self) -> None:
-        if self.gone:
-            raise PeerUnavailable(f"{self.node.node_id} is gone")
-
-    async def send_step(self, msg: StepMessage) -> None:
-        self._check()
-        await self.node.receive_step(msg)
-
-    async def send_token(self, msg: TokenMessage) -> bool:
-        self._check()
-        return await self.node.receive_token(msg)
-
-    async def report_failure(self, failure: StageFailure) -> None:
-        self._check()
-        await self.node.receive_failure(failure)
-
-    async def release(self, request_id: str, up_to_attempt: int) -> None:
-        self._check()
-        await self.node.release(request_id, up_to_attempt)
-
-    async def health(self, request_id: str = "", attempt: int = 0):
-        self._check()
-        return self.node.request_state(request_id, attempt)
-
-    async def generate_text(self, request: TextGeneration, delivered: str = ""):
-        self._check()
-        async for delta in self.node.serve_text(request, delivered):
-            yield delta
+from exo_core.testing.direct import connect, unplug
 
 
 @contextlib.asynccontextmanager
 async def cluster(servers: list[FakeRKLLAMA]) -> AsyncIterator[list[Runtime]]:
     async with contextlib.AsyncExitStack() as stack:
         runtimes = [await stack.enter_async_context(rkllm_runtime(s.url)) for s in servers]
-        for a in runtimes:
-            for b in runtimes:
-                if a is not b:
-                    a.node.add_peer(b.node.info(), DirectPeer(b.node))
+        connect(runtimes)
         yield runtimes
 
 
@@ -102,8 +61,7 @@ async def test_a_request_whose_board_is_lost_is_replayed_and_goes_on(dialect):
             if len(streamed) == 12:
                 # Mid-answer, that board drops out of the cluster; the origin serves it now.
                 origin.node.set_served_models(served)
-                origin.node.peers[lost.node.node_id].client.gone = True
-                origin.node.remove_peer(lost.node.node_id, "test: board unplugged")
+                unplug(origin, lost, "test: board unplugged")
 
         answer = await chat(origin, question, on_chunk=on_chunk)
     assert answer.text == expected  # no gap, no repeat

@@ -25,7 +25,9 @@ async def answer(runtime, delivered: str = "") -> str:
 @pytest.mark.parametrize("cut", ["mid-character", "after-a-word"])
 async def test_a_replay_goes_on_where_the_first_attempt_stopped(server, cut):
     whole = fake_answer(QUESTION)
-    at = whole.index("👩") + 1 if cut == "mid-character" else whole.index("déterministe") + len("déterministe")
+    at = (
+        whole.index("👩") + 1 if cut == "mid-character" else whole.index("déterministe") + len("déterministe")
+    )
     async with rkllm_runtime(server.url) as runtime:
         rest = await answer(runtime, delivered=whole[:at])
     assert whole[:at] + rest == whole

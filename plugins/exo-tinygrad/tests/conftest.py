@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from exo_core import ModelCard, Shard, embedded_gguf_path
-from exo_core.models.builtin import BUILTIN_CARDS
+from exo_core.testing import model_card
 
 REPO = Path(__file__).parents[3]
 REFERENCE = REPO / "tests" / "data" / "smollm2-135m-llamacpp.json"
@@ -25,7 +25,7 @@ def reference() -> dict:
 
 @pytest.fixture(scope="session")
 def card() -> ModelCard:
-    return next(c for c in BUILTIN_CARDS if c.id == "smollm2-135m")
+    return model_card("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
