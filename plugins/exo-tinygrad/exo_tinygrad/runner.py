@@ -89,6 +89,13 @@ class _Graph:
     def ready(self) -> bool:
         return self.jit.captured is not None
 
+    def run(self, tensors: list[Tensor], var_vals: dict[str, int], *args) -> Tensor:
+        """Run with `args` as the JIT takes them; `tensors` and `var_vals` are the same inputs
+        in the JIT's order (its tensors, then those inside lists) for the replay's fast path."""
+        if self.replay is not None:
+            return self.replay.run(tensors, var_vals)
+        return self(*args)
+
     def __call__(self, *args) -> Tensor:
         if self.replay is not None:
             return self.replay(*args)
@@ -119,6 +126,7 @@ class ShardRunner:
         self._jits = _Jits()
         self._variables: dict[tuple[str, int, int], UOp] = {}
         self._inputs: dict[tuple, list[Tensor]] = {}
+        self._views: dict[int, tuple[Tensor, np.ndarray | None]] = {}
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -301,7 +309,7 @@ class ShardRunner:
             tensors = [zeros(a.shape) for a in arrays]
             self._inputs[key] = tensors
         for t, a in zip(tensors, arrays, strict=True):
-            host = host_view(t)
+            host = self._host(t)
             if host is not None:
                 host[...] = a
             else:
@@ -309,6 +317,17 @@ class ShardRunner:
                     t.uop.buffer, memoryview(np.ascontiguousarray(a, np.float32).reshape(-1).view(np.uint8))
                 )
         return tensors
+
+    def _host(self, t: Tensor) -> np.ndarray | None:
+        """`host_view(t)`, kept for the tensors used every step (staging inputs, outputs)."""
+        held = self._views.get(id(t))
+        if held is None or held[0] is not t:
+            held = self._views[id(t)] = (t, host_view(t))
+        return held[1]
+
+    def _read(self, t: Tensor) -> np.ndarray:
+        view = self._host(t)
+        return view.copy() if view is not None else _read(t)
 
     def _variable(self, name: str, low: int, high: int) -> UOp:
         key = (name, low, high)
@@ -331,7 +350,9 @@ class ShardRunner:
             padded = np.zeros((1, C, self.config.dim), np.float32)
             padded[0, :n] = chunk
             (x_in,) = self._staging(("prefill", cap), padded)
-            out = _read(jit(x_in, req.cache, pos_var.bind(req.length), last_var.bind(n - 1)))
+            bound = {"pos": req.length, "last": n - 1}
+            args = (x_in, req.cache, pos_var.bind(req.length), last_var.bind(n - 1))
+            out = self._read(jit.run([x_in, *req.cache], bound, *args))
             req.length += n
             if not self.shard.is_last:
                 hidden_out.append(out[0, :n])
@@ -351,7 +372,8 @@ class ShardRunner:
         # the JIT finds tensors in a flat list only: all layers of request 0, then request 1, ...
         flat = [t for r in reqs for t in r.cache]
         (x_in,) = self._staging(("decode", cap, len(reqs)), x)
-        out = _read(jit(x_in, flat, *positions))
+        bound = {f"pos{b}": r.length for b, r in enumerate(reqs)}
+        out = self._read(jit.run([x_in, *flat], bound, x_in, flat, *positions))
         for r in reqs:
             r.length += 1
         return [out[b] for b in range(len(steps))]
