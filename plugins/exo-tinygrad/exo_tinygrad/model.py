@@ -127,9 +127,9 @@ class Attention:
     def __init__(self, config: LlamaConfig, w: dict[str, Weight], prefix: str) -> None:
         self.config = config
         names = ("attn_q", "attn_k", "attn_v")
-        biases = [w.get(f"{prefix}.{n}.bias") for n in names] if config.qkv_bias else None
-        self.qkv = Linear([w[f"{prefix}.{n}.weight"] for n in names], biases)
-        self.o = Linear([w[f"{prefix}.attn_output.weight"]])
+        biases = [w.pop(f"{prefix}.{n}.bias", None) for n in names] if config.qkv_bias else None
+        self.qkv = Linear([w.pop(f"{prefix}.{n}.weight") for n in names], biases)
+        self.o = Linear([w.pop(f"{prefix}.attn_output.weight")])
 
     def __call__(
         self,
@@ -164,8 +164,8 @@ class Attention:
 
 class FeedForward:
     def __init__(self, w: dict[str, Weight], prefix: str) -> None:
-        self.gate_up = Linear([w[f"{prefix}.ffn_gate.weight"], w[f"{prefix}.ffn_up.weight"]])
-        self.down = Linear([w[f"{prefix}.ffn_down.weight"]])
+        self.gate_up = Linear([w.pop(f"{prefix}.ffn_gate.weight"), w.pop(f"{prefix}.ffn_up.weight")])
+        self.down = Linear([w.pop(f"{prefix}.ffn_down.weight")])
 
     def __call__(self, x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
         """x + down(silu(gate(rms_norm(x))) * up(rms_norm(x)))"""
@@ -178,8 +178,8 @@ class Block:
     def __init__(self, config: LlamaConfig, w: dict[str, Weight], index: int) -> None:
         prefix = f"blk.{index}"
         self.eps = config.norm_eps
-        self.attn_norm = from_numpy(np.asarray(w[f"{prefix}.attn_norm.weight"], np.float32))
-        self.ffn_norm = from_numpy(np.asarray(w[f"{prefix}.ffn_norm.weight"], np.float32))
+        self.attn_norm = from_numpy(np.asarray(w.pop(f"{prefix}.attn_norm.weight"), np.float32))
+        self.ffn_norm = from_numpy(np.asarray(w.pop(f"{prefix}.ffn_norm.weight"), np.float32))
         self.attention = Attention(config, w, prefix)
         self.ffn = FeedForward(w, prefix)
 
@@ -190,7 +190,11 @@ class Block:
 
 
 class ShardModel:
-    """Layers start..end of a model; the last stage also owns the final norm and the head."""
+    """Layers start..end of a model; the last stage also owns the final norm and the head.
+
+    It consumes `weights.tensors`: each array leaves the dict once it is packed into device
+    memory, so the load's peak holds each weight unpacked or packed, not both.
+    """
 
     def __init__(self, weights: ShardWeights, start: int, end: int, is_last: bool) -> None:
         c = self.config = weights.config
@@ -198,8 +202,8 @@ class ShardModel:
         self.blocks = [Block(c, w, i) for i in range(start, end + 1)]
         self.is_last = is_last
         if is_last:
-            self.norm = from_numpy(np.asarray(w["output_norm.weight"], np.float32))
-            self.head = Linear([w["token_embd.weight" if c.tied_embeddings else "output.weight"]])
+            self.norm = from_numpy(np.asarray(w.pop("output_norm.weight"), np.float32))
+            self.head = Linear([w.pop("token_embd.weight" if c.tied_embeddings else "output.weight")])
         self.rope = rope_table(c, c.max_context)
 
     def new_cache(self, capacity: int) -> list[Tensor]:
