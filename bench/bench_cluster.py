@@ -14,7 +14,7 @@ of k simultaneous streams over the time from the first first-token to the last t
 stall is the gap from `kill -9` of stage 2 to the next token the client receives; "detected"
 is when the origin logged the re-plan (the rest is the engine reloading and replaying).
 
-Long-prompt TTFT (pipelined prefill): a ~2,000-token prompt's time to first token on one node
+Long-prompt TTFT (pipelined prefill): a ~2,000-token prompt's (`--prompt-words 700`) time to first token on one node
 and on two, each in a cluster of its own started for it (tinygrad: the single node gets both
 cores, each of the two nodes one thread, so both cases use the whole machine); the median of
 `--rounds` requests after a warm-up.
@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="streams per decode figure (median)")
     parser.add_argument("--dummy-delay-ms", type=float, default=20.0, help="dummy engine: ms per token")
     parser.add_argument(
-        "--prompt-words", type=int, default=1000, help="long-prompt TTFT: words (~2 tokens each)"
+        "--prompt-words", type=int, default=700, help="long-prompt TTFT: words (~3 tokens each)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
