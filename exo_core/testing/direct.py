@@ -40,9 +40,9 @@ class DirectPeer:
         self._check()
         await self.node.receive_failure(failure)
 
-    async def release(self, request_id: str, up_to_attempt: int, **kwargs: Any) -> None:
+    async def release(self, request_id: str, up_to_attempt: int, keep: bool = False) -> None:
         self._check()
-        await self.node.release(request_id, up_to_attempt, **kwargs)
+        await self.node.release(request_id, up_to_attempt, keep=keep)
 
     async def health(self, request_id: str = "", attempt: int = 0) -> Any:
         self._check()
