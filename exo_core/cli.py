@@ -158,6 +158,14 @@ def _run_options() -> list[click.Parameter]:
             help="Memory this node offers for models (16GB, 800MB, ...), instead of what it has.",
         ),
         opt(
+            ["--warm/--no-warm"],
+            envvar="EXO_WARM",
+            default=True,
+            show_default=True,
+            help="Build the engine's kernels and graphs for this node's layers in the background at "
+            "start and when a plan names this node (or EXO_WARM=0).",
+        ),
+        opt(
             ["--disable-tui"],
             is_flag=True,
             help="Plain logs instead of the live terminal view (also when stdout is not a terminal).",
@@ -217,6 +225,7 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         step_timeout=params["step_timeout"],
         max_concurrent_requests=params["max_concurrent_requests"],
         models_seed_dirs=[params["models_seed_dir"]] if params.get("models_seed_dir") else [],
+        warm=bool(params.get("warm", True)) and not prompt,  # one answer builds only what it needs
     )
     try:
         runtime = Runtime(config)
@@ -393,7 +402,6 @@ def _models_command() -> click.Command:
         an interruption: it continues where it stopped.
         """
         from exo_core.models.files import ModelFilesError, shard_checkpoint
-        from exo_core.models.shard import Shard
         from exo_core.plugins import registry
         from exo_core.runtime import ConfigError, choose_model
         from exo_core.tui import download_bars
@@ -402,15 +410,7 @@ def _models_command() -> click.Command:
             card = choose_model(registry(), model)
         except ConfigError as exc:
             raise ExoUsageError(str(exc)) from None
-        shard = Shard.whole(card.id, card.n_layers)
-        if layers:
-            try:
-                start, _, end = layers.partition("-")
-                shard = Shard(card.id, int(start), int(end or start), card.n_layers)
-            except ValueError:
-                raise ExoUsageError(
-                    f"--layers {layers!r}: give FIRST-LAST within 0-{card.n_layers - 1}"
-                ) from None
+        shard = _layers_shard(card, layers)
         kinds = [source] if source else [k for k in ("gguf", "safetensors", "mlx") if k in card.sources]
         try:
             with download_bars():
@@ -419,6 +419,54 @@ def _models_command() -> click.Command:
             click.echo(f"exo: error: {exc}", err=True)
             sys.exit(1)
         click.echo(f"{card.id} layers {shard.start_layer}-{shard.end_layer} ({kind}): {path}")
+
+    @models.command("warm")
+    @click.argument("model")
+    @click.option("--layers", help="Only these layers, e.g. 0-15 (default: all).")
+    @click.option("--engine", "engine_name", help="The engine to warm for (default: this machine's).")
+    def warm(model: str, layers: str | None, engine_name: str | None) -> None:
+        """Build an engine's compiled kernels and graphs for a model ahead of its first requests.
+
+        They are kept under EXO_HOME, so every later `exo run` on this machine starts warm.
+        `exo run` also warms in the background by itself; this command waits until it is done.
+        """
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from exo_core.plugins import registry
+        from exo_core.runtime import ConfigError, choose_engine, choose_model
+
+        try:
+            reg = registry()
+            card = choose_model(reg, model)
+            engine_cls = choose_engine(reg, engine_name)
+        except ConfigError as exc:
+            raise ExoUsageError(str(exc)) from None
+        shard = _layers_shard(card, layers)
+
+        async def build() -> None:
+            engine = engine_cls({})
+            try:
+                with Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.fields[step]}"),
+                    TimeElapsedColumn(),
+                    transient=False,
+                ) as bars:
+                    task = bars.add_task(f"{engine_cls.name} {shard}", total=1.0, step="")
+                    await engine.prepare(
+                        shard, card, lambda what, done: bars.update(task, completed=done, step=what)
+                    )
+                    bars.update(task, completed=1.0, step="warm")
+            finally:
+                await engine.close()
+
+        try:
+            asyncio.run(build())
+        except Exception as exc:
+            click.echo(f"exo: error: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"{card.id} layers {shard.start_layer}-{shard.end_layer}: warm for {engine_cls.name}")
 
     @models.command("rm")
     @click.argument("model")
@@ -441,6 +489,19 @@ def _models_command() -> click.Command:
             click.echo(f"removed {path}")
 
     return models
+
+
+def _layers_shard(card: Any, layers: str | None) -> Any:
+    """The shard `--layers FIRST-LAST` names (all layers without it); a usage error when bad."""
+    from exo_core.models.shard import Shard
+
+    if not layers:
+        return Shard.whole(card.id, card.n_layers)
+    try:
+        start, _, end = layers.partition("-")
+        return Shard(card.id, int(start), int(end or start), card.n_layers)
+    except ValueError:
+        raise ExoUsageError(f"--layers {layers!r}: give FIRST-LAST within 0-{card.n_layers - 1}") from None
 
 
 def _describe_on_disk(entry: dict) -> str:

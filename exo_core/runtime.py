@@ -29,6 +29,9 @@ log = structlog.get_logger("exo.runtime")
 ENGINE_STOP_S = 1.0  # what stopping waits for the node's engine
 
 
+_OFF = ("0", "false", "no", "off")
+
+
 @dataclass
 class NodeConfig:
     """Everything `exo run` can set."""
@@ -60,6 +63,8 @@ class NodeConfig:
     rpc_timeout: float = 10.0  # deadline of every peer RPC but health checks
     capabilities: DeviceCapabilities | None = None
     models_seed_dirs: list[str] = field(default_factory=list)  # searched before downloading
+    # Build the engine's kernels/graphs for this node's shards ahead of requests (EXO_WARM=0: off).
+    warm: bool = field(default_factory=lambda: os.environ.get("EXO_WARM", "1").lower() not in _OFF)
 
 
 def choose_engine(reg: Registry, name: str | None) -> type[InferenceEngine]:
@@ -132,6 +137,7 @@ class Runtime:
         self.node: Node | None = None
         self.generator: Generator | None = None
         self.frontends: list[Any] = []
+        self.warmer: Any = None  # node.warm.Warmer while warming is on
         self.discovery: Discovery | None = None
         self.peer_tracker: Any = None  # networking.peers.PeerTracker, the discovery's peer sink
         self.server: Any = None
@@ -169,7 +175,9 @@ class Runtime:
                 models[card.id] = card
             self._served = {cid: c for cid, c in models.items() if engine.serves(c)}
             if cfg.model:
-                self.default_model = choose_model(dataclasses.replace(self.registry, models=models), cfg.model)
+                self.default_model = choose_model(
+                    dataclasses.replace(self.registry, models=models), cfg.model
+                )
         node_id = cfg.node_id or persistent_node_id()
         self.node = Node(
             node_id,
@@ -191,6 +199,8 @@ class Runtime:
             models=len(self.served_models),
         )
         await self._start_networking()
+        if cfg.warm:
+            self._start_warming()
         if cfg.wait_for_peers:  # before serving: the API answers only once the cluster is there
             await self.wait_for_peers(cfg.wait_for_peers)
         for name, frontend_cls in self._frontend_classes():
@@ -279,6 +289,35 @@ class Runtime:
         set_peer_source(PeerFiles(node_channels(node), asyncio.get_running_loop()))
         node.origin.on_plan = Prefetcher(node).plan_made  # downloads start when a plan names a node
 
+    def _start_warming(self) -> None:
+        """Warm this node's shard of the default model now (when its files are here), and every
+        shard a plan names this node for, in the background."""
+        from exo_core.node.partitioning import NoPlanError
+        from exo_core.node.warm import Warmer
+
+        node = self.node
+        assert node is not None
+        if isinstance(node.engine, TextEngine):
+            return  # whole-request engines have nothing to build
+        self.warmer = warmer = Warmer(node)
+        previous = node.origin.on_plan
+
+        def on_plan(card: ModelCard, plan: Any) -> None:
+            if previous is not None:
+                previous(card, plan)
+            warmer.plan_made(card, plan)
+
+        node.origin.on_plan = on_plan
+        card = self.default_model
+        if not any(files.files_present(card).values()):
+            return  # nothing to build from yet: the first plan starts the download, then warms
+        try:
+            plan = node.make_plan(card)
+        except (NoPlanError, ValueError) as exc:
+            log.info("not warming", model=card.id, reason=str(exc))
+            return
+        warmer.plan_made(card, plan)
+
     def _cluster_key(self) -> Any:
         """The key given (saved as this machine's from now on), or the stored one, or a new one."""
         from exo_core.networking import keys
@@ -326,6 +365,9 @@ class Runtime:
         log.info("peers ready", peers=sorted(self.node.peers))
 
     async def stop(self) -> None:
+        warmer, self.warmer = self.warmer, None
+        if warmer is not None:
+            await warmer.stop()
         for frontend in reversed(self.frontends):
             with contextlib.suppress(Exception):
                 await frontend.stop()
