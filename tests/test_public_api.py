@@ -66,20 +66,8 @@ def _files(pattern: str) -> list[Path]:
     return sorted(p for p in ROOT.glob(pattern) if "egg-info" not in p.parts and "build" not in p.parts)
 
 
-# Plugins still being moved to the public API (issue 10), with the files that import internals
-# when this list was written. Delete an entry once its scan passes (it shows as XPASS).
-STILL_PRIVATE: dict[str, list[str]] = {
-    "exo-tinygrad package": ["__init__.py", "engine.py", "executor.py", "loader.py", "runner.py"],
-    "exo-tinygrad tests": ["test_engine.py"],
-}
-
-
 def _scan(what: str, pattern: str, tests: bool) -> object:
-    marks = []
-    if what in STILL_PRIVATE:
-        reason = f"{what} still imports exo_core internals in: {', '.join(STILL_PRIVATE[what])}"
-        marks.append(pytest.mark.xfail(strict=False, reason=reason))
-    return pytest.param(what, pattern, tests, id=what, marks=marks)
+    return pytest.param(what, pattern, tests, id=what)
 
 
 PLUGINS = sorted(p.name for p in ROOT.glob("plugins/exo-*"))

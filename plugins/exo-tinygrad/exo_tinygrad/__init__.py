@@ -1,6 +1,6 @@
 """exo-tinygrad: a Llama-family engine on tinygrad. tinygrad is imported lazily (on load)."""
 
-from exo_core.hookspecs import hookimpl
+from exo_core import hookimpl
 
 
 @hookimpl

@@ -29,10 +29,17 @@ from typing import Any
 
 import click
 
-from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
-from exo_core.models import files
-from exo_core.models.cards import ModelCard
-from exo_core.models.shard import Shard
+from exo_core import (
+    EngineError,
+    InferenceEngine,
+    ModelCard,
+    ModelFilesError,
+    Shard,
+    StageInput,
+    StageOutput,
+    exo_home,
+    shard_checkpoint,
+)
 
 # Memory left free when weights load or a cache grows; below it the request is refused.
 MEMORY_HEADROOM = 256 << 20
@@ -306,8 +313,8 @@ def model_path(model: ModelCard, shard: Shard) -> Path:
     ranges) or its safetensors directory; failing both, only what the shard needs is downloaded
     into EXO_HOME (exo_core's `shard_checkpoint`)."""
     try:
-        return files.shard_checkpoint(model, shard, ("gguf", "safetensors"))[1]
-    except files.ModelFilesError as exc:
+        return shard_checkpoint(model, shard, ("gguf", "safetensors"))[1]
+    except ModelFilesError as exc:
         raise EngineError(str(exc)) from exc
 
 
@@ -330,7 +337,7 @@ def graph_dir(path: Path, shard: Shard, max_context: int) -> Path | None:
         max_context=max_context,
         device=Device.DEFAULT,
     )
-    directory = files.exo_home() / "cache" / "tinygrad" / "graphs" / key
+    directory = exo_home() / "cache" / "tinygrad" / "graphs" / key
     try:
         graphs.prune(directory)
     except OSError:

@@ -224,7 +224,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL:
-    from exo_core.models.files import exo_home
+    from exo_core import exo_home
 
     source = _source()
     compiler = os.environ.get("CC", "clang")

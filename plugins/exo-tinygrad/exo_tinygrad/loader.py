@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exo_core.engine import EngineError
-from exo_core.models.checkpoint import (
+from exo_core import EngineError, Shard
+from exo_core.checkpoint import (
     GGUF_PERMUTED_QK,
     LlamaConfig,
     ggml_type_name,
@@ -26,7 +26,6 @@ from exo_core.models.checkpoint import (
     shard_tensors,
     to_hf,
 )
-from exo_core.models.shard import Shard
 from exo_tinygrad import quant
 
 __all__ = ["LlamaConfig", "ShardWeights", "Weight", "load_shard", "weight_bytes"]

@@ -26,8 +26,7 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 from tinygrad.nn.state import get_parameters
 
-from exo_core.engine import EngineError
-from exo_core.models.shard import Shard
+from exo_core import EngineError, Shard
 from exo_tinygrad import kernels
 from exo_tinygrad.buffers import host_view, write, zeros
 from exo_tinygrad.graphs import GraphStore

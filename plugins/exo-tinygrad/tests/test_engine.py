@@ -18,7 +18,7 @@ import pytest
 from exo_tinygrad import loader
 
 from exo_core import ModelCard, Shard, StageInput
-from exo_core.models.checkpoint import read_gguf, to_hf
+from exo_core.checkpoint import read_gguf, to_hf
 from exo_core.testing import engine_checks
 
 EOS = 2
