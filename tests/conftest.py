@@ -1,11 +1,15 @@
 """Shared fixtures for exo-core's tests."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+# Test modules import core_helpers by name (pytest's importlib mode puts nothing on sys.path).
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 import pytest
+from core_helpers import manual_runtimes as runtimes
+from core_helpers import until
 
 from exo_core.engine import StageInput, StageOutput
 from exo_core.engines.dummy import DUMMY_ANSWER, DummyEngine
@@ -25,51 +27,12 @@ from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
 from exo_core.node.topology import NodeInfo
 from exo_core.plugins import registry
-from exo_core.runtime import NodeConfig, Runtime
 from exo_core.testing import engine_checks
-from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
+from exo_core.testing.cluster import write_peers_file
 
 CHAT = [{"role": "user", "content": "Say hello."}]
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@contextlib.asynccontextmanager
-async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, reg=None, step_timeout=120.0):
-    """Started runtimes for `ids` (dummy engine); the peers file lists `listed` (default: all)."""
-    ports = free_ports(len(ids))
-    specs = {nid: NodeSpec(nid, port, 0) for nid, port in zip(ids, ports, strict=True)}
-    path = write_peers_file(tmp_path / "peers.json", [specs[n] for n in (listed or ids)])
-    started = []
-    try:
-        for nid in ids:
-            config = NodeConfig(
-                engine="dummy",
-                engine_options={"dummy_delay_ms": delay_ms},
-                node_id=nid,
-                node_host="127.0.0.1",
-                node_port=specs[nid].node_port,
-                discovery="manual",
-                discovery_config_path=str(path),
-                discovery_options={"timeout": 5.0},
-                frontends=(),
-                step_timeout=step_timeout,
-            )
-            rt = Runtime(config, reg)
-            await rt.start()
-            started.append(rt)
-        yield dict(zip(ids, started, strict=True)), specs, path
-    finally:
-        for rt in started:
-            await rt.stop()
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.05)
 
 
 async def chat(rt, messages=CHAT, model=None, max_tokens=None):

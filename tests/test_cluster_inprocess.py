@@ -1,61 +1,22 @@
 """Cluster behaviour with several nodes in one process over real gRPC on 127.0.0.1: the peers file
 is re-read, discovery drops re-plan in-flight requests, a lost cluster fails fast, a shared token joins."""
 
-import asyncio
-import contextlib
 import time
 
 import pytest
+from core_helpers import manual_runtimes as runtimes
+from core_helpers import until
 
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.networking.manual import PeersFileError, parse_peers_file
 from exo_core.node.generate import TextRequest
 from exo_core.node.messages import GenerationError
 from exo_core.runtime import ConfigError, NodeConfig, Runtime
-from exo_core.testing.cluster import NodeSpec, free_ports, write_peers_file
+from exo_core.testing.cluster import write_peers_file
 
 CHAT = [{"role": "user", "content": "Say hello."}]
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@contextlib.asynccontextmanager
-async def runtimes(tmp_path, ids, *, listed=None, delay_ms=0.0, secret=None, timeout=5.0):
-    """Started runtimes for `ids`; the peers file lists `listed` (default: all of them)."""
-    ports = free_ports(len(ids))
-    specs = {nid: NodeSpec(nid, port, 0) for nid, port in zip(ids, ports, strict=True)}
-    path = write_peers_file(tmp_path / "peers.json", [specs[n] for n in (listed or ids)])
-    started = []
-    try:
-        for nid in ids:
-            rt = Runtime(
-                NodeConfig(
-                    engine="dummy",
-                    engine_options={"dummy_delay_ms": delay_ms},
-                    node_id=nid,
-                    node_host="127.0.0.1",
-                    node_port=specs[nid].node_port,
-                    discovery="manual",
-                    discovery_config_path=str(path),
-                    discovery_options={"timeout": timeout},
-                    frontends=(),
-                    cluster_secret=secret,
-                )
-            )
-            await rt.start()
-            started.append(rt)
-        yield dict(zip(ids, started, strict=True)), specs, path
-    finally:
-        for rt in started:
-            await rt.stop()
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.05)
 
 
 async def chat(rt, max_tokens=None):
@@ -124,7 +85,7 @@ async def test_step_timeout_replays_when_a_stage_never_answers(tmp_path):
 
 
 async def test_same_secret_joins_and_caches_are_released(tmp_path):
-    async with runtimes(tmp_path, ["a", "b"], secret="s3cret") as (rts, _specs, _path):
+    async with runtimes(tmp_path, ["a", "b"], cluster_secret="s3cret") as (rts, _specs, _path):
         await until(lambda: set(rts["a"].node.peers) == {"b"} and set(rts["b"].node.peers) == {"a"})
         assert await chat(rts["b"]) == DUMMY_ANSWER
         # released: what stays is only kept for prefix reuse (the request finished)
