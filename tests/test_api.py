@@ -8,6 +8,7 @@ import time
 
 import openai
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.testing import BackgroundNode, connect, request
 from exo_core.engines.dummy import DUMMY_ANSWER
@@ -21,17 +22,7 @@ HI = [{"role": "user", "content": "Hi!"}]
 
 
 def node_config(**overrides) -> NodeConfig:
-    settings = dict(
-        engine="dummy",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="test",
-        engine_options={"dummy_delay_ms": 1},
-    )
-    settings.update(overrides)
-    return NodeConfig(**settings)
+    return api_node_config(**{"node_id": "test", "engine_options": {"dummy_delay_ms": 1}, **overrides})
 
 
 @pytest.fixture(scope="module")

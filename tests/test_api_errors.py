@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.protocol import MAX_BODY_BYTES
 from exo_core.api.testing import BackgroundNode, Reply, request
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.models.tokenizer import load_tokenizer
-from exo_core.runtime import NodeConfig
 
 MODEL = "smollm2-135m"
 HI = [{"role": "user", "content": "Hi!"}]
@@ -18,14 +18,7 @@ HI = [{"role": "user", "content": "Hi!"}]
 
 @pytest.fixture(scope="module")
 def server():
-    config = NodeConfig(
-        engine="dummy",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="test-errors",
-    )
+    config = api_node_config("test-errors")
     with BackgroundNode(config) as node:
         yield node
 

@@ -6,10 +6,10 @@ import json
 
 import ollama
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.testing import BackgroundNode, request
 from exo_core.engines.dummy import DUMMY_ANSWER
-from exo_core.runtime import NodeConfig
 
 MODEL = "smollm2-135m"
 HI = [{"role": "user", "content": "Hi!"}]
@@ -17,13 +17,8 @@ HI = [{"role": "user", "content": "Hi!"}]
 
 @pytest.fixture(scope="module")
 def server():
-    config = NodeConfig(
-        engine="dummy",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="test",
+    config = api_node_config(
+        "test",
         engine_options={"dummy_delay_ms": 1},
     )
     with BackgroundNode(config) as node:

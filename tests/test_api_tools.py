@@ -17,6 +17,7 @@ import numpy as np
 import ollama
 import openai
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.testing import BackgroundNode
 from exo_core.engine import InferenceEngine, StageInput, StageOutput
@@ -24,7 +25,6 @@ from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.models.tokenizer import load_tokenizer
 from exo_core.plugins import registry
-from exo_core.runtime import NodeConfig
 
 DATA = Path(__file__).parent / "data" / "templates"
 WEATHER = {
@@ -124,15 +124,7 @@ def server(tmp_path_factory):
     reg = dataclasses.replace(
         reg, engines={**reg.engines, "scripted": ScriptedEngine}, models={**reg.models, **cards}
     )
-    config = NodeConfig(
-        engine="scripted",
-        model="qwen2.5",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="tools",
-    )
+    config = api_node_config("tools", engine="scripted", model="qwen2.5")
     with BackgroundNode(config, registry=reg) as node:
         yield node
 

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.testing import BackgroundNode
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.models.tokenizer import load_tokenizer
-from exo_core.runtime import NodeConfig
 
 CHROMIUM = os.environ.get("EXO_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -31,13 +31,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromiu
 
 @pytest.fixture(scope="module")
 def server():
-    config = NodeConfig(
-        engine="dummy",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="web-test-node",
+    config = api_node_config(
+        "web-test-node",
         engine_options={"dummy_delay_ms": 40},  # slow enough to watch the answer grow
     )
     with BackgroundNode(config) as node:

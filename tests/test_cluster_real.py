@@ -8,25 +8,14 @@ rewritten to make the cluster 1, 2, then 3 nodes.
 
 import concurrent.futures
 import itertools
-import os
 import time
 
 import pytest
+from core_helpers import real_cluster_engine
 
-from exo_core.plugins import registry
 from exo_core.testing.cluster import Cluster, stream_text
 
-
-def _engine():
-    wanted = os.environ.get("EXO_TEST_CLUSTER_ENGINE")
-    engines = registry().engines
-    for name in [wanted] if wanted else ["tinygrad", "mlx"]:
-        if name in engines and engines[name].available()[0]:
-            return name
-    return None
-
-
-ENGINE = _engine()
+ENGINE = real_cluster_engine()
 pytestmark = [
     pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed"),
     pytest.mark.timeout(600),

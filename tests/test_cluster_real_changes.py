@@ -14,23 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from core_helpers import real_cluster_engine
 
 from exo_core.plugins import registry
 from exo_core.testing.cluster import Cluster, stream_text
 
-
-def _engine():
-    import os
-
-    wanted = os.environ.get("EXO_TEST_CLUSTER_ENGINE")
-    engines = registry().engines
-    for name in [wanted] if wanted else ["tinygrad", "mlx"]:
-        if name in engines and engines[name].available()[0]:
-            return name
-    return None
-
-
-ENGINE = _engine()
+ENGINE = real_cluster_engine()
 pytestmark = pytest.mark.timeout(600)
 real_engine = pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed")
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import openai
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.testing import BackgroundNode, request
 from exo_core.engines.dummy import DUMMY_ANSWER
@@ -165,14 +166,7 @@ async def test_engines_copy_prefixes_exactly(engine_name):
 
 
 def test_usage_and_metrics_count_cached_tokens():
-    config = NodeConfig(
-        engine="dummy",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="pc",
-    )
+    config = api_node_config("pc")
     with BackgroundNode(config) as server, openai.OpenAI(base_url=f"{server.url}/v1", api_key="x") as client:
         messages = [{"role": "user", "content": "Tell me about the weather in Paris today."}]
         first = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0)

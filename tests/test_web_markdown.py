@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from core_helpers import api_node_config
 
 from exo_core.api.testing import BackgroundNode
 from exo_core.models.cards import ModelCard
 from exo_core.models.files import embedded_gguf_path, shard_checkpoint
 from exo_core.models.shard import Shard
-from exo_core.runtime import NodeConfig
 from exo_core.testing.hub import StandInHub
 
 CHROMIUM = os.environ.get("EXO_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -58,14 +58,7 @@ def page(tmp_path_factory):
         finally:
             for key, value in saved.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-    config = NodeConfig(
-        engine="dummy",
-        api_host="127.0.0.1",
-        api_port=0,
-        node_host="127.0.0.1",
-        discovery="none",
-        node_id="web-markdown-node",
-    )
+    config = api_node_config("web-markdown-node")
     with BackgroundNode(config) as server, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 760})
