@@ -79,3 +79,30 @@ async def until(predicate, timeout=10.0):
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         await asyncio.sleep(0.05)
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:
+    """Poll `predicate()` (blocking) until it holds: False when `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def udp_args(spec: NodeSpec, *extra: str) -> list[str]:
+    """`exo` arguments for a dummy-engine node that finds its peers by UDP discovery."""
+    return [
+        "--engine",
+        "dummy",
+        "--node-id",
+        spec.node_id,
+        "--node-port",
+        str(spec.node_port),
+        "--api-port",
+        str(spec.api_port),
+        "--discovery-module",
+        "udp",
+        *extra,
+    ]

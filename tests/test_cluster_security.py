@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from click.testing import CliRunner
+from core_helpers import udp_args, wait_until
 
 from exo_core.cli import build_cli
 from exo_core.engines.dummy import DUMMY_ANSWER
@@ -54,15 +55,6 @@ def _members(cluster: Cluster, node_id: str) -> set[str]:
     status, topo = cluster.get(node_id, "/v1/topology")
     assert status == 200, topo
     return {n["node_id"] for n in topo["nodes"]}
-
-
-def _until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 class Recorder:
@@ -221,23 +213,7 @@ def test_a_captured_step_cannot_be_read_or_replayed(tmp_path):
 
 
 def _udp_args(spec: NodeSpec, bport: int, *extra: str) -> list[str]:
-    return [
-        "--engine",
-        "dummy",
-        "--node-id",
-        spec.node_id,
-        "--node-port",
-        str(spec.node_port),
-        "--api-port",
-        str(spec.api_port),
-        "--discovery-module",
-        "udp",
-        "--interface-type-filter",
-        "loopback",
-        "--broadcast-port",
-        str(bport),
-        *extra,
-    ]
+    return udp_args(spec, "--interface-type-filter", "loopback", "--broadcast-port", str(bport), *extra)
 
 
 def _listen_udp(port: int) -> socket.socket:
@@ -376,8 +352,8 @@ def test_the_api_is_not_reachable_on_the_lan_address_by_default(tmp_path):
             tmp_path,
         )
         cluster.wait_ready(60, ["a"])
-        assert _until(lambda: _reachable_in(ns, "10.215.0.1", 52416), 30)
-        assert _until(lambda: _reachable_in(ns, "127.0.0.1", 52417), 30)
+        assert wait_until(lambda: _reachable_in(ns, "10.215.0.1", 52416), 30)
+        assert wait_until(lambda: _reachable_in(ns, "127.0.0.1", 52417), 30)
         assert _reachable_in(ns, "127.0.0.1", 52415)
         assert not _reachable_in(ns, "10.215.0.1", 52415)
         assert "without --api-key" in cluster.nodes["b"].log()

@@ -4,10 +4,10 @@ by a bridge (created and removed here; needs root and `ip netns`, skipped otherw
 import os
 import shutil
 import subprocess
-import time
 import uuid
 
 import pytest
+from core_helpers import udp_args, wait_until
 
 from exo_core.engines.dummy import DUMMY_ANSWER
 from exo_core.networking.interfaces import interface_kind, ranked_interfaces, subnet_broadcast
@@ -17,38 +17,13 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 def _udp_args(spec, *extra):
-    return [
-        "--engine",
-        "dummy",
-        "--node-id",
-        spec.node_id,
-        "--node-port",
-        str(spec.node_port),
-        "--api-host",
-        "127.0.0.1",
-        "--api-port",
-        str(spec.api_port),
-        "--discovery-module",
-        "udp",
-        "--discovery-timeout",
-        "4",
-        *extra,
-    ]
+    return udp_args(spec, "--api-host", "127.0.0.1", "--discovery-timeout", "4", *extra)
 
 
 def _peer_ids(cluster, node_id):
     status, topo = cluster.get(node_id, "/v1/topology")
     assert status == 200, topo
     return {n["node_id"] for n in topo["nodes"]} - {node_id}
-
-
-def _until(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_udp_discovery_on_loopback(tmp_path):
@@ -64,7 +39,7 @@ def test_udp_discovery_on_loopback(tmp_path):
         cluster.add(specs["c"], _udp_args(specs["c"], *common, "--node-id-filter", "a"), tmp_path)
         cluster.add(specs["d"], _udp_args(specs["d"], *common), tmp_path, env={"EXO_CLUSTER_TOKEN": "other"})
         cluster.wait_ready(60)
-        assert _until(lambda: _peer_ids(cluster, "a") == {"b", "c"} and _peer_ids(cluster, "c") == {"a"})
+        assert wait_until(lambda: _peer_ids(cluster, "a") == {"b", "c"} and _peer_ids(cluster, "c") == {"a"})
         assert _peer_ids(cluster, "b") == {"a", "c"}
         assert _peer_ids(cluster, "d") == set()  # its key differs: nobody gets in either way
         assert "node a at 127.0.0.1 has another cluster key" in cluster.nodes["d"].log()
@@ -72,7 +47,7 @@ def test_udp_discovery_on_loopback(tmp_path):
         assert cluster.chat("b", CHAT) == DUMMY_ANSWER  # a 3-stage plan found by broadcast
 
         cluster.nodes["c"].kill()  # dropped after failed health checks / the discovery timeout
-        assert _until(lambda: _peer_ids(cluster, "a") == {"b"}, timeout=10), cluster.logs()
+        assert wait_until(lambda: _peer_ids(cluster, "a") == {"b"}, timeout=10), cluster.logs()
         assert cluster.chat("a", CHAT) == DUMMY_ANSWER
     finally:
         cluster.close()

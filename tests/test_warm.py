@@ -60,51 +60,24 @@ async def test_warming_is_off_when_asked(monkeypatch):
     assert RecordingEngine.prepared == []
 
 
-def test_exo_models_warm_builds_and_says_so():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exo_core",
-            "models",
-            "warm",
-            "smollm2-135m",
-            "--engine",
-            "dummy",
-            "--layers",
-            "0-14",
-        ],
+def exo_models_warm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`exo models warm ARGS...` in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "exo_core", "models", "warm", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def test_exo_models_warm_builds_and_says_so():
+    out = exo_models_warm("smollm2-135m", "--engine", "dummy", "--layers", "0-14", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "smollm2-135m layers 0-14: warm for dummy" in out.stdout
 
 
 def test_exo_models_warm_refuses_bad_layers_and_unknown_models():
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exo_core",
-            "models",
-            "warm",
-            "smollm2-135m",
-            "--engine",
-            "dummy",
-            "--layers",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = exo_models_warm("smollm2-135m", "--engine", "dummy", "--layers", "x")
     assert bad.returncode == 2 and "--layers 'x'" in bad.stderr
-    unknown = subprocess.run(
-        [sys.executable, "-m", "exo_core", "models", "warm", "no-such-model", "--engine", "dummy"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    unknown = exo_models_warm("no-such-model", "--engine", "dummy")
     assert unknown.returncode == 2 and "no-such-model" in unknown.stderr
