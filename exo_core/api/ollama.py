@@ -207,11 +207,22 @@ def parse_chat(data: Any) -> ChatRequest:
     if fmt is not None:
         openai_body["response_format"] = fmt
     req = protocol.parse_chat_request(openai_body)
+    _apply_options(req, body, sampling, max_tokens, stops)
+    return req
+
+
+def _apply_options(
+    req: ChatRequest | CompletionRequest,
+    body: dict[str, Any],
+    sampling: dict[str, Any],
+    max_tokens: int | None,
+    stops: tuple[str, ...],
+) -> None:
+    """Ollama's `options` (as `_options` read them) and stream flag onto a parsed OpenAI request."""
     req.max_tokens = max_tokens
     req.stop = stops
     req.sampling = SamplingParams(**sampling)
     req.stream = _stream_flag(body)
-    return req
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -314,10 +325,7 @@ def parse_generate(data: Any) -> ChatRequest | CompletionRequest:
         if fmt is not None:
             openai_body["response_format"] = fmt
         req = protocol.parse_chat_request(openai_body)
-    req.max_tokens = max_tokens
-    req.stop = stops
-    req.sampling = SamplingParams(**sampling)
-    req.stream = _stream_flag(body)
+    _apply_options(req, body, sampling, max_tokens, stops)
     return req
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from exo_core.models.cards import EMBEDDED, ModelCard
@@ -106,33 +106,38 @@ def _manifest_of(file: Path) -> Path:
 def local_gguf_header(card: ModelCard) -> Path | None:
     """A GGUF of the card on this node whose header is here: the whole file, or a partial one
     holding some shards' byte ranges (enough for the tokenizer and the model's metadata)."""
-    whole = local_gguf(card)
-    if whole is not None:
-        return whole
-    source = card.sources.get("gguf")
-    if source is None or source == EMBEDDED or os.path.isabs(source):
-        return None
-    from exo_core.models.download import Manifest, header_on_disk
 
-    for candidate in _gguf_candidates(*_split_repo_file(source)):
+    def has_header(candidate: Path) -> bool:
+        from exo_core.models.download import Manifest, header_on_disk
+
         manifest = Manifest.load(_manifest_of(candidate))
-        if manifest is not None and header_on_disk(candidate, manifest) is not None:
-            return candidate
-    return None
+        return manifest is not None and header_on_disk(candidate, manifest) is not None
+
+    return _local_gguf_with(card, has_header)
 
 
 def local_gguf_shard(card: ModelCard, shard: Shard) -> Path | None:
     """The card's GGUF if this node has every byte `shard` needs (a whole or a partial file)."""
+
+    def holds(candidate: Path) -> bool:
+        from exo_core.models.download import holds_shard
+
+        return _manifest_of(candidate).exists() and holds_shard(candidate, shard)
+
+    return _local_gguf_with(card, holds)
+
+
+def _local_gguf_with(card: ModelCard, enough: Callable[[Path], bool]) -> Path | None:
+    """The card's whole GGUF on this node, else the first partial one (of a hub source) that is
+    `enough`."""
     whole = local_gguf(card)
     if whole is not None:
         return whole
     source = card.sources.get("gguf")
     if source is None or source == EMBEDDED or os.path.isabs(source):
         return None
-    from exo_core.models.download import holds_shard
-
     for candidate in _gguf_candidates(*_split_repo_file(source)):
-        if _manifest_of(candidate).exists() and holds_shard(candidate, shard):
+        if enough(candidate):
             return candidate
     return None
 
