@@ -156,6 +156,19 @@ def step_to_pb(step: StepMessage) -> pb.StepRequest:
     return msg
 
 
+def _messages_from_json(text: str) -> list[dict[str, Any]] | None:
+    """The chat messages a message carries in `messages_json` (None when it carries none)."""
+    if not text:
+        return None
+    try:
+        messages = json.loads(text)
+    except ValueError as exc:
+        raise WireError(f"messages_json: {exc}") from None
+    if not isinstance(messages, list):
+        raise WireError("messages_json must hold a list of messages")
+    return messages
+
+
 def step_from_pb(msg: pb.StepRequest) -> StepMessage:
     """A step from a peer, checked: a plan, a stage in it, exactly one well-formed input."""
     if not msg.request_id:
@@ -170,14 +183,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
         raise WireError("a step carries either tokens or hidden states")
     tokens = tensor_from_pb(msg.tokens, TOKENS_DTYPE, TOKENS_RANK, "tokens") if has_tokens else None
     hidden = tensor_from_pb(msg.hidden, HIDDEN_DTYPE, HIDDEN_RANK, "hidden") if has_hidden else None
-    messages: list[dict[str, Any]] | None = None
-    if msg.messages_json:
-        try:
-            messages = json.loads(msg.messages_json)
-        except ValueError as exc:
-            raise WireError(f"messages_json: {exc}") from None
-        if not isinstance(messages, list):
-            raise WireError("messages_json must hold a list of messages")
+    messages = _messages_from_json(msg.messages_json)
     if msg.step < 0 or msg.start_pos < 0 or msg.attempt < 0:
         raise WireError("negative step, position or attempt")
     return StepMessage(
@@ -321,14 +327,7 @@ def text_request_from_pb(msg: pb.TextGenerationRequest, card: ModelCard) -> tupl
     """The request (for `card`, the node's card of msg.model_id) and the text already delivered."""
     if not msg.request_id:
         raise WireError("text request without a request id")
-    messages: list[dict[str, Any]] | None = None
-    if msg.messages_json:
-        try:
-            messages = json.loads(msg.messages_json)
-        except ValueError as exc:
-            raise WireError(f"messages_json: {exc}") from None
-        if not isinstance(messages, list):
-            raise WireError("messages_json must hold a list of messages")
+    messages = _messages_from_json(msg.messages_json)
     prompt = msg.prompt if msg.HasField("prompt") else None
     if (messages is None) == (prompt is None):
         raise WireError("a text request carries either messages or a prompt")
