@@ -424,7 +424,8 @@ def _models_command() -> click.Command:
     @click.argument("model")
     @click.option("--layers", help="Only these layers, e.g. 0-15 (default: all).")
     @click.option("--engine", "engine_name", help="The engine to warm for (default: this machine's).")
-    def warm(model: str, layers: str | None, engine_name: str | None) -> None:
+    @click.option("--max-context", type=int, default=None, help="As `exo run --max-context` will be given.")
+    def warm(model: str, layers: str | None, engine_name: str | None, max_context: int | None) -> None:
         """Build an engine's compiled kernels and graphs for a model ahead of its first requests.
 
         They are kept under EXO_HOME, so every later `exo run` on this machine starts warm.
@@ -443,8 +444,12 @@ def _models_command() -> click.Command:
             raise ExoUsageError(str(exc)) from None
         shard = _layers_shard(card, layers)
 
+        # The options `exo run` gives the engine by default, so the graphs built are the ones it uses.
+        options: dict[str, Any] = {o.name: o.default for o in engine_cls.cli_options if o.name}
+        options["max_context"] = max_context
+
         async def build() -> None:
-            engine = engine_cls({})
+            engine = engine_cls(options)
             try:
                 with Progress(
                     TextColumn("{task.description}"),
