@@ -106,3 +106,16 @@ def udp_args(spec: NodeSpec, *extra: str) -> list[str]:
         "udp",
         *extra,
     ]
+
+
+@contextlib.contextmanager
+def web_page(playwright, chromium: str, args: list[str], url: str):
+    """The web page at `url` in a headless chromium; on leaving, no JavaScript error was raised."""
+    browser = playwright.chromium.launch(executable_path=chromium, args=args)
+    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    yield page
+    browser.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from core_helpers import api_node_config
+from core_helpers import api_node_config, web_page
 
 from exo_core.api.testing import BackgroundNode
 from exo_core.engines.dummy import DUMMY_ANSWER
@@ -41,15 +41,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 760})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(server.url + "/")
+    with sync_api.sync_playwright() as pw, web_page(pw, CHROMIUM, CHROMIUM_ARGS, server.url) as page:
         yield page
-        browser.close()
-        assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 def ask(page, text: str) -> None:

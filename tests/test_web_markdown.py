@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from core_helpers import api_node_config
+from core_helpers import api_node_config, web_page
 
 from exo_core.api.testing import BackgroundNode
 from exo_core.models.cards import ModelCard
@@ -59,15 +59,12 @@ def page(tmp_path_factory):
             for key, value in saved.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     config = api_node_config("web-markdown-node")
-    with BackgroundNode(config) as server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 760})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(server.url + "/")
+    with (
+        BackgroundNode(config) as server,
+        sync_api.sync_playwright() as pw,
+        web_page(pw, CHROMIUM, CHROMIUM_ARGS, server.url) as page,
+    ):
         yield page
-        browser.close()
-        assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 def test_answers_render_as_sanitised_markdown(page):
