@@ -57,10 +57,19 @@ MEMORY_HEADROOM = 256 << 20
 
 @functools.cache
 def mlx_status() -> tuple[bool, str]:
-    """Whether MLX imports and runs here (cached; no subprocess)."""
+    """Whether MLX is installed (cheap: finds the package, imports nothing; cached)."""
     if importlib.util.find_spec("mlx") is None:
         hint = "pip install mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]'"
         return False, f"mlx is not installed ({hint})"
+    return True, ""
+
+
+@functools.cache
+def mlx_runs() -> tuple[bool, str]:
+    """Whether MLX imports and computes here (checked once, when the engine first loads)."""
+    ok, reason = mlx_status()
+    if not ok:
+        return ok, reason
     try:
         import mlx.core as mx
 
@@ -117,6 +126,9 @@ class MLXEngine(InferenceEngine):
         """Hold `shard` next to the shards held already (their requests keep their caches)."""
         if shard in self._held:
             return
+        ok, reason = mlx_runs()
+        if not ok:
+            raise EngineError(f"mlx engine: {reason}")
         await self._run(self._load, shard, model)
 
     def _load(self, shard: Shard, card: ModelCard) -> None:
