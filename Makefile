@@ -2,7 +2,7 @@
 VENV := .venv
 ARGS ?=
 
-.PHONY: setup run test lint bench proto
+.PHONY: setup run test test-quick lint bench proto
 
 setup:
 	@scripts/bootstrap.sh
@@ -18,6 +18,9 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy exo_core
 	$(VENV)/bin/pytest tests plugins
+
+test-quick: setup
+	$(VENV)/bin/pytest tests plugins -m 'not heavy and not manual'
 
 proto: setup
 	$(VENV)/bin/python -m exo_core.networking.proto_gen

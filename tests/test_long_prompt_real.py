@@ -32,7 +32,7 @@ def _long_chat(words: int) -> list[dict[str, str]]:
     [
         # 10+ minutes of prefill on a loaded 2-core machine (the engine builds graphs for each
         # cache size): run with -m heavy
-        pytest.param(4300, 5500, 8000, id="6000-tokens", marks=pytest.mark.heavy),
+        pytest.param(4300, 5500, 8000, id="6000-tokens", marks=pytest.mark.manual),
         pytest.param(700, 900, 1400, id="1000-tokens"),  # four chunks per hop, about a minute
     ],
 )
