@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import subprocess
 import time
+import uuid
 from typing import Any
 
 from exo_core.plugins import registry
@@ -119,3 +122,13 @@ def web_page(playwright, chromium: str, args: list[str], url: str):
     yield page
     browser.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def can_make_namespaces() -> bool:
+    """Whether this process may create network namespaces (root and `ip netns`)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"exo-probe-{uuid.uuid4().hex[:6]}"
+    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode == 0
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return ok

@@ -4,7 +4,6 @@ announcements, --insecure, and an API that stays on loopback."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import stat
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from click.testing import CliRunner
+from core_helpers import can_make_namespaces as _can_make_namespaces
 from core_helpers import udp_args, wait_until
 
 from exo_core.cli import build_cli
@@ -225,11 +225,16 @@ def _listen_udp(port: int) -> socket.socket:
     return sock
 
 
-def test_replayed_or_junk_announcements_do_not_move_a_peer(tmp_path):
+def _two_udp_nodes() -> tuple[dict[str, NodeSpec], int, socket.socket]:
+    """Specs of nodes a and b, a free broadcast port for them, and a socket that hears it."""
     ports = free_ports(5)
     bport = ports[4]
     specs = {nid: NodeSpec(nid, ports[2 * i], ports[2 * i + 1]) for i, nid in enumerate("ab")}
-    listener = _listen_udp(bport)
+    return specs, bport, _listen_udp(bport)
+
+
+def test_replayed_or_junk_announcements_do_not_move_a_peer(tmp_path):
+    specs, bport, listener = _two_udp_nodes()
     cluster = Cluster()
     try:
         cluster.add(specs["a"], _udp_args(specs["a"], bport, "--wait-for-peers", "1"), tmp_path)
@@ -280,10 +285,7 @@ def test_replayed_or_junk_announcements_do_not_move_a_peer(tmp_path):
 
 
 def test_insecure_nodes_form_an_open_cluster(tmp_path):
-    ports = free_ports(5)
-    bport = ports[4]
-    specs = {nid: NodeSpec(nid, ports[2 * i], ports[2 * i + 1]) for i, nid in enumerate("ab")}
-    listener = _listen_udp(bport)
+    specs, bport, listener = _two_udp_nodes()
     cluster = Cluster()
     try:
         for nid in "ab":
@@ -301,15 +303,6 @@ def test_insecure_nodes_form_an_open_cluster(tmp_path):
     finally:
         listener.close()
         cluster.close()
-
-
-def _can_make_namespaces() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    probe = f"exo-probe-{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode == 0
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    return ok
 
 
 def _reachable_in(ns: str, host: str, port: int) -> bool:

@@ -1,12 +1,11 @@
 """UDP discovery between real `exo` processes: on loopback, and between network namespaces joined
 by a bridge (created and removed here; needs root and `ip netns`, skipped otherwise)."""
 
-import os
-import shutil
 import subprocess
 import uuid
 
 import pytest
+from core_helpers import can_make_namespaces as _can_make_namespaces
 from core_helpers import udp_args, wait_until
 
 from exo_core.engines.dummy import DUMMY_ANSWER
@@ -51,15 +50,6 @@ def test_udp_discovery_on_loopback(tmp_path):
         assert cluster.chat("a", CHAT) == DUMMY_ANSWER
     finally:
         cluster.close()
-
-
-def _can_make_namespaces():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    probe = f"exo-probe-{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode == 0
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    return ok
 
 
 def _ip(*args):
