@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -35,6 +35,12 @@ class ExoUsageError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"exo: error: {self.format_message()}", err=True)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    """`exo: error: EXC` on stderr, and exit code 1."""
+    click.echo(f"exo: error: {exc}", err=True)
+    sys.exit(1)
 
 
 class DefaultRunGroup(click.Group):
@@ -416,8 +422,7 @@ def _models_command() -> click.Command:
             with download_bars():
                 kind, path = shard_checkpoint(card, shard, kinds)
         except ModelFilesError as exc:
-            click.echo(f"exo: error: {exc}", err=True)
-            sys.exit(1)
+            _fail(exc)
         click.echo(f"{card.id} layers {shard.start_layer}-{shard.end_layer} ({kind}): {path}")
 
     @models.command("warm")
@@ -469,8 +474,7 @@ def _models_command() -> click.Command:
         try:
             asyncio.run(build())
         except Exception as exc:
-            click.echo(f"exo: error: {exc}", err=True)
-            sys.exit(1)
+            _fail(exc)
         click.echo(f"{card.id} layers {shard.start_layer}-{shard.end_layer}: warm for {engine_cls.name}")
 
     @models.command("rm")
