@@ -90,6 +90,12 @@ class TokenMessage:
     error: str | None = None
 
 
+# How a stage says it lacks a request's cache at the position sent: for a request that reuses a
+# prefix, the prefix was evicted (the origin reruns it from scratch on the same nodes); any other
+# failure (a node gone) is re-planned around.
+POSITION_MISMATCH = "expected position"
+
+
 @dataclass
 class StageFailure:
     """A stage of a request's plan is gone (an RPC failed, or discovery dropped it)."""

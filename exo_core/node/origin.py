@@ -43,6 +43,7 @@ from exo_core.errors import OUT_OF_MEMORY, EngineError
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.node.messages import (
+    POSITION_MISMATCH,
     GeneratedToken,
     GenerationError,
     GenerationRequest,
@@ -294,7 +295,7 @@ class Origin:
                     event = failure
                 if event.attempt != state.attempt:
                     continue  # from an attempt already abandoned
-                if isinstance(event, StageFailure) and state.reused:
+                if isinstance(event, StageFailure) and state.reused and POSITION_MISMATCH in event.reason:
                     # A stage does not hold the prefix it was sent (evicted, or an engine that
                     # keeps none): run the request again from scratch on the same nodes.
                     log.info("prefix not reused", request=request.request_id, reason=event.reason)

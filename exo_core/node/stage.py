@@ -44,6 +44,7 @@ from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.node.constraints import Constraint, ConstraintError, tokenizer_for
 from exo_core.node.messages import (
+    POSITION_MISMATCH,
     PeerClient,
     PeerUnavailable,
     RequestState,
@@ -194,7 +195,7 @@ class Stage:
                         msg.request_id,
                         msg.attempt,
                         self.node_id,
-                        f"stage {msg.stage_index} on {self.node_id} expected position "
+                        f"stage {msg.stage_index} on {self.node_id} {POSITION_MISMATCH} "
                         f"{known.positions}, got {msg.start_pos}",
                     ),
                 )
