@@ -15,6 +15,7 @@ from core_helpers import real_cluster_engine
 
 from exo_core.testing.cluster import Cluster, stream_text
 
+STALL_BOUND_S = 8.0  # after kill -9 of a stage, before the next token (see the kill test)
 ENGINE = real_cluster_engine()
 pytestmark = [
     pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed"),
@@ -122,5 +123,7 @@ def test_kill_a_stage_mid_answer_and_the_text_is_unchanged(cluster, reference):
         f"\n{ENGINE}: stall after kill -9 of stage 2: {stall:.2f} s (median gap {sorted(gaps)[len(gaps) // 2]:.3f} s)"
     )
     assert "stage failed; re-planning" in cluster.nodes["a"].log()
-    # a answered alone before, so it holds every layer: the replay runs there without loading any
-    assert stall < 3.0, f"stall after kill -9: {stall:.2f} s"
+    # a answered alone before, so it holds every layer: the replay runs there without loading any.
+    # Measured 0.05 s on a quiet machine (it was 12-14 s when survivors loaded new ranges); a CI
+    # run with three tinygrad processes on 2 cores saw 4.3 s, so the bound leaves room for load.
+    assert stall < STALL_BOUND_S, f"stall after kill -9: {stall:.2f} s"
