@@ -45,7 +45,7 @@ def enabled() -> bool:
 
 
 # the modules whose code decides what a captured graph holds
-GRAPH_CODE = ("graphs.py", "kernels.py", "loader.py", "model.py", "quant.py", "runner.py")
+GRAPH_CODE = ("attention.py", "graphs.py", "kernels.py", "loader.py", "model.py", "quant.py", "runner.py")
 
 
 def code_version() -> str:

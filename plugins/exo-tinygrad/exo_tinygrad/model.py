@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 
-from exo_tinygrad import kernels, quant
+from exo_tinygrad import attention, kernels, quant
 from exo_tinygrad.buffers import from_numpy, zeros
 from exo_tinygrad.loader import LlamaConfig, ShardWeights, Weight
 
@@ -105,24 +105,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
 
 
-def rope_table(config: LlamaConfig, length: int) -> Tensor:
-    """cos and sin for every position: [length, head_dim] (cos halves, then sin halves)."""
-    half = config.head_dim // 2
-    freqs = 1.0 / config.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2 / config.head_dim)
-    if config.rope_freq_factors is not None:
-        freqs = freqs / np.asarray(config.rope_freq_factors, dtype=np.float64)
-    angles = np.arange(length, dtype=np.float64)[:, None] * freqs[None, :]
-    return from_numpy(np.concatenate([np.cos(angles), np.sin(angles)], -1).astype(np.float32))
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate-half RoPE; x [T, heads, head_dim], table [T, head_dim]."""
-    half = x.shape[-1] // 2
-    cos, sin = table[:, None, :half], table[:, None, half:]
-    x1, x2 = x[..., :half], x[..., half:]
-    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
-
-
 class Attention:
     def __init__(self, config: LlamaConfig, w: dict[str, Weight], prefix: str) -> None:
         self.config = config
@@ -148,17 +130,7 @@ class Attention:
         q = q.reshape(B, T, c.n_heads, c.head_dim)
         k = k.reshape(B, T, c.n_kv_heads, c.head_dim)
         v = v.reshape(B, T, c.n_kv_heads, c.head_dim)
-        tables = [rope[pos : pos + T] for pos in positions]
-        # q is used once per cached position: rotate it once, not inside the score kernel
-        q = Tensor.stack(*[apply_rope(q[b], tables[b]) for b in range(B)]).contiguous()
-        outs = []
-        for b, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
-            # write this step's keys/values, then read the cache through the write
-            store = cache[:, pos : pos + T].uop.store(Tensor.stack(apply_rope(k[b], tables[b]), v[b]).uop)
-            written = Tensor(cache.uop.after(store))
-            scores = kernels.attention_scores(q, written, pos, b, c.n_kv_heads)  # [kv, g, T, pos + T]
-            outs.append(kernels.attention_values(scores.softmax(-1), written, pos, c.n_kv_heads))
-        out = Tensor.stack(*outs).contiguous() if B > 1 else outs[0].unsqueeze(0)
+        out = attention.attend(q, k, v, caches, positions, rope, c.n_kv_heads)
         return self.o(out, residual=x)
 
 
@@ -204,7 +176,7 @@ class ShardModel:
         if is_last:
             self.norm = from_numpy(np.asarray(w.pop("output_norm.weight"), np.float32))
             self.head = Linear([w.pop("token_embd.weight" if c.tied_embeddings else "output.weight")])
-        self.rope = rope_table(c, c.max_context)
+        self.rope = attention.rope_table(c, c.max_context)
 
     def new_cache(self, capacity: int) -> list[Tensor]:
         """One request's KV cache: per layer, keys and values for `capacity` positions."""
