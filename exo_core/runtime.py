@@ -138,6 +138,7 @@ class Runtime:
         self.generator: Generator | None = None
         self.frontends: list[Any] = []
         self.warmer: Any = None  # node.warm.Warmer while warming is on
+        self.memory_reporter: Any = None  # node.topology.MemoryReporter: free memory, kept current
         self.discovery: Discovery | None = None
         self.peer_tracker: Any = None  # networking.peers.PeerTracker, the discovery's peer sink
         self.server: Any = None
@@ -188,6 +189,8 @@ class Runtime:
             step_timeout=cfg.step_timeout,
         )
         self.node.set_served_models(sorted(self.served_models))
+        if cfg.capabilities is None:  # free memory changes: keep what the node reports current
+            self._start_memory_reporter(self.node)
         self.generator = Generator(self.node, max_context=cfg.max_context)
         self.node.origin.max_context = cfg.max_context  # plans are checked for this context's KV cache
         await self.node.start()
@@ -289,6 +292,19 @@ class Runtime:
         set_peer_source(PeerFiles(node_channels(node), asyncio.get_running_loop()))
         node.origin.on_plan = Prefetcher(node).plan_made  # downloads start when a plan names a node
 
+    def _start_memory_reporter(self, node: Node) -> None:
+        from exo_core.models.memory import held_bytes
+        from exo_core.node.topology import MemoryReporter
+
+        def set_caps(caps: DeviceCapabilities) -> None:
+            node.capabilities = caps
+
+        def held() -> int:  # what the engine holds counts as usable for the same models
+            return held_bytes(node.engine.loaded_shards, node.models)
+
+        self.memory_reporter = MemoryReporter(lambda: node.capabilities, set_caps, held)
+        self.memory_reporter.start()
+
     def _start_warming(self) -> None:
         """Warm this node's shard of the default model now (when its files are here), and every
         shard a plan names this node for, in the background."""
@@ -365,6 +381,9 @@ class Runtime:
         log.info("peers ready", peers=sorted(self.node.peers))
 
     async def stop(self) -> None:
+        reporter, self.memory_reporter = self.memory_reporter, None
+        if reporter is not None:
+            await reporter.stop()
         warmer, self.warmer = self.warmer, None
         if warmer is not None:
             await warmer.stop()

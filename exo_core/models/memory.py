@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,19 @@ def model_memory(card: ModelCard) -> ModelMemory | None:
             _looked_up.clear()
         _looked_up[key] = (now, found)
     return found
+
+
+def held_bytes(shards: Iterable[Shard], cards: Mapping[str, ModelCard]) -> int:
+    """What an engine holding `shards` holds for them (weights and activations, no KV cache):
+    memory a node counts as usable again for the same models. Shards of models whose files say
+    nothing here count 0."""
+    total = 0
+    for shard in shards:
+        card = cards.get(shard.model_id)
+        memory = model_memory(card) if card is not None else None
+        if memory is not None and memory.n_layers == shard.n_layers:
+            total += memory.shard_bytes(shard, 0)
+    return total
 
 
 def _lookup(card: ModelCard) -> ModelMemory | None:

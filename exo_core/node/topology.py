@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("exo.node")
 
 
 @dataclass(frozen=True)
 class DeviceCapabilities:
-    """A device as the partitioner sees it; memory in MB, FLOPS in TFLOPS."""
+    """A device as the partitioner sees it; FLOPS in TFLOPS. `memory` (MiB) is what the node
+    offers for models now: free memory plus what its engine holds, or its --memory-limit."""
 
     model: str = "Unknown"
     chip: str = "Unknown"
@@ -112,15 +120,42 @@ def memory_limit_mb() -> int | None:
     return parse_memory(raw) // (1024 * 1024) if raw else None
 
 
-def device_capabilities() -> DeviceCapabilities:
-    """This machine's capabilities: memory from psutil, model/chip from the OS or device tree.
+FREE_MEMORY_ENV = "EXO_FREE_MEMORY"  # a size, or a file holding one: stands in for psutil (tests)
+MEMORY_REFRESH_ENV = "EXO_MEMORY_REFRESH_S"  # seconds between looks at free memory (default 5)
+MIB = 1024 * 1024
+# The reported memory moves only when free memory moved by more than this share of it (or
+# REPORT_MIN_MIB): a node's memory goes up and down a little all the time, and every change
+# would re-split the layers of the next plan.
+REPORT_STEP = 0.10
+REPORT_MIN_MIB = 256
 
-    `memory` is what the partitioner plans with: the machine's memory, or `--memory-limit`
-    (EXO_MEMORY_LIMIT) when set, which is what the node then reports to its peers.
+
+def free_memory_bytes() -> int:
+    """Memory free for new allocations now: psutil's `available` (free + reclaimable cache).
+
+    EXO_FREE_MEMORY stands in for it: a size ("8GB"), or the path of a file holding one, read
+    at each look (so a test can change a running node's free memory).
     """
+    raw = os.environ.get(FREE_MEMORY_ENV, "").strip()
+    if raw:
+        try:
+            return parse_memory(raw)
+        except ValueError:
+            return parse_memory(Path(raw).read_text(encoding="utf-8"))
     import psutil
 
-    memory_mb = memory_limit_mb() or psutil.virtual_memory().total // (1024 * 1024)
+    return int(psutil.virtual_memory().available)
+
+
+def device_capabilities(held_bytes: int = 0) -> DeviceCapabilities:
+    """This machine's capabilities: memory from psutil, model/chip from the OS or device tree.
+
+    `memory` is what the partitioner plans with: the memory free now plus `held_bytes`, what
+    this node's engine already holds for the models it serves (usable again for them: a node
+    does not count its own loaded weights as taken), or `--memory-limit` (EXO_MEMORY_LIMIT)
+    when set, which then replaces what the node reports to its peers.
+    """
+    memory_mb = memory_limit_mb() or (free_memory_bytes() + max(held_bytes, 0)) // MIB
     system = platform.system()
     if system == "Darwin":
         chip = platform.processor() or "Apple Silicon"
@@ -135,6 +170,79 @@ def device_capabilities() -> DeviceCapabilities:
         )
     model = _read_text("/proc/device-tree/model") or f"Linux {platform.machine()}"
     return DeviceCapabilities(model=model, chip=_cpu_name(), memory=memory_mb, flops=_estimate_flops())
+
+
+def reported_memory(reported_mb: int, now_mb: int) -> int:
+    """What to report after a look at free memory: `now_mb` when it moved from `reported_mb` by
+    more than `REPORT_STEP` of it (at least `REPORT_MIN_MIB`), else still `reported_mb`."""
+    if reported_mb <= 0:
+        return now_mb
+    if abs(now_mb - reported_mb) > max(REPORT_STEP * reported_mb, REPORT_MIN_MIB):
+        return now_mb
+    return reported_mb
+
+
+class MemoryReporter:
+    """Keeps a node's reported memory current: every `interval` seconds it looks at free memory
+    (plus what the engine holds, `held()`) and sets new capabilities when the value moved enough
+    (`reported_memory`). Peers see them at their next check of this node (`node_info` over the
+    peer link), UDP announcements at the next one.
+
+    Capabilities set by someone else (a peers file that lists this node's own) are left alone
+    from then on; so is a node under `--memory-limit` (its figure does not change).
+    """
+
+    def __init__(
+        self,
+        get: Callable[[], DeviceCapabilities],
+        set_: Callable[[DeviceCapabilities], None],
+        held: Callable[[], int] = lambda: 0,
+        interval: float | None = None,
+    ) -> None:
+        self._get = get
+        self._set = set_
+        self._held = held
+        self.interval = interval if interval is not None else float(os.environ.get(MEMORY_REFRESH_ENV) or 5.0)
+        self._mine: DeviceCapabilities | None = get()
+        self._task: asyncio.Task[None] | None = None
+
+    def refresh(self) -> bool:
+        """One look; True when the reported memory changed."""
+        current = self._get()
+        if current is not self._mine or memory_limit_mb():
+            self._mine = None  # set elsewhere: not ours to change any more
+            return False
+        try:
+            now_mb = device_capabilities(self._held()).memory
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read free memory", error=str(exc))
+            return False
+        new_mb = reported_memory(current.memory, now_mb)
+        if new_mb == current.memory:
+            return False
+        log.info("free memory changed", before_mb=current.memory, now_mb=new_mb)
+        self._mine = replace(current, memory=new_mb)
+        self._set(self._mine)
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="exo-memory")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        while self._mine is not None:
+            await asyncio.sleep(self.interval)
+            try:
+                self.refresh()
+            except Exception as exc:  # a held() that failed: the next look tries again
+                log.warning("memory refresh failed", error=str(exc))
 
 
 def _cpu_name() -> str:
