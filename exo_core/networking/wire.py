@@ -217,6 +217,7 @@ def token_to_pb(token: TokenMessage) -> pb.TokenRequest:
         top_logprobs=[pb.TokenTopLogprob(token=t, logprob=lp) for t, lp in token.top_logprobs],
         finish_reason=token.finish_reason or "",
         error=token.error or "",
+        error_code=token.code or "",
     )
     if token.logprob is not None:
         msg.logprob = token.logprob
@@ -235,6 +236,7 @@ def token_from_pb(msg: pb.TokenRequest) -> TokenMessage:
         top_logprobs=tuple((t.token, t.logprob) for t in msg.top_logprobs),
         finish_reason=msg.finish_reason or None,
         error=msg.error or None,
+        code=msg.error_code or None,
     )
 
 
@@ -244,11 +246,12 @@ def failure_to_pb(failure: StageFailure) -> pb.FailureRequest:
         attempt=failure.attempt,
         node_id=failure.node_id,
         reason=failure.reason,
+        code=failure.code or "",
     )
 
 
 def failure_from_pb(msg: pb.FailureRequest) -> StageFailure:
-    return StageFailure(msg.request_id, msg.attempt, msg.node_id, msg.reason)
+    return StageFailure(msg.request_id, msg.attempt, msg.node_id, msg.reason, msg.code or None)
 
 
 # ---- node info -------------------------------------------------------------------------------

@@ -88,9 +88,11 @@ class TokenMessage:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | None
     error: str | None = None
+    code: str | None = None  # with error: what kind it is (exo_core.errors.ErrorCode), None for any other
 
 
-# How a stage says it lacks a request's cache at the position sent: for a request that reuses a
+# How a stage's message says it lacks a request's cache at the position sent. The origin goes by
+# the failure's code (ErrorCode.POSITION_MISMATCH), not by this text: for a request that reuses a
 # prefix, the prefix was evicted (the origin reruns it from scratch on the same nodes); any other
 # failure (a node gone) is re-planned around.
 POSITION_MISMATCH = "expected position"
@@ -104,6 +106,7 @@ class StageFailure:
     attempt: int
     node_id: str
     reason: str
+    code: str | None = None  # what kind of failure (exo_core.errors.ErrorCode), None for any other
 
 
 class PeerClient(Protocol):

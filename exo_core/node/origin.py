@@ -39,11 +39,10 @@ import numpy as np
 import structlog
 
 from exo_core.engine import ReplicaUnavailable, TextDelta, TextGeneration, UpstreamError
-from exo_core.errors import OUT_OF_MEMORY, EngineError
+from exo_core.errors import EngineError, ErrorCode
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.node.messages import (
-    POSITION_MISMATCH,
     GeneratedToken,
     GenerationError,
     GenerationRequest,
@@ -295,7 +294,11 @@ class Origin:
                     event = failure
                 if event.attempt != state.attempt:
                     continue  # from an attempt already abandoned
-                if isinstance(event, StageFailure) and state.reused and POSITION_MISMATCH in event.reason:
+                if (
+                    isinstance(event, StageFailure)
+                    and state.reused
+                    and event.code == ErrorCode.POSITION_MISMATCH
+                ):
                     # A stage does not hold the prefix it was sent (evicted, or an engine that
                     # keeps none): run the request again from scratch on the same nodes.
                     log.info("prefix not reused", request=request.request_id, reason=event.reason)
@@ -328,7 +331,7 @@ class Origin:
                     continue
                 if event.error is not None:
                     # a cache refused for memory is temporary: 503, the client may try again
-                    status = 503 if OUT_OF_MEMORY in event.error else 500
+                    status = 503 if event.code == ErrorCode.OUT_OF_MEMORY else 500
                     raise GenerationError(
                         event.error, status, "insufficient_memory" if status == 503 else None
                     )

@@ -39,7 +39,7 @@ import numpy as np
 import structlog
 
 from exo_core.engine import InferenceEngine, StageInput, StageOutput, TextStageInput
-from exo_core.errors import EngineError
+from exo_core.errors import OUT_OF_MEMORY, EngineError, ErrorCode
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
 from exo_core.node.constraints import Constraint, ConstraintError, tokenizer_for
@@ -197,6 +197,7 @@ class Stage:
                         self.node_id,
                         f"stage {msg.stage_index} on {self.node_id} {POSITION_MISMATCH} "
                         f"{known.positions}, got {msg.start_pos}",
+                        ErrorCode.POSITION_MISMATCH,
                     ),
                 )
             )
@@ -296,7 +297,7 @@ class Stage:
             except Exception as exc:  # a bug: fail these requests, keep serving the others
                 log.exception("engine worker failed a batch")
                 for work in batch:
-                    await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
+                    await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
 
     def _one_per_request(self, batch: list[_Work]) -> list[_Work]:
         """At most one step per request in a batch: the one that starts earliest (the chunks of a
@@ -377,7 +378,7 @@ class Stage:
         except Exception as exc:
             log.exception("engine failed to load", shard=str(shard))
             for work in group:
-                await self._send_error(work.msg, _error_text(exc))
+                await self._send_error(work.msg, _error_text(exc), _error_code(exc))
             return
         # Each step is checked alone first: a malformed one fails its own request, not the batch.
         runnable: list[tuple[_Work, StageInput]] = []
@@ -387,7 +388,7 @@ class Stage:
                 self.engine.check_step(shard, item)
             except Exception as exc:
                 log.warning("step refused", request=work.msg.request_id, error=_error_text(exc))
-                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
+                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
                 continue
             runnable.append((work, item))
         if not runnable:
@@ -403,7 +404,7 @@ class Stage:
         except Exception as exc:
             log.exception("engine failed", shard=str(shard))
             for work, _ in runnable:
-                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}")
+                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
             return
         finally:
             if watched:
@@ -466,7 +467,7 @@ class Stage:
             log.exception("background task failed", request=msg.request_id if msg else None)
             if msg is not None:
                 with contextlib.suppress(Exception):
-                    await self._send_error(msg, f"{self.node_id}: {_error_text(exc)}")
+                    await self._send_error(msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
 
     # ---- steps and tokens out ----------------------------------------------------------------
 
@@ -589,9 +590,9 @@ class Stage:
                 await self._report(work.msg, failure)
                 return
 
-    async def _send_error(self, msg: StepMessage, error: str) -> None:
+    async def _send_error(self, msg: StepMessage, error: str, code: str | None = None) -> None:
         self._step_done(msg)
-        token_msg = TokenMessage(msg.request_id, msg.attempt, msg.step, error=error)
+        token_msg = TokenMessage(msg.request_id, msg.attempt, msg.step, error=error, code=code)
         try:
             await self._client_for(msg.origin).send_token(token_msg)
         except PeerUnavailable:
@@ -617,6 +618,18 @@ def _shard_key(msg: StepMessage) -> tuple:
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The kind of failure an exception is, sent beside its message (the origin acts on it).
+
+    An `EngineError` says it in its `code`; one without a code whose message says a cache was
+    refused for memory (engines written before codes) is taken for out_of_memory."""
+    if not isinstance(exc, EngineError):
+        return None
+    if exc.code is not None:
+        return str(exc.code)
+    return ErrorCode.OUT_OF_MEMORY if OUT_OF_MEMORY in str(exc) else None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

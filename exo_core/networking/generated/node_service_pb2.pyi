@@ -119,7 +119,7 @@ class TokenTopLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class TokenRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "step", "token", "logprob", "top_logprobs", "finish_reason", "error")
+    __slots__ = ("request_id", "attempt", "step", "token", "logprob", "top_logprobs", "finish_reason", "error", "error_code")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class TokenRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     step: int
@@ -136,7 +137,8 @@ class TokenRequest(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenTopLogprob]
     finish_reason: str
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenTopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    error_code: str
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenTopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class TokenReply(_message.Message):
     __slots__ = ("wanted",)
@@ -145,16 +147,18 @@ class TokenReply(_message.Message):
     def __init__(self, wanted: _Optional[bool] = ...) -> None: ...
 
 class FailureRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "node_id", "reason")
+    __slots__ = ("request_id", "attempt", "node_id", "reason", "code")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     node_id: str
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    code: str
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class FailureReply(_message.Message):
     __slots__ = ()
