@@ -158,3 +158,40 @@ def test_a_node_restarts_with_a_tag_id_without_the_hub(hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     with pytest.raises(ModelFilesError, match="no repo org/nope"):  # a refusal is not papered over
         card_from_hub("hf.co/org/nope:Q4_1")
+
+
+def _plan_nodes(cluster, node_id, model):
+    from urllib.parse import quote
+
+    status, topo = cluster.get(node_id, f"/v1/topology?model={quote(model)}")
+    assert status == 200, topo
+    return {stage["node_id"] for stage in topo["plan"]}
+
+
+@pytest.mark.timeout(300)
+def test_a_hub_id_works_on_any_node_of_the_cluster(hub, tmp_path):
+    from exo_core.testing.cluster import Cluster
+
+    served = "hf.co/org/smol-gguf:Q4_1"
+    hi = [{"role": "user", "content": "Hi"}]
+    with Cluster.manual(["a", "b"], tmp=tmp_path / "c", per_node_args={"a": [served]}) as cluster:
+        # node a was started with the hub id; node b never saw it: asked on b, it answers
+        # like a does, and b's plan uses a (b made the card from the hub under a's id)
+        on_a = cluster.chat("a", hi, model=served, max_tokens=8)
+        assert cluster.chat("b", hi, model=served, max_tokens=8) == on_a
+        assert _plan_nodes(cluster, "b", served) == {"a", "b"}
+        # another spelling of the same model is the same model
+        assert cluster.chat("b", hi, model="huggingface.co/org/SMOL-gguf:q4_1", max_tokens=8) == on_a
+        # a hub model no node serves yet: b makes the card from the hub and serves it itself
+        other = "hf.co/org/smol-gguf:Q8_0"
+        assert cluster.chat("b", hi, model=other, max_tokens=8)
+        assert _plan_nodes(cluster, "b", other) == {"b"}
+        status, models = cluster.get("b", "/v1/models")
+        assert {served, other} <= {m["id"] for m in models["data"]}
+        # an unknown repo, or a model exo does not run: a 404 that says why, and nothing lost
+        for missing, why in (("hf.co/org/missing", "no repo org/missing"), ("hf.co/org/other", "gpt2")):
+            status, reply = cluster.post("b", "/v1/chat/completions", {"model": missing, "messages": hi})
+            assert status == 404, reply
+            assert reply["error"]["code"] == "model_not_found" and why in reply["error"]["message"]
+        assert cluster.chat("b", hi, max_tokens=4)
+        assert cluster.chat("b", hi, model=served, max_tokens=8) == on_a

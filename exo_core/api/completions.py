@@ -99,7 +99,7 @@ class CompletionRun:
     # ---- preparation ---------------------------------------------------------------------------
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
-        self.card = self.state.find_model(self.req.model)
+        self.card = await self.state.resolve_model(self.req.model)
         self.state.check_servable(self.card)
         if (
             self.state.is_warm(self.card)

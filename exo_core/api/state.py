@@ -4,7 +4,9 @@ exceptions to OpenAI-shaped errors."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,7 @@ from exo_core import __version__
 from exo_core.api import protocol
 from exo_core.api.metrics import ApiMetrics
 from exo_core.api.protocol import APIError
+from exo_core.engine import TextEngine
 from exo_core.models.cards import ModelCard, UnknownModelError, find_card
 from exo_core.models.tokenizer import TokenizerError
 from exo_core.node.generate import ContextLengthError, Generator
@@ -36,6 +39,7 @@ class ApiState:
     fingerprint: str = f"fp_exo_{__version__}"
     log: Any = log
     warm_models: set[str] = field(default_factory=set)  # tokenizer loaded: prepare needs no thread
+    _resolving: dict[str, asyncio.Lock] = field(default_factory=dict)  # hub id -> its one lookup
 
     def is_warm(self, card: ModelCard) -> bool:
         return card.id in self.warm_models
@@ -73,6 +77,56 @@ class ApiState:
                 code="model_not_found",
             ) from exc
 
+    async def resolve_model(self, model_id: str) -> ModelCard:
+        """`find_model`, and for a hub id (hf.co/ORG/REPO[:FILE|:QUANT]) this node has no card
+        for, the card from the model's own metadata (as `exo run hf.co/...` makes it at start):
+        under the id a peer serves it as when one does (so the plan can use that peer), else
+        as asked. The card is registered, and this node serves the model from then on when its
+        engine can. A repo that is not there, or not a model exo runs, is a 404 and changes
+        nothing."""
+        from exo_core.models.hub_cards import is_hub_id
+
+        try:
+            return self.find_model(model_id)
+        except APIError:
+            if not is_hub_id(model_id):
+                raise
+        lock = self._resolving.setdefault(model_id.lower(), asyncio.Lock())
+        try:
+            async with lock:
+                try:
+                    return find_card(self.node.models, model_id)  # a request before this one found it
+                except UnknownModelError:
+                    return await self._card_from_hub(model_id)
+        finally:
+            if not lock.locked():
+                self._resolving.pop(model_id.lower(), None)
+
+    async def _card_from_hub(self, model_id: str) -> ModelCard:
+        from exo_core.models.files import ModelFilesError
+        from exo_core.models.hub_cards import card_from_hub
+
+        served_as = _served_hub_id(model_id, (m for n in self.node.cluster() for m in n.models))
+        try:
+            card = await asyncio.to_thread(card_from_hub, served_as or model_id)
+        except ModelFilesError as exc:
+            raise APIError(
+                404,
+                f"The model {model_id!r} cannot be served: {exc}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            ) from exc
+        if card.id.lower() != model_id.lower():
+            card = dataclasses.replace(card, aliases=(*card.aliases, model_id))
+        runtime, node = self.runtime, self.node
+        runtime.registry.models[card.id] = card
+        node.models[card.id] = card  # the stage reads the same cards
+        if not isinstance(node.engine, TextEngine) and runtime.engine_cls.can_serve(card):
+            node.set_served_models(sorted({*node.info().models, card.id}))
+        log.info("hub model resolved", model=card.id, layers=card.n_layers, sources=dict(card.sources))
+        return card
+
     def check_servable(self, card: ModelCard) -> None:
         try:
             self.node.make_plan(card)
@@ -97,6 +151,26 @@ class ApiState:
         else:
             log.info("request refused", endpoint=endpoint, status=error.status, error=error.message)
         return error
+
+
+def _served_hub_id(model_id: str, served: Iterable[str]) -> str | None:
+    """The id under which some node serves the same hub model (hf.co/ vs huggingface.co/,
+    letter case), so that a card made here plans onto that node."""
+    from exo_core.models.files import ModelFilesError
+    from exo_core.models.hub_cards import is_hub_id, parse_hub_id
+
+    def key(hub_id: str) -> tuple[str, str] | None:
+        try:
+            repo, selector = parse_hub_id(hub_id)
+        except ModelFilesError:
+            return None
+        return repo.lower(), (selector or "").lower()
+
+    wanted = key(model_id)
+    for other in served:
+        if is_hub_id(other) and key(other) == wanted:
+            return other
+    return None
 
 
 def _no_node(message: str) -> APIError:
