@@ -133,7 +133,7 @@ def render(
         (card.id, "bold cyan"),
         f" · {' '.join(urls) or 'no API'}",
     )
-    nodes = Table("node", "engine", "chip", "memory", "layers", "active", expand=True, box=None)
+    nodes = Table("node", "engine", "chip", "free", "layers", "active", expand=True, box=None)
     for info in node.cluster():
         shard = layers.get(info.node_id)
         span = f"{shard.start_layer}-{shard.end_layer} of {shard.n_layers}" if shard else "-"
