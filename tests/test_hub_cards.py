@@ -182,6 +182,7 @@ def test_a_hub_id_works_on_any_node_of_the_cluster(hub, tmp_path):
         assert _plan_nodes(cluster, "b", served) == {"a", "b"}
         # another spelling of the same model is the same model
         assert cluster.chat("b", hi, model="huggingface.co/org/SMOL-gguf:q4_1", max_tokens=8) == on_a
+        assert cluster.chat("a", hi, model="https://hf.co/org/smol-gguf:q4_1", max_tokens=8) == on_a
         # a hub model no node serves yet: b makes the card from the hub and serves it itself
         other = "hf.co/org/smol-gguf:Q8_0"
         assert cluster.chat("b", hi, model=other, max_tokens=8)

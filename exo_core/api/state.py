@@ -106,24 +106,27 @@ class ApiState:
         from exo_core.models.files import ModelFilesError
         from exo_core.models.hub_cards import card_from_hub
 
-        served_as = _served_hub_id(model_id, (m for n in self.node.cluster() for m in n.models))
-        try:
-            card = await asyncio.to_thread(card_from_hub, served_as or model_id)
-        except ModelFilesError as exc:
-            raise APIError(
-                404,
-                f"The model {model_id!r} cannot be served: {exc}",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            ) from exc
+        node = self.node
+        known = [*node.models, *(m for n in node.cluster() for m in n.models)]
+        served_as = _served_hub_id(model_id, known)
+        card = node.models.get(served_as) if served_as else None  # here under another spelling
+        if card is None:
+            try:
+                card = await asyncio.to_thread(card_from_hub, served_as or model_id)
+            except ModelFilesError as exc:
+                raise APIError(
+                    404,
+                    f"The model {model_id!r} cannot be served: {exc}",
+                    type="not_found_error",
+                    param="model",
+                    code="model_not_found",
+                ) from exc
         if card.id.lower() != model_id.lower():
             card = dataclasses.replace(card, aliases=(*card.aliases, model_id))
-        runtime, node = self.runtime, self.node
-        runtime.registry.models[card.id] = card
         node.models[card.id] = card  # the stage reads the same cards
-        if not isinstance(node.engine, TextEngine) and runtime.engine_cls.can_serve(card):
-            node.set_served_models(sorted({*node.info().models, card.id}))
+        served = node.info().models  # none listed: the node takes any model already
+        if served and not isinstance(node.engine, TextEngine) and self.runtime.engine_cls.can_serve(card):
+            node.set_served_models(sorted({*served, card.id}))
         log.info("hub model resolved", model=card.id, layers=card.n_layers, sources=dict(card.sources))
         return card
 
