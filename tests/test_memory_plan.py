@@ -83,7 +83,7 @@ def test_a_plan_whose_stage_overflows_is_split_by_cost():
     assert [(s.node_id, s.shard.start_layer, s.shard.end_layer) for s in fitted] == [("a", 0, 6), ("b", 7, 9)]
     assert all(memory.shard_bytes(s.shard, 16) <= 1300 * MIB for s in fitted)
     lopsided = [node("a", 2000 * MIB), node("b", 700 * MIB)]
-    with pytest.raises(DoesNotFitError, match=r"m\[.*\] needs .* GB on node b, which has 0\.7 GB"):
+    with pytest.raises(DoesNotFitError, match=r"m\[.*\] needs .* GB on node b, which has 0\.7 GB free"):
         fit_memory(ring_memory_weighted(lopsided, "m", 10), lopsided, memory, 16)
 
 

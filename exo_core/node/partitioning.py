@@ -104,7 +104,7 @@ def fit_memory(
         if stage_need > capacity[stage.node_id]:
             raise DoesNotFitError(
                 f"{stage.shard} needs {stage_need / GB:.1f} GB on node {stage.node_id}, which has "
-                f"{capacity[stage.node_id] / GB:.1f} GB; add a node or lower --max-context"
+                f"{capacity[stage.node_id] / GB:.1f} GB free; add a node or lower --max-context"
             )
     return replanned
 
