@@ -182,6 +182,14 @@ def reported_memory(reported_mb: int, now_mb: int) -> int:
     return reported_mb
 
 
+def _refresh_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get(MEMORY_REFRESH_ENV) or 5.0))
+    except ValueError:
+        log.warning(f"{MEMORY_REFRESH_ENV} is not a number of seconds; looking every 5 s")
+        return 5.0
+
+
 class MemoryReporter:
     """Keeps a node's reported memory current: every `interval` seconds it looks at free memory
     (plus what the engine holds, `held()`) and sets new capabilities when the value moved enough
@@ -202,7 +210,7 @@ class MemoryReporter:
         self._get = get
         self._set = set_
         self._held = held
-        self.interval = interval if interval is not None else float(os.environ.get(MEMORY_REFRESH_ENV) or 5.0)
+        self.interval = interval if interval is not None else _refresh_interval()
         self._mine: DeviceCapabilities | None = get()
         self._task: asyncio.Task[None] | None = None
 
