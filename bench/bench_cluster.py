@@ -129,6 +129,11 @@ def main() -> int:
         "--prompt-words", type=int, default=700, help="long-prompt TTFT: words (~3 tokens each)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only decode over 1, 2 and 3 nodes and the per-hop cost (no streams, kill or long prompt)",
+    )
     args = parser.parse_args()
     engine = pick_engine(args.engine)
     # The dummy engine spends its delay blocking a thread, as real compute does (an asyncio sleep
@@ -155,6 +160,11 @@ def main() -> int:
         for n in (2, 3):
             results[f"ratio_{n}_vs_1"] = results[f"decode_tps_{n}"] / results["decode_tps_1"]
             results[f"per_hop_ms_{n}"] = (ms[n] - ms[1]) / n
+            print(f"  per-hop cost, {n} nodes: {results[f'per_hop_ms_{n}']:.2f} ms/token", flush=True)
+        if args.decode_only:
+            if args.json:
+                args.json.write_text(json.dumps({"engine": engine, **results}, indent=2))
+            return 0
 
         cluster.list_peers(["a", "b"])
         cluster.wait_members("a", {"a", "b"})

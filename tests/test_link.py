@@ -1,5 +1,7 @@
 """The link (one stream per peer) between two nodes in one process over real TLS gRPC: messages
-are acknowledged, bad ones refused with a reason, and the link survives the peer restarting."""
+are acknowledged, bad ones refused with a reason, steps are posted (no acknowledgement) and a
+refused one, or one the link broke under, reaches `on_lost_step`, and the link survives the
+peer restarting."""
 
 import asyncio
 import time
@@ -62,7 +64,15 @@ async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts
         )
         step = StepMessage("r", 0, "a", plan, 0, SamplingParams(), 8, (), 0, tokens=np.zeros(3, np.int64))
         with pytest.raises(PeerUnavailable, match="stage 0 of this plan is a, not b"):
-            await client.send_step(step)
+            await client._link.send("step", wire.step_to_pb(step), 5)  # acknowledged: refused
+        lost = []
+        client.on_lost_step = lambda msg, failure: lost.append((msg.request_id, failure))
+        await client.send_step(step)  # posted: returns once written; the refusal comes later
+        await _until(lambda: asyncio.sleep(0, bool(lost)))
+        ((request_id, failure),) = lost
+        assert request_id == "r" and failure.node_id == "b" and failure.attempt == 0
+        assert "stage 0 of this plan is a, not b" in failure.reason
+        lost.clear()
         bad = wire.step_to_pb(step)
         bad.stage_index = 1
         bad.ClearField("tokens")
@@ -70,7 +80,11 @@ async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts
             await client._link.send("step", bad, 5)
         assert await client.health() == RequestState.UNKNOWN  # the same link goes on
 
-        await b.stop()
+        hidden = np.zeros((3, 8), np.float32)
+        await client.send_step(StepMessage("r2", 0, "a", plan, 1, SamplingParams(), 8, (), 0, hidden=hidden))
+        await b.stop()  # the link breaks right after a posted step: its fate is unknown, it is lost
+        await _until(lambda: asyncio.sleep(0, bool(lost)))
+        assert [(request_id, failure.node_id) for request_id, failure in lost] == [("r2", "b")]
         with pytest.raises(PeerUnavailable):
             await client.health()
         b = Runtime(_config("b", ports[1], path))

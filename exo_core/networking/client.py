@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -66,6 +67,7 @@ class GrpcPeerClient:
         auth: ClusterAuth | None = None,
         call_timeout: float = 10.0,
         health_timeout: float = 1.0,
+        on_lost_step: Callable[[StepMessage, StageFailure], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -74,6 +76,10 @@ class GrpcPeerClient:
         self.own_id = own_id
         self.call_timeout = call_timeout
         self.health_timeout = health_timeout
+        # Steps are posted (no acknowledgement) when someone takes their losses: called with the
+        # step and the failure its origin must hear of, when the peer refuses it or the link
+        # breaks right after it. Without it, every step waits for its acknowledgement.
+        self.on_lost_step = on_lost_step
         self._auth = auth
         if auth is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
@@ -107,7 +113,17 @@ class GrpcPeerClient:
     # Steps, tokens, failures, releases and health checks travel on the link (one stream).
 
     async def send_step(self, msg: StepMessage) -> None:
-        await self._link.send("step", wire.step_to_pb(msg), self.call_timeout)
+        on_lost_step = self.on_lost_step
+        if on_lost_step is None:
+            await self._link.send("step", wire.step_to_pb(msg), self.call_timeout)
+            return
+        request_id, attempt, target = msg.request_id, msg.attempt, self.node_id
+
+        def lost(reason: str) -> None:  # keeps the step's identity, not its tensors
+            on_lost_step(msg_id_only, StageFailure(request_id, attempt, target, reason))
+
+        msg_id_only = replace(msg, tokens=None, hidden=None, messages=None, deliver=None)
+        await self._link.post("step", wire.step_to_pb(msg), self.call_timeout, msg.cache_key, lost)
 
     async def send_token(self, msg: TokenMessage) -> bool:
         reply = await self._link.send("token", wire.token_to_pb(msg), self.call_timeout)

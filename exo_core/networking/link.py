@@ -7,6 +7,13 @@ acknowledges each, with what the unary call would have returned. A sender waits 
 acknowledgement only, never for the messages before it. When the stream breaks, every message
 still waiting fails with `PeerUnavailable` (the origin re-plans, as for a failed call) and the
 next message opens a new stream on the same channel, which reconnects by itself.
+
+Steps, one per hop per token, are *posted* (`LinkSender.post`): the sender returns once the
+message is written and the peer answers only when it refuses one. A refusal, or the stream
+breaking within `POSTED_WINDOW_S` of a posted message (its fate unknown), calls the message's
+`on_lost` (the client reports the step failed to its origin, as a failed call did); only the
+latest posted message of each request (`key`) is remembered. This halves the messages and the
+gRPC completions per hop.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,6 +45,9 @@ _STATES = {
     RequestState.RELEASED: pb.REQUEST_RELEASED,
     RequestState.UNKNOWN: pb.REQUEST_UNKNOWN,
 }
+# A posted message whose stream breaks within this many seconds of its write counts as lost
+# (later, the peer has long handled it: a live request has posted newer ones since).
+POSTED_WINDOW_S = 5.0
 
 
 class LinkSender:
@@ -51,6 +62,55 @@ class LinkSender:
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
         self._closed = False
+        # Posted messages that may still be refused or lost: id -> (written at, key, on_lost),
+        # in the order written; the latest per key only (key -> id).
+        self._posted: dict[int, tuple[float, str, Callable[[str], None]]] = {}
+        self._posted_keys: dict[str, int] = {}
+
+    async def post(
+        self, kind: str, body: Any, timeout: float, key: str, on_lost: Callable[[str], None]
+    ) -> None:
+        """Send one message without waiting for an acknowledgement; returns once it is written
+        (at most `timeout` s). Later, `on_lost(reason)` is called if the peer refuses it, or if
+        the stream breaks soon after (see the module docstring)."""
+        if self._closed:
+            raise PeerUnavailable(f"{self._describe}: link closed")
+        msg_id = next(self._ids)
+        msg = lpb.LinkMessage(id=msg_id, posted=True, **{kind: body})
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._write_lock:
+                    call = self._open()
+                    try:
+                        await call.write(msg)
+                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                        self._broken(call, exc)
+                        raise PeerUnavailable(f"{self._describe}: {kind}: the link closed") from None
+        except TimeoutError:
+            raise PeerTimeout(f"{self._describe}: {kind}: not written within {timeout:g} s") from None
+        now = time.monotonic()
+        older = self._posted_keys.get(key)
+        if older is not None:
+            self._posted.pop(older, None)
+        self._posted[msg_id] = (now, key, on_lost)
+        self._posted_keys[key] = msg_id
+        for old_id, (at, old_key, _) in list(self._posted.items()):  # oldest first
+            if now - at < POSTED_WINDOW_S:
+                break
+            del self._posted[old_id]
+            if self._posted_keys.get(old_key) == old_id:
+                del self._posted_keys[old_key]
+
+    def _lost(self, msg_id: int, reason: str) -> None:
+        """A posted message was refused: tell its sender's `on_lost`."""
+        entry = self._posted.pop(msg_id, None)
+        if entry is None:
+            log.warning("a posted message was refused", peer=self._describe, reason=reason)
+            return
+        _, key, on_lost = entry
+        if self._posted_keys.get(key) == msg_id:
+            del self._posted_keys[key]
+        on_lost(reason)
 
     async def send(self, kind: str, body: Any, timeout: float) -> lpb.LinkAck:
         """Send one message and wait (at most `timeout` s) for its acknowledgement."""
@@ -93,6 +153,8 @@ class LinkSender:
                 ack = self._pending.get(msg.id)
                 if ack is not None and not ack.done():
                     ack.set_result(msg.ack)
+                elif msg.ack.error:
+                    self._lost(msg.id, f"{self._describe}: {msg.ack.error}")
         except grpc.aio.AioRpcError as exc:
             self._broken(call, exc)
         except asyncio.CancelledError:
@@ -112,11 +174,20 @@ class LinkSender:
         for ack in self._pending.values():
             if not ack.done():
                 ack.set_exception(error)
+        now = time.monotonic()
+        posted = [on_lost for at, _, on_lost in self._posted.values() if now - at < POSTED_WINDOW_S]
+        self._posted.clear()
+        self._posted_keys.clear()
+        for on_lost in posted:
+            with contextlib.suppress(Exception):
+                on_lost(str(error))
         with contextlib.suppress(Exception):
             call.cancel()
 
     async def close(self) -> None:
         self._closed = True
+        self._posted.clear()  # closed on purpose (the peer left the cluster): nothing to report
+        self._posted_keys.clear()
         call, reader = self._call, self._reader
         if call is not None:
             self._broken(call, None)
@@ -141,6 +212,8 @@ class LinkServicer(lpb_grpc.NodeLinkServicer):
             except wire.WireError as exc:
                 log.warning("refused peer message", peer=context.peer(), reason=str(exc))
                 ack = lpb.LinkAck(error=f"malformed {msg.WhichOneof('body')}: {exc}")
+            if msg.posted and not ack.error:
+                continue  # a posted message is answered only when refused
             yield lpb.LinkMessage(id=msg.id, ack=ack)
 
     async def _handle(self, msg: lpb.LinkMessage) -> lpb.LinkAck:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import node_service_pb2 as node__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nlink.proto\x12\x0b\x65xo.node.v1\x1a\x12node_service.proto\"\xaa\x02\n\x0bLinkMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.exo.node.v1.StepRequestH\x00\x12*\n\x05token\x18\x03 \x01(\x0b\x32\x19.exo.node.v1.TokenRequestH\x00\x12.\n\x07\x66\x61ilure\x18\x04 \x01(\x0b\x32\x1b.exo.node.v1.FailureRequestH\x00\x12.\n\x07release\x18\x05 \x01(\x0b\x32\x1b.exo.node.v1.ReleaseRequestH\x00\x12,\n\x06health\x18\x06 \x01(\x0b\x32\x1a.exo.node.v1.HealthRequestH\x00\x12#\n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x14.exo.node.v1.LinkAckH\x00\x42\x06\n\x04\x62ody\"R\n\x07LinkAck\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x01(\x08\x12(\n\x06health\x18\x03 \x01(\x0b\x32\x18.exo.node.v1.HealthReply2J\n\x08NodeLink\x12>\n\x04Link\x12\x18.exo.node.v1.LinkMessage\x1a\x18.exo.node.v1.LinkMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nlink.proto\x12\x0b\x65xo.node.v1\x1a\x12node_service.proto\"\xba\x02\n\x0bLinkMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.exo.node.v1.StepRequestH\x00\x12*\n\x05token\x18\x03 \x01(\x0b\x32\x19.exo.node.v1.TokenRequestH\x00\x12.\n\x07\x66\x61ilure\x18\x04 \x01(\x0b\x32\x1b.exo.node.v1.FailureRequestH\x00\x12.\n\x07release\x18\x05 \x01(\x0b\x32\x1b.exo.node.v1.ReleaseRequestH\x00\x12,\n\x06health\x18\x06 \x01(\x0b\x32\x1a.exo.node.v1.HealthRequestH\x00\x12#\n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x14.exo.node.v1.LinkAckH\x00\x12\x0e\n\x06posted\x18\x08 \x01(\x08\x42\x06\n\x04\x62ody\"R\n\x07LinkAck\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x01(\x08\x12(\n\x06health\x18\x03 \x01(\x0b\x32\x18.exo.node.v1.HealthReply2J\n\x08NodeLink\x12>\n\x04Link\x12\x18.exo.node.v1.LinkMessage\x1a\x18.exo.node.v1.LinkMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'link_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LINKMESSAGE']._serialized_start=48
-  _globals['_LINKMESSAGE']._serialized_end=346
-  _globals['_LINKACK']._serialized_start=348
-  _globals['_LINKACK']._serialized_end=430
-  _globals['_NODELINK']._serialized_start=432
-  _globals['_NODELINK']._serialized_end=506
+  _globals['_LINKMESSAGE']._serialized_end=362
+  _globals['_LINKACK']._serialized_start=364
+  _globals['_LINKACK']._serialized_end=446
+  _globals['_NODELINK']._serialized_start=448
+  _globals['_NODELINK']._serialized_end=522
 # @@protoc_insertion_point(module_scope)

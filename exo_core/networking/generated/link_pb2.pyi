@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LinkMessage(_message.Message):
-    __slots__ = ("id", "step", "token", "failure", "release", "health", "ack")
+    __slots__ = ("id", "step", "token", "failure", "release", "health", "ack", "posted")
     ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class LinkMessage(_message.Message):
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    POSTED_FIELD_NUMBER: _ClassVar[int]
     id: int
     step: _node_service_pb2.StepRequest
     token: _node_service_pb2.TokenRequest
@@ -22,7 +23,8 @@ class LinkMessage(_message.Message):
     release: _node_service_pb2.ReleaseRequest
     health: _node_service_pb2.HealthRequest
     ack: LinkAck
-    def __init__(self, id: _Optional[int] = ..., step: _Optional[_Union[_node_service_pb2.StepRequest, _Mapping]] = ..., token: _Optional[_Union[_node_service_pb2.TokenRequest, _Mapping]] = ..., failure: _Optional[_Union[_node_service_pb2.FailureRequest, _Mapping]] = ..., release: _Optional[_Union[_node_service_pb2.ReleaseRequest, _Mapping]] = ..., health: _Optional[_Union[_node_service_pb2.HealthRequest, _Mapping]] = ..., ack: _Optional[_Union[LinkAck, _Mapping]] = ...) -> None: ...
+    posted: bool
+    def __init__(self, id: _Optional[int] = ..., step: _Optional[_Union[_node_service_pb2.StepRequest, _Mapping]] = ..., token: _Optional[_Union[_node_service_pb2.TokenRequest, _Mapping]] = ..., failure: _Optional[_Union[_node_service_pb2.FailureRequest, _Mapping]] = ..., release: _Optional[_Union[_node_service_pb2.ReleaseRequest, _Mapping]] = ..., health: _Optional[_Union[_node_service_pb2.HealthRequest, _Mapping]] = ..., ack: _Optional[_Union[LinkAck, _Mapping]] = ..., posted: _Optional[bool] = ...) -> None: ...
 
 class LinkAck(_message.Message):
     __slots__ = ("error", "wanted", "health")
