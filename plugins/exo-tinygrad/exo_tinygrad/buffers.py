@@ -37,13 +37,16 @@ def _tensor(buffer: Buffer, shape: tuple[int, ...]) -> Tensor:
     return Tensor(uop.reshape(shape) if shape != (buffer.size,) else uop)
 
 
-def from_numpy(array: np.ndarray, device: str | None = None) -> Tensor:
-    """A realized tensor holding a copy of `array` on `device` (default: tinygrad's)."""
+def from_numpy(array: np.ndarray, device: str | None = None, *, own: bool = False) -> Tensor:
+    """A realized tensor holding a copy of `array` on `device` (default: tinygrad's). `own`:
+    memory of its own, as in `zeros` (weights: freed memory goes back to the system)."""
     array = np.ascontiguousarray(array)
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:  # a dtype this helper does not map: tinygrad's own (scheduled) path
         return Tensor(array, device=device).realize()
-    buffer = Buffer(Device.canonicalize(device or Device.DEFAULT), max(array.size, 1), dtype).allocate()
+    options = BufferSpec(nolru=True) if own else None
+    device = Device.canonicalize(device or Device.DEFAULT)
+    buffer = Buffer(device, max(array.size, 1), dtype, options=options).allocate()
     if array.size:
         write(buffer, memoryview(array.reshape(-1).view(np.uint8)))
     return _tensor(buffer, array.shape)
@@ -62,6 +65,27 @@ def zeros(
     if not (own and device.split(":")[0] == "CPU"):  # a fresh anonymous mapping is zeroed already
         write(buffer, memoryview(bytearray(size * dtype.itemsize)))
     return _tensor(buffer, shape)
+
+
+class Filled:
+    """A flat tensor of `size` elements of `dtype` (own memory) written in parts through
+    `array`: the tensor's memory itself where the device shares host memory, else a host
+    staging array copied over by `done`. So a weight packed in parts never exists whole in
+    host memory next to its device copy."""
+
+    def __init__(self, size: int, dtype: np.dtype, device: str | None = None) -> None:
+        device = Device.canonicalize(device or Device.DEFAULT)
+        buffer = Buffer(device, max(size, 1), _DTYPES[np.dtype(dtype)], options=BufferSpec(nolru=True))
+        self.tensor = _tensor(buffer.allocate(), (max(size, 1),))
+        view = host_view(self.tensor) if device.split(":")[0] == "CPU" else None
+        self._staged = view is None
+        self.array: np.ndarray = np.zeros(max(size, 1), dtype) if view is None else view.view(dtype)
+
+    def done(self) -> Tensor:
+        if self._staged:
+            write(self.tensor.uop.buffer, memoryview(self.array.view(np.uint8)))
+            self.array = np.zeros(0, self.array.dtype)
+        return self.tensor
 
 
 def host_view(t: Tensor) -> np.ndarray | None:

@@ -4,6 +4,8 @@ Importing this module does not import tinygrad; `load` does, on the worker threa
 The engine holds every shard its requests use side by side, each a `ShardRunner` with its own
 requests' KV caches (a request planned before a peer joined keeps its cache while new requests
 run on the new range); a shard no request uses is freed only when another needs the memory.
+Shards of the same file share the layers they have in common (model.py): loading 0-29 next to
+0-14 reads and holds only layers 15-29 and the head more.
 Steps are checked before they run (`check_step`): a step at another position than its
 request's cache, of the wrong width or dtype, or whose cache cannot get memory is refused with
 an `EngineError` that names what is wrong, and nothing changes.
@@ -16,6 +18,7 @@ a step computes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import os
 import platform
@@ -141,9 +144,27 @@ class TinygradEngine(InferenceEngine):
             if psutil.virtual_memory().available - need >= MEMORY_HEADROOM:
                 return
             if runner.cached_requests() == 0:
-                del self._runners[held]
-                if self._runner is runner:
-                    self._runner = None
+                self._unload_sync(held)
+
+    async def unload(self, shard: Shard) -> None:
+        """Free `shard` (its weights go once no other shard shares them). A shard whose
+        requests still hold caches stays: release them first."""
+        if shard in self._runners:
+            await self._call(self._unload_sync, shard)
+
+    def _unload_sync(self, shard: Shard) -> None:
+        runner = self._runners.get(shard)
+        if runner is None:
+            return
+        if runner.cached_requests():
+            raise EngineError(f"shard {shard} still holds {runner.cached_requests()} requests' caches")
+        del self._runners[shard]
+        if self._runner is runner:
+            self._runner = None
+        if self._loaded is not None and self._loaded[0] == shard:
+            self._loaded = None
+        del runner
+        gc.collect()  # the runner's graphs refer back to it: free its buffers now, on this thread
 
     async def prepare(self, shard: Shard, model: ModelCard, progress: Progress | None = None) -> None:
         """Load, then make every graph the engine will use ready (`ShardRunner.graph_plan`):
@@ -283,6 +304,7 @@ class TinygradEngine(InferenceEngine):
         self._runners.clear()
         self._runner = None
         self._loaded = None
+        gc.collect()
 
     # ---- introspection (tests, /metrics) ---------------------------------------------------
 
@@ -305,7 +327,9 @@ class TinygradEngine(InferenceEngine):
         return sum(r.cache_bytes() for r in list(self._runners.values()))
 
     def weight_bytes(self) -> int:
-        return sum(r.model.weight_bytes() for r in list(self._runners.values()))
+        """Bytes of weights held, a layer shared by several shards counted once."""
+        parts = {id(p): p for r in list(self._runners.values()) for p in r.model.weight_parts()}
+        return sum(p.nbytes for p in parts.values())
 
 
 def model_path(model: ModelCard, shard: Shard) -> Path:

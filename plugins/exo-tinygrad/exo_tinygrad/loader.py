@@ -1,16 +1,23 @@
 """Turning a Llama-family checkpoint (GGUF, or safetensors + config.json) into one shard's weights.
 
 exo-core reads the files (`exo_core.models.checkpoint`: headers, config, the name table,
-memory-mapped tensor bytes); this module keeps what is tinygrad's own. It reads only the
+memory-mapped tensor bytes); this module keeps what is tinygrad's own. It offers only the
 tensors the shard needs: the first stage's embedding, its own layers, and the last stage's
-final norm and head. Tensors are returned under their GGUF names, either as float arrays or
-as `quant.Unpacked` integer groups, with GGUF's RoPE row order for q/k undone here, once, so
-the model always uses Hugging Face's rotate-half RoPE. No tinygrad in this module.
+final norm and head, under their GGUF names, with GGUF's RoPE row order for q/k undone here,
+once, so the model always uses Hugging Face's rotate-half RoPE. No tinygrad in this module.
+
+Nothing is read when a shard is opened: `ShardWeights.tensors` reads a tensor when it is
+asked for, and the model asks for one at a time (`Tensors.take`), packing a quantised matrix
+straight from the file in row ranges (`Stored.unpack`). So loading never holds a copy of the
+whole model in host memory, a layer another shard of the same file already holds is never
+read at all (see model.py), and the file pages read are dropped from the process's resident
+memory once copied (`_evict`; they stay in the OS page cache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import mmap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,9 +35,73 @@ from exo_core.checkpoint import (
 )
 from exo_tinygrad import quant
 
-__all__ = ["LlamaConfig", "ShardWeights", "Weight", "load_shard", "weight_bytes"]
+__all__ = ["LlamaConfig", "ShardWeights", "Stored", "Tensors", "Weight", "load_shard", "weight_bytes"]
 
 Weight = np.ndarray | quant.Unpacked
+
+
+@dataclass
+class Stored:
+    """A quantised [rows, cols] matrix still in its file, unpacked in row ranges on demand."""
+
+    name: str
+    rows: int
+    cols: int
+    ggml_type: int
+    raw: np.ndarray  # uint8 [rows, row bytes], memory-mapped
+    perm: np.ndarray | None = None  # row order to read in (GGUF q/k), None: as stored
+
+    @property
+    def group(self) -> int:
+        return quant.layout(self.ggml_type)[0]
+
+    @property
+    def bits(self) -> int:
+        return quant.layout(self.ggml_type)[1]
+
+    @property
+    def has_offset(self) -> bool:
+        return quant.layout(self.ggml_type)[2]
+
+    def unpack(self, start: int = 0, stop: int | None = None) -> quant.Unpacked:
+        """Rows start..stop-1 (in the model's row order) as integers plus group parameters."""
+        stop = self.rows if stop is None else stop
+        if self.perm is None:
+            raw = np.array(self.raw[start:stop])
+        else:
+            raw = self.raw[self.perm[start:stop]]
+        _evict(self.raw if self.perm is not None else self.raw[start:stop])
+        return quant.unpack(raw, self.ggml_type, stop - start, self.cols)
+
+
+class Tensors(Mapping[str, Weight]):
+    """The shard's tensors by GGUF name, each read from the file when it is asked for.
+
+    `tensors[name]` reads the whole tensor (float array or `quant.Unpacked`); `take(name)`
+    hands a quantised matrix over as a `Stored` (read later, in parts) and forgets it, which
+    is how the model consumes them; `pop` is `take` with the tensor read."""
+
+    def __init__(self, sources: dict[str, Callable[[], np.ndarray | Stored]]) -> None:
+        self._sources = sources
+
+    def __getitem__(self, name: str) -> Weight:
+        value = self._sources[name]()
+        return value.unpack() if isinstance(value, Stored) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def take(self, name: str) -> np.ndarray | Stored:
+        return self._sources.pop(name)()
+
+    def pop(self, name: str, *default: Weight | None) -> Weight | None:  # type: ignore[override]
+        if name not in self._sources and default:
+            return default[0]
+        value = self.take(name)
+        return value.unpack() if isinstance(value, Stored) else value
 
 
 @dataclass
@@ -38,9 +109,11 @@ class ShardWeights:
     """What one shard needs, ready for the model: config, tensors, and an embedding lookup."""
 
     config: LlamaConfig
-    tensors: dict[str, Weight]
+    tensors: Tensors
     embed: Callable[[np.ndarray], np.ndarray] | None  # token ids -> float32 [T, dim] (first stage)
     source: str
+    # the file's identity (path, size, modification time): shards with the same one share layers
+    identity: tuple | None = None
 
 
 @dataclass
@@ -72,7 +145,7 @@ def load_shard(path: Path, shard: Shard, max_context: int | None = None) -> Shar
         )
     if max_context:
         config = replace(config, max_context=min(config.max_context, max_context))
-    out: dict[str, Weight] = {}
+    sources: dict[str, Callable[[], np.ndarray | Stored]] = {}
     embedding = None
     for name in shard_tensors(shard, tied=config.tied_embeddings, qkv_bias=config.qkv_bias):
         t = tensor(name)
@@ -84,13 +157,52 @@ def load_shard(path: Path, shard: Shard, max_context: int | None = None) -> Shar
             embedding = t
             if not (shard.is_last and config.tied_embeddings):
                 continue  # the first stage looks rows up on the host; nothing to load
-        value = _read(t, name)
+        heads = None
         if permute_qk and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = config.n_heads if ".attn_q." in name else config.n_kv_heads
-            value = _unpermute_rows(value, heads)
-        out[name] = value
+        sources[name] = _source(t, name, heads)
     embed = _embedder(embedding, config) if shard.is_first and embedding is not None else None
-    return ShardWeights(config, out, embed, str(path))
+    return ShardWeights(config, Tensors(sources), embed, str(path), _identity(path))
+
+
+def _source(t: _Tensor, name: str, heads: int | None) -> Callable[[], np.ndarray | Stored]:
+    def read() -> np.ndarray | Stored:
+        if t.ggml_type in quant.FLOAT_TYPES or len(t.shape) != 2:
+            value = _read(t, name)
+            _evict(t.raw)
+            return _unpermute_rows(value, heads) if heads is not None else value  # type: ignore[return-value]
+        rows, cols = t.shape
+        perm = _row_permutation(rows, heads) if heads is not None else None
+        return Stored(name, rows, cols, t.ggml_type, t.raw.reshape(rows, -1), perm)
+
+    return read
+
+
+def _identity(path: Path) -> tuple | None:
+    """What makes two loads the same weights: the file (or directory of files), its size and
+    modification time."""
+    try:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        return (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    except OSError:
+        return None
+
+
+def _evict(view: np.ndarray) -> None:
+    """Drop a memory-mapped view's pages from this process's resident memory (they stay in the
+    OS page cache; a later read maps them again). Without it the whole file read at load time
+    counted in the process's RSS for good. Best effort: nothing happens where it is unsupported."""
+    mm = getattr(view, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED") or view.size == 0:
+        return
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        start = view.ctypes.data - base
+        aligned = start - start % mmap.PAGESIZE
+        end = min(start + view.nbytes, len(mm))
+        mm.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+    except (OSError, ValueError, TypeError):
+        pass
 
 
 def _read(t: _Tensor, name: str) -> Weight:
@@ -108,10 +220,15 @@ def _read(t: _Tensor, name: str) -> Weight:
     return quant.unpack(t.raw.reshape(rows, -1), t.ggml_type, rows, cols)
 
 
+def _row_permutation(rows: int, heads: int) -> np.ndarray:
+    """The row order that undoes llama.cpp's q/k permutation."""
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
 def _unpermute_rows(value: Weight, heads: int) -> Weight:
     """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half halves)."""
     rows = value.q.shape[0] if isinstance(value, quant.Unpacked) else value.shape[0]
-    perm = np.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+    perm = _row_permutation(rows, heads)
     if isinstance(value, quant.Unpacked):
         return quant.Unpacked(
             value.q[perm],

@@ -7,19 +7,32 @@ call (a batch of decode steps): the projections see them as one matrix, so the w
 read once, while each sequence attends over its own KV cache from its own position.
 
 Quantised weights stay quantised in memory; `kernels.matmul` dequantises inside the matmul.
+They are packed straight from the file a few rows at a time (`_pack`), so a load holds the
+packed weights plus a few MB, never an unpacked copy of the model.
+
+Shards of the same file share their layers: the blocks and the head are kept in a process-wide
+table of weak references (`_shared`), so a second shard overlapping a loaded one (layers 0-29
+next to 0-14) takes the loaded blocks and reads only the layers it lacks; a block is freed when
+no shard holds it any more. KV caches are per request, never shared.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 
 from exo_tinygrad import attention, kernels, quant
-from exo_tinygrad.buffers import from_numpy, zeros
-from exo_tinygrad.loader import LlamaConfig, ShardWeights, Weight
+from exo_tinygrad.buffers import Filled, from_numpy, zeros
+from exo_tinygrad.loader import LlamaConfig, ShardWeights, Stored, Weight
+
+Source = Weight | Stored  # what a Linear is built from
+# rows unpacked at a time while packing (a multiple of kernels.ROWS): ~1 MB of integers
+PACK_ROWS = 1024
 
 Position = int | UOp  # a plain int, or a bound symbolic Variable under the JIT
 
@@ -31,22 +44,22 @@ class Linear:
     (safetensors, F16/F32 GGUF) use tinygrad's own matmul.
     """
 
-    def __init__(self, weights: Sequence[Weight], biases: Sequence[np.ndarray | None] | None = None) -> None:
-        self.sizes = [w.q.shape[0] if isinstance(w, quant.Unpacked) else w.shape[0] for w in weights]
+    def __init__(self, weights: Sequence[Source], biases: Sequence[np.ndarray | None] | None = None) -> None:
+        self.sizes = [_rows(w) for w in weights]
         biases = list(biases or [None] * len(weights))
         self.bias = None
         if any(b is not None for b in biases):
             parts = [
                 np.zeros(n, np.float32) if b is None else b for n, b in zip(self.sizes, biases, strict=True)
             ]
-            self.bias = from_numpy(np.concatenate(parts).astype(np.float32))
+            self.bias = from_numpy(np.concatenate(parts).astype(np.float32), own=True)
         self.parts: list[kernels.PackedWeight | Tensor] = []
         for _, run in itertools.groupby(weights, key=_format):
             group = list(run)
-            if isinstance(group[0], quant.Unpacked):
-                self.parts.append(kernels.pack(_concat(group)))
-            else:  # float16 stays float16 in memory; the matmul reads it as float32
-                self.parts.append(from_numpy(np.concatenate(group)))
+            if isinstance(group[0], np.ndarray):  # float16 stays float16; the matmul reads float32
+                self.parts.append(from_numpy(np.concatenate(group), own=True))  # type: ignore[arg-type]
+            else:
+                self.parts.append(_pack(group))  # type: ignore[arg-type]
 
     def __call__(
         self,
@@ -81,10 +94,85 @@ class Linear:
         return total + (self.bias.nbytes() if self.bias is not None else 0)
 
 
-def _format(w: Weight) -> tuple:
+def _format(w: Source) -> tuple:
     if isinstance(w, quant.Unpacked):
         return ("quant", w.bits == 4, w.group, w.offset is None)
+    if isinstance(w, Stored):
+        return ("quant", w.bits == 4, w.group, not w.has_offset)
     return ("float", str(w.dtype))
+
+
+def _rows(w: Source) -> int:
+    if isinstance(w, Stored):
+        return w.rows
+    return w.q.shape[0] if isinstance(w, quant.Unpacked) else w.shape[0]
+
+
+def _unpack(w: Stored | quant.Unpacked, start: int, stop: int) -> quant.Unpacked:
+    if isinstance(w, Stored):
+        return w.unpack(start, stop)
+    off = None if w.offset is None else w.offset[start:stop]
+    return quant.Unpacked(w.q[start:stop], w.scale[start:stop], off, w.group, w.bits)
+
+
+def _pack(weights: Sequence[Stored | quant.Unpacked]) -> kernels.PackedWeight:
+    """`kernels.pack` of the weights' rows one after another (same layout, byte for byte),
+    written into the device buffers `PACK_ROWS` rows at a time."""
+    rows = [_rows(w) for w in weights]
+    R = kernels.ROWS
+    if any(n % R for n in rows[:-1]):  # a part would not start on a row block: the plain way
+        return kernels.pack(_concat([_unpack(w, 0, n) for w, n in zip(weights, rows, strict=True)]))
+    first = weights[0]
+    cols = first.cols if isinstance(first, Stored) else first.q.shape[1]
+    group, bits = first.group, first.bits
+    has_offset = first.has_offset if isinstance(first, Stored) else first.offset is not None
+    blocks, groups = -(-sum(rows) // R), cols // group
+    nibbles = bits == 4
+    inner = group // 2 if nibbles else group
+    q = Filled(blocks * groups * inner * R, np.dtype(np.uint8 if nibbles else np.int8))
+    scale = Filled(blocks * groups * R, np.dtype(np.float32))
+    offset = Filled(blocks * groups * R, np.dtype(np.float32)) if has_offset else None
+    block = 0
+    for w, n in zip(weights, rows, strict=True):
+        step = max(R, PACK_ROWS // R * R)
+        for start in range(0, n, step):
+            u = _unpack(w, start, min(n, start + step))
+            count = -(-u.q.shape[0] // R)
+            q_part, scale_part, offset_part = _packed_arrays(u)
+            q.array[block * groups * inner * R : (block + count) * groups * inner * R] = q_part
+            at = slice(block * groups * R, (block + count) * groups * R)
+            scale.array[at] = scale_part
+            if offset is not None and offset_part is not None:
+                offset.array[at] = offset_part
+            block += count
+    return kernels.PackedWeight(
+        q.done(), scale.done(), None if offset is None else offset.done(), sum(rows), cols, group, nibbles
+    )
+
+
+def _packed_arrays(w: quant.Unpacked) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`kernels.pack`'s reordering in numpy, flat: q, scale, offset of whole row blocks
+    (rows padded with zeros to a multiple of kernels.ROWS)."""
+    R = kernels.ROWS
+    rows, cols = w.q.shape
+    padded = -rows % R
+    q, scale, offset = w.q, w.scale, w.offset
+    if padded:
+        q = np.concatenate([q, np.zeros((padded, cols), q.dtype)])
+        scale = np.concatenate([scale, np.zeros((padded, scale.shape[1]), np.float32)])
+        if offset is not None:
+            offset = np.concatenate([offset, np.zeros((padded, offset.shape[1]), np.float32)])
+    blocks, groups, g = (rows + padded) // R, cols // w.group, w.group
+    q = q.reshape(blocks, R, groups, g).transpose(0, 2, 3, 1)
+    if w.bits == 4:
+        q = q[:, :, : g // 2].astype(np.uint8) | (q[:, :, g // 2 :].astype(np.uint8) << 4)
+    else:
+        q = q.astype(np.int8)
+
+    def per_group(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32).reshape(blocks, R, groups).transpose(0, 2, 1).reshape(-1)
+
+    return q.reshape(-1), per_group(scale), None if offset is None else per_group(offset)
 
 
 def _concat(weights: Sequence[quant.Unpacked]) -> quant.Unpacked:
@@ -105,13 +193,25 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
 
 
+Weights = Any  # loader.Tensors, or a plain dict of Weight by GGUF name
+
+
+def _take(w: Weights, name: str) -> Source:
+    """The tensor, taken out of `w` (quantised matrices still unread: `Stored`)."""
+    return w.take(name) if hasattr(w, "take") else w.pop(name)
+
+
+def _norm(w: Weights, name: str) -> Tensor:
+    return from_numpy(np.asarray(w.pop(name), np.float32), own=True)
+
+
 class Attention:
-    def __init__(self, config: LlamaConfig, w: dict[str, Weight], prefix: str) -> None:
+    def __init__(self, config: LlamaConfig, w: Weights, prefix: str) -> None:
         self.config = config
         names = ("attn_q", "attn_k", "attn_v")
         biases = [w.pop(f"{prefix}.{n}.bias", None) for n in names] if config.qkv_bias else None
-        self.qkv = Linear([w.pop(f"{prefix}.{n}.weight") for n in names], biases)
-        self.o = Linear([w.pop(f"{prefix}.attn_output.weight")])
+        self.qkv = Linear([_take(w, f"{prefix}.{n}.weight") for n in names], biases)
+        self.o = Linear([_take(w, f"{prefix}.attn_output.weight")])
 
     def __call__(
         self,
@@ -135,9 +235,9 @@ class Attention:
 
 
 class FeedForward:
-    def __init__(self, w: dict[str, Weight], prefix: str) -> None:
-        self.gate_up = Linear([w.pop(f"{prefix}.ffn_gate.weight"), w.pop(f"{prefix}.ffn_up.weight")])
-        self.down = Linear([w.pop(f"{prefix}.ffn_down.weight")])
+    def __init__(self, w: Weights, prefix: str) -> None:
+        self.gate_up = Linear([_take(w, f"{prefix}.ffn_gate.weight"), _take(w, f"{prefix}.ffn_up.weight")])
+        self.down = Linear([_take(w, f"{prefix}.ffn_down.weight")])
 
     def __call__(self, x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
         """x + down(silu(gate(rms_norm(x))) * up(rms_norm(x)))"""
@@ -147,11 +247,11 @@ class FeedForward:
 
 
 class Block:
-    def __init__(self, config: LlamaConfig, w: dict[str, Weight], index: int) -> None:
+    def __init__(self, config: LlamaConfig, w: Weights, index: int) -> None:
         prefix = f"blk.{index}"
         self.eps = config.norm_eps
-        self.attn_norm = from_numpy(np.asarray(w.pop(f"{prefix}.attn_norm.weight"), np.float32))
-        self.ffn_norm = from_numpy(np.asarray(w.pop(f"{prefix}.ffn_norm.weight"), np.float32))
+        self.attn_norm = _norm(w, f"{prefix}.attn_norm.weight")
+        self.ffn_norm = _norm(w, f"{prefix}.ffn_norm.weight")
         self.attention = Attention(config, w, prefix)
         self.ffn = FeedForward(w, prefix)
 
@@ -160,23 +260,74 @@ class Block:
         h = self.attention(x, (self.attn_norm, self.eps), caches, positions, rope)
         return self.ffn(h, (self.ffn_norm, self.eps))
 
+    @property
+    def nbytes(self) -> int:
+        linears = (self.attention.qkv, self.attention.o, self.ffn.gate_up, self.ffn.down)
+        return sum(lin.nbytes for lin in linears) + self.attn_norm.nbytes() + self.ffn_norm.nbytes()
+
+
+class Output:
+    """The last stage's final norm and head."""
+
+    def __init__(self, config: LlamaConfig, w: Weights) -> None:
+        self.norm = _norm(w, "output_norm.weight")
+        self.head = Linear([_take(w, "token_embd.weight" if config.tied_embeddings else "output.weight")])
+
+    @property
+    def nbytes(self) -> int:
+        return self.head.nbytes + self.norm.nbytes()
+
+
+# Blocks and heads of every shard in the process, by (file identity, part): a shard takes the
+# ones another shard of the same file holds already. Weak: an entry goes with its last shard.
+_shared: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
+
+
+def _shared_part(identity: tuple | None, part: tuple, build: Callable[[], Any]) -> Any:
+    if identity is None:
+        return build()
+    key = (identity, *part)
+    found = _shared.get(key)
+    if found is None:
+        found = _shared[key] = build()
+    return found
+
+
+def resident_weight_bytes() -> int:
+    """Bytes of weights held by every shard model of the process, each shared part once."""
+    return sum(part.nbytes for part in list(_shared.values()))
+
 
 class ShardModel:
     """Layers start..end of a model; the last stage also owns the final norm and the head.
 
-    It consumes `weights.tensors`: each array leaves the dict once it is packed into device
-    memory, so the load's peak holds each weight unpacked or packed, not both.
+    It takes what it needs from `weights.tensors`, one tensor at a time (see the module
+    docstring), and takes the blocks and head that another shard of the same file holds
+    already instead of reading them again.
     """
 
     def __init__(self, weights: ShardWeights, start: int, end: int, is_last: bool) -> None:
         c = self.config = weights.config
         w = weights.tensors
-        self.blocks = [Block(c, w, i) for i in range(start, end + 1)]
+        identity = weights.identity
+        self.blocks = [
+            _shared_part(identity, ("blk", i), lambda i=i: Block(c, w, i)) for i in range(start, end + 1)
+        ]
         self.is_last = is_last
+        self.output: Output | None = None
         if is_last:
-            self.norm = from_numpy(np.asarray(w.pop("output_norm.weight"), np.float32))
-            self.head = Linear([w.pop("token_embd.weight" if c.tied_embeddings else "output.weight")])
+            self.output = _shared_part(identity, ("output",), lambda: Output(c, w))
         self.rope = attention.rope_table(c, c.max_context)
+
+    @property
+    def norm(self) -> Tensor:
+        assert self.output is not None
+        return self.output.norm
+
+    @property
+    def head(self) -> Linear:
+        assert self.output is not None
+        return self.output.head
 
     def new_cache(self, capacity: int) -> list[Tensor]:
         """One request's KV cache: per layer, keys and values for `capacity` positions."""
@@ -212,12 +363,10 @@ class ShardModel:
         row = x[:, pick : pick + 1, :].reshape(x.shape[0], self.config.dim)
         return self.head(row, norm=(self.norm, self.config.norm_eps))
 
+    def weight_parts(self) -> list[Block | Output]:
+        """The weight-holding parts (shared with other shards of the same file where they overlap)."""
+        return [*self.blocks, *([self.output] if self.output is not None else [])]
+
     def weight_bytes(self) -> int:
         """Bytes of weights this shard holds in memory (KV caches not included)."""
-        linears = [lin for blk in self.blocks for lin in (blk.attention.qkv, blk.attention.o)]
-        linears += [lin for blk in self.blocks for lin in (blk.ffn.gate_up, blk.ffn.down)]
-        total = sum(lin.nbytes for lin in linears)
-        total += sum(blk.attn_norm.nbytes() + blk.ffn_norm.nbytes() for blk in self.blocks)
-        if self.is_last:
-            total += self.head.nbytes + self.norm.nbytes()
-        return total
+        return sum(part.nbytes for part in self.weight_parts())

@@ -33,6 +33,23 @@ BLOCK = {
 FLOAT_TYPES = {F32: np.float32, F16: np.float16, BF16: np.uint16}
 SUPPORTED = {F32, F16, BF16, *BLOCK}
 
+# (group, bits, has an offset) of what `unpack` returns for each block format
+_LAYOUT = {
+    Q4_0: (32, 4, True),
+    Q4_1: (32, 4, True),
+    Q5_0: (32, 5, True),
+    Q5_1: (32, 5, True),
+    Q8_0: (32, 8, False),
+    Q4_K: (32, 4, True),
+    Q5_K: (32, 5, True),
+    Q6_K: (16, 6, False),
+}
+
+
+def layout(ggml_type: int) -> tuple[int, int, bool]:
+    """(group, bits, has an offset) of the `Unpacked` a block format gives, without reading it."""
+    return _LAYOUT[ggml_type]
+
 
 @dataclass
 class Unpacked:
