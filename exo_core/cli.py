@@ -161,7 +161,7 @@ def _run_options() -> list[click.Parameter]:
         opt(
             ["--memory-limit"],
             envvar="EXO_MEMORY_LIMIT",
-            help="Memory this node offers for models (16GB, 800MB, ...), instead of what it has.",
+            help="Memory this node offers for models (16GB, 800MB, ...), instead of what it has free.",
         ),
         opt(
             ["--warm/--no-warm"],

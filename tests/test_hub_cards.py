@@ -189,6 +189,11 @@ def test_a_hub_id_works_on_any_node_of_the_cluster(hub, tmp_path):
         assert _plan_nodes(cluster, "b", other) == {"b"}
         status, models = cluster.get("b", "/v1/models")
         assert {served, other} <= {m["id"] for m in models["data"]}
+        # the other endpoints that name a model take a hub id too (node a never saw `other`)
+        status, shown = cluster.post("a", "/api/show", {"model": other})
+        assert status == 200 and "completion" in shown["capabilities"], shown
+        status, topo = cluster.get("a", "/v1/topology?model=" + other)
+        assert status == 200, topo
         # an unknown repo, or a model exo does not run: a 404 that says why, and nothing lost
         for missing, why in (("hf.co/org/missing", "no repo org/missing"), ("hf.co/org/other", "gpt2")):
             status, reply = cluster.post("b", "/v1/chat/completions", {"model": missing, "messages": hi})

@@ -178,7 +178,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    card = state.find_model(request.match_info["model_id"])
+    card = await state.resolve_model(request.match_info["model_id"])
     objects = await asyncio.to_thread(_model_objects, state, *_model_servers(state), card.id)
     if not objects:
         raise APIError(
@@ -225,7 +225,7 @@ async def topology(request: web.Request) -> web.Response:
     """Nodes, their capabilities, and the layers each would hold of a model (?model=, else the default)."""
     state = request.app[STATE]
     model_id = request.query.get("model")
-    card = state.find_model(model_id) if model_id else state.runtime.default_model
+    card = await state.resolve_model(model_id) if model_id else state.runtime.default_model
     node = state.node
     try:
         plan = node.make_plan(card)

@@ -442,7 +442,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if isinstance(data, dict) and not data.get("prompt") and not data.get("raw"):
         # An empty prompt loads the model (Ollama's way to warm it up): say it is ready.
         state = _state(request)
-        card = state.find_model(_model(data))
+        card = await state.resolve_model(_model(data))
         state.check_servable(card)
         return web.json_response(
             {
@@ -543,7 +543,7 @@ async def ps(request: web.Request) -> web.Response:
 async def show(request: web.Request) -> web.Response:
     state = _state(request)
     body = _body(await read_json(request))
-    card = state.find_model(_model(body))
+    card = await state.resolve_model(_model(body))
     tokenizer = await asyncio.to_thread(state.generator.tokenizer, card)
     capabilities = ["completion"]
     if tokenizer.chat_template.supports_tools:
