@@ -17,6 +17,12 @@ builds and saves the graphs) and the one after it (it reads them).
 llama.cpp (llama-cpp-python, optional: `pip install exo-tinygrad[bench]`) runs with 2 threads
 on the same file; when it is not installed the table says so and the tinygrad half still runs.
 The host is shared and noisy: compare numbers only within one run.
+
+Long prompts (slow: minutes at 6,000 tokens) are measured only on request, once per pass:
+
+    .venv/bin/python bench/bench_tinygrad.py --rounds 2 --passes 2 --long 2000,6000
+
+adds a row "prefill tok/s, N-token prompt" per length (one request each, after the others).
 """
 
 from __future__ import annotations
@@ -128,7 +134,12 @@ def measure_tinygrad(args) -> dict:
             prefills.append(args.prefill / prefill_s)
             decodes.append(args.decode / decode_s)
         batched = [await batch(f"batch-{r}", 4, args.decode // 2) for r in range(args.rounds)]
+        long = {}
+        for n in long_lengths(args):
+            prefill_s, _ = await request(f"long-{n}", n, 0)
+            long[f"prefill_{n}_tok_s"] = n / prefill_s
         return {
+            **long,
             "load_s": load_s,
             "cold_first_token_s": cold_ttft,
             "ttft_s": statistics.median(ttfts),
@@ -156,7 +167,7 @@ def measure_llamacpp(args) -> dict:
         model_path=str(embedded_gguf_path()),
         n_threads=THREADS,
         n_threads_batch=THREADS,
-        n_ctx=max(args.prefill, TTFT_PROMPT) + args.decode + 16,
+        n_ctx=max(args.prefill, TTFT_PROMPT, *long_lengths(args)) + args.decode + 16,
         n_batch=512,
         logits_all=False,
         verbose=False,
@@ -183,7 +194,9 @@ def measure_llamacpp(args) -> dict:
     cold_ttft, _ = request(TTFT_PROMPT, 0)
     ttfts = [request(TTFT_PROMPT, 0)[0] for _ in range(args.rounds)]
     runs = [request(args.prefill, args.decode) for _ in range(args.rounds)]
+    long = {f"prefill_{n}_tok_s": n / request(n, 0)[0] for n in long_lengths(args)}
     return {
+        **long,
         "load_s": load_s,
         "cold_first_token_s": cold_ttft,
         "ttft_s": statistics.median(ttfts),
@@ -191,6 +204,10 @@ def measure_llamacpp(args) -> dict:
         "decode_tok_s": statistics.median(args.decode / r[1] for r in runs),
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def long_lengths(args) -> list[int]:
+    return [int(n) for n in (args.long or "").split(",") if n.strip()]
 
 
 WORKERS = {"tinygrad": measure_tinygrad, "llama.cpp": measure_llamacpp}
@@ -233,7 +250,7 @@ def best(old: dict | None, new: dict) -> dict:
 
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--prefill", str(args.prefill)]
-    cmd += ["--decode", str(args.decode), "--rounds", str(args.rounds)]
+    cmd += ["--decode", str(args.decode), "--rounds", str(args.rounds), "--long", args.long or ""]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -241,13 +258,16 @@ def run_worker(name: str, args) -> dict:
     return json.loads(lines[-1])
 
 
-def table(results: dict[str, dict]) -> str:
+def table(results: dict[str, dict], lengths: list[int]) -> str:
     names = list(results)
     head = ["", *names]
     if len(names) == 2:
         head.append(f"{names[0]} / {names[1]}")
     rows = [head]
-    for key, label in ROWS:
+    rows_wanted = list(ROWS)
+    at = [k for k, _ in ROWS].index("decode_tok_s")
+    rows_wanted[at:at] = [(f"prefill_{n}_tok_s", f"prefill tok/s, {n}-token prompt") for n in lengths]
+    for key, label in rows_wanted:
         row = [label]
         values = [results[n].get(key) for n in names]
         row += ["-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in values]
@@ -278,6 +298,9 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=128, help="tokens decoded per request")
     parser.add_argument("--rounds", type=int, default=2, help="measured requests per engine (median)")
     parser.add_argument("--passes", type=int, default=2, help="passes over the engines (best kept)")
+    parser.add_argument(
+        "--long", default="", help="comma-separated long prompt lengths to prefill once (e.g. 2000,6000)"
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--no-exo-run", action="store_true", help="skip timing `exo run --prompt`")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -299,7 +322,7 @@ def main() -> None:
         f"SmolLM2-135M Q4_1, {args.prefill}-token prefill, {args.decode} decoded tokens, "
         f"{THREADS} llama.cpp threads"
     )
-    print(table(results))
+    print(table(results, long_lengths(args)))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

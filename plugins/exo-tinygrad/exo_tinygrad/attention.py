@@ -56,7 +56,8 @@ def attend(
         # write this step's keys/values, then read the cache through the write
         store = cache[:, pos : pos + T].uop.store(Tensor.stack(apply_rope(k[b], tables[b]), v[b]).uop)
         written = Tensor(cache.uop.after(store))
-        scores = kernels.attention_scores(q, written, pos, b, n_kv)  # [kv, g, T, pos + T]
-        outs.append(kernels.attention_values(scores.softmax(-1), written, pos, n_kv))
+        scores = kernels.attention_scores(q, written, pos, b, n_kv)  # flat [kv, g, T, capacity]
+        probs = kernels.attention_softmax(scores, pos, q.shape[2] * T, T, cache.shape[1])
+        outs.append(kernels.attention_values(probs, written, pos, n_kv, q.shape[2] // n_kv, T))
     out = Tensor.stack(*outs).contiguous() if B > 1 else outs[0].unsqueeze(0)
     return out

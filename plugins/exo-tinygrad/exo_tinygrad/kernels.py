@@ -279,14 +279,24 @@ def _thread_rows(T: int, axis_t: int) -> tuple[Opt, ...]:
     return (Opt(OptOps.THREAD, axis_t, parts),) if T > 1 and parts > 1 and T % parts == 0 else ()
 
 
+LANES = 8  # attention rows are padded to a multiple of this many positions (SIMD lanes)
+LOG2E = 1.4426950408889634
+
+
+def _padded(pos: UOp | int, T: int) -> UOp | int:
+    """pos + T rounded up to a multiple of LANES (a cache capacity is a multiple of it)."""
+    return (pos + T + LANES - 1) // LANES * LANES
+
+
 def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int) -> Tensor:
-    """Causal attention scores q·k / sqrt(hd) of sequence b -> [kv, group, T, pos + T].
+    """Causal attention scores q·k / sqrt(hd) of sequence b, flat [kv, group, T, capacity].
 
     q [B, T, H, hd] (contiguous, rotated) holds the queries of positions pos..pos+T-1; `cache`
     is the sequence's [2, capacity, kv, hd] (keys first). A query sees the cached positions up
-    to its own (-inf after). The dot products run as 8 interleaved partial sums: independent
-    SIMD accumulators rather than one long dependent chain (tinygrad's own kernel for this
-    matmul with a symbolic length is latency-bound).
+    to its own (-inf after); each row is written up to pos + T rounded up to LANES positions.
+    The dot products run as 8 interleaved partial sums: independent SIMD accumulators rather
+    than one long dependent chain (tinygrad's own kernel for this matmul with a symbolic
+    length is latency-bound).
     """
     _, T, H, hd = q.shape
     cap = cache.shape[1]
@@ -296,7 +306,8 @@ def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int
 
     def kernel(scores: UOp, qq: UOp, kk: UOp, pos: UOp | int) -> UOp:
         qq, kk = qq.flatten(), kk.flatten()
-        h, g, t, s = UOp.range(n_kv, 0), UOp.range(group, 1), UOp.range(T, 2), UOp.range(pos + T, 3)
+        h, g, t = UOp.range(n_kv, 0), UOp.range(group, 1), UOp.range(T, 2)
+        s = UOp.range(_padded(pos, T), 3)
         lane = UOp.range(lanes, 4, AxisType.REDUCE)
         step = UOp.range(hd // lanes, 5, AxisType.REDUCE)
         d = step * lanes + lane
@@ -312,22 +323,53 @@ def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int
         return store.sink(arg=KernelInfo(name=f"attn_scores_{T}_{H}_{hd}", opts_to_apply=opts))
 
     out = Tensor.empty(H * T * cap, dtype=dtypes.float32, device=q.device)
-    out = _call([out, q, cache], [pos], kernel)
-    return out.reshape(n_kv, group, T, cap)[..., 0 : pos + T]
+    return _call([out, q, cache], [pos], kernel)
 
 
-def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int) -> Tensor:
+def attention_softmax(scores: Tensor, pos: UOp | int, rows: int, T: int, cap: int) -> Tensor:
+    """Softmax of each of the `rows` rows of `attention_scores` (flat [rows, cap], valid up to
+    pos + T rounded up to LANES) -> the same layout. One kernel: per row the max, the sum of
+    exponentials, then the probabilities, each loop LANES positions at a time (independent
+    SIMD partial results, not one dependent chain)."""
+
+    def kernel(out: UOp, sc: UOp, pos: UOp | int) -> UOp:
+        out, sc = out.flatten(), sc.flatten()
+        row = UOp.range(rows, 0)
+        blocks = _padded(pos, T) // LANES
+        b3, l3 = UOp.range(blocks, 1), UOp.range(LANES, 2)
+        b1, l1 = UOp.range(blocks, 3, AxisType.REDUCE), UOp.range(LANES, 4, AxisType.REDUCE)
+        b2, l2 = UOp.range(blocks, 5, AxisType.REDUCE), UOp.range(LANES, 6, AxisType.REDUCE)
+        at = row * cap
+
+        def x(blk: UOp, lane: UOp) -> UOp:
+            return sc[at + blk * LANES + lane]
+
+        peak = x(b1, l1).reduce(b1, arg=Ops.MAX).reduce(l1, arg=Ops.MAX)
+        total = ((x(b2, l2) - peak) * LOG2E).exp2().reduce(b2, arg=Ops.ADD).reduce(l2, arg=Ops.ADD)
+        value = ((x(b3, l3) - peak) * LOG2E).exp2() * total.reciprocal()
+        store = out[at + b3 * LANES + l3].store(value).end(row, b3, l3)
+        opts: tuple[Opt, ...] = ()
+        if custom_kernels(str(scores.device)):
+            # tinygrad merges the stored (block, lane) pair into one axis: 0 row, 1 position;
+            # the reduce axes are (block, lane) twice: unroll each reduction's lanes
+            opts = (Opt(OptOps.UNROLL, 0, LANES), Opt(OptOps.UNROLL, 0, LANES))
+            parts = threads()
+            if parts > 1 and rows % parts == 0:
+                opts += (Opt(OptOps.THREAD, 0, parts),)
+        return store.sink(arg=KernelInfo(name=f"attn_softmax_{rows}", opts_to_apply=opts))
+
+    out = Tensor.empty(rows * cap, dtype=dtypes.float32, device=scores.device)
+    return _call([out, scores], [pos], kernel)
+
+
+def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int, group: int, T: int) -> Tensor:
     """sum_s probs[h, g, t, s] * values[s, h] -> [T, kv * group * hd] for one sequence.
 
-    probs [kv, group, T, pos + T] (softmax of `attention_scores`); `cache` is the sequence's
-    [2, capacity, kv, hd] (values second). The output dims run as SIMD lanes (16 at a time).
+    probs: flat [kv, group, T, capacity] (`attention_softmax`), valid up to pos + T; `cache`
+    is the sequence's [2, capacity, kv, hd] (values second). The output dims run as SIMD lanes
+    (16 at a time) for 4 query rows at once, so each value row read serves 4 rows.
     """
     cap, hd = cache.shape[1], cache.shape[3]
-    _, group, T, _ = probs.shape
-    # a fixed-size home for the probabilities (a custom kernel's inputs have static shapes)
-    home = Tensor.empty(n_kv * group * T * cap, dtype=dtypes.float32, device=probs.device)
-    store = home.reshape(n_kv, group, T, cap)[..., 0 : pos + T].uop.store(probs.uop)
-    home = Tensor(home.uop.after(store))
 
     def kernel(out: UOp, pp: UOp, vv: UOp, pos: UOp | int) -> UOp:
         out, pp, vv = out.flatten(), pp.flatten(), vv.flatten()
@@ -336,12 +378,16 @@ def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int) ->
         p = pp[((h * group + g) * T + t) * cap + s]
         acc = (p * vv[((cap + s) * n_kv + h) * hd + d]).reduce(s, arg=Ops.ADD)
         store = out[(t * n_kv * group + h * group + g) * hd + d].store(acc).end(h, g, t, d)
-        axis_d = sum(n > 1 for n in (n_kv, group, T))  # size-1 ranges are dropped
+        axis_t = sum(n > 1 for n in (n_kv, group))  # size-1 ranges are dropped
+        axis_d = axis_t + (T > 1)
         opts = (Opt(OptOps.UPCAST, axis_d, 16),) if hd % 16 == 0 else ()
-        opts += _thread_rows(T, sum(n > 1 for n in (n_kv, group)))
+        opts += _thread_rows(T, axis_t)
+        rows = T // threads() if _thread_rows(T, axis_t) else T
+        if T > 1 and rows % 4 == 0:  # 4 query rows share each value row read
+            opts += (Opt(OptOps.UPCAST, axis_t, 4),)
         if not custom_kernels(str(probs.device)):
             opts = ()
         return store.sink(arg=KernelInfo(name=f"attn_values_{T}_{hd}", opts_to_apply=opts))
 
     out = Tensor.empty(T * n_kv * group * hd, dtype=dtypes.float32, device=probs.device)
-    return _call([out, home, cache], [pos], kernel).reshape(T, n_kv * group * hd)
+    return _call([out, probs, cache], [pos], kernel).reshape(T, n_kv * group * hd)
