@@ -1,5 +1,6 @@
-"""Pipelined prefill over real gRPC between nodes in one process: a long prompt crosses each hop
-in chunks of at most STEP_SLICE positions, in order, and the answer is the one-node answer."""
+"""Pipelined prefill over real gRPC between nodes in one process: a long prompt goes from the
+origin to stage 0 and crosses each hop in chunks of at most STEP_SLICE positions, in order, and
+the answer is the one-node answer."""
 
 import asyncio
 import contextlib
@@ -71,11 +72,11 @@ async def answer(rt, text):
 async def test_a_long_prompt_crosses_each_hop_in_ordered_chunks(tmp_path):
     async with cluster(tmp_path, ["a", "b", "c"]) as rts:
         assert [s.node_id for s in rts["a"].node.make_plan(rts["a"].default_model)] == ["a", "b", "c"]
-        seen_b, seen_c = record_steps(rts["b"]), record_steps(rts["c"])
+        seen_a, seen_b, seen_c = record_steps(rts["a"]), record_steps(rts["b"]), record_steps(rts["c"])
         prompt_len, text = await answer(rts["a"], "word " * 1500)
         assert text == DUMMY_ANSWER
         assert prompt_len > 4 * STEP_SLICE
-        for seen, stage in ((seen_b, 1), (seen_c, 2)):
+        for seen, stage in ((seen_a, 0), (seen_b, 1), (seen_c, 2)):
             prefill = [s for s in seen if s[0] == stage and s[1] < prompt_len]
             assert max(length for _, _, length, _ in prefill) <= STEP_SLICE  # never the whole prompt
             # in order, without gaps, and only the last chunk of the prompt says no more follow

@@ -32,7 +32,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -63,6 +63,7 @@ from exo_core.node.partitioning import (
 )
 from exo_core.node.prefix_cache import PrefixIndex
 from exo_core.node.replicas import Balancer
+from exo_core.node.stage import STEP_SLICE
 from exo_core.node.topology import NodeInfo
 
 log = structlog.get_logger("exo.node")
@@ -384,6 +385,10 @@ class Origin:
         for stage in state.plan:
             self.inflight[stage.node_id] = self.inflight.get(stage.node_id, 0) + 1
         tokens = np.asarray([*request.prompt_tokens, *state.generated], dtype=np.int64)
+        first = state.plan[0].node_id
+        # A layer-sharding (tensor) engine takes the prompt in chunks; a whole-request engine in one.
+        sliced = self._shards_layers(first)
+        chunk = STEP_SLICE if sliced else max(len(tokens), 1)
         state.reused, reused = "", 0
         if not state.reuse_refused:
             state.reused, reused = self.prefixes.find(state.plan, tokens)
@@ -400,17 +405,38 @@ class Origin:
             eos_token_ids=request.eos_token_ids,
             step=len(state.generated),
             start_pos=reused,
-            tokens=tokens[reused:],
-            messages=request.messages,
+            tokens=tokens[reused : reused + chunk],
+            messages=None if sliced else request.messages,  # only a text engine reads them
             replayed=tuple(state.generated),
             constraint=request.constraint,
             reuse_from=state.reused,
+            more=len(tokens) > reused + chunk,
         )
-        first = state.plan[0].node_id
         try:
-            await self._client_for(first).send_step(msg)
+            client = self._client_for(first)
+            await client.send_step(msg)
+            # The rest of the prompt in chunks of STEP_SLICE ids, as a stage sends hidden states
+            # on (no message grows with the prompt); what a stage needs once (the conversation,
+            # the replayed tokens, the grammar, the prefix to reuse) came with the first.
+            for start in range(reused + chunk, len(tokens), chunk):
+                part = replace(
+                    msg,
+                    start_pos=start,
+                    tokens=tokens[start : start + chunk],
+                    messages=None,
+                    replayed=(),
+                    constraint=None,
+                    reuse_from="",
+                    more=start + chunk < len(tokens),
+                )
+                await client.send_step(part)
         except PeerUnavailable as exc:
             state.events.put_nowait(StageFailure(request.request_id, state.attempt, first, str(exc)))
+
+    def _shards_layers(self, node_id: str) -> bool:
+        """Whether the node's engine runs layer ranges (a tensor engine: it computes a prompt in
+        slices anyway); a whole-request engine on text takes the prompt whole."""
+        return any(n.node_id == node_id and n.supports_sharding for n in self._cluster())
 
     def _remember_prefix(self, state: _OriginState) -> None:
         """A request finished: its stages keep its cache, which holds every token but the last."""
