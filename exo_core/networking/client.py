@@ -26,8 +26,9 @@ from exo_core.node.topology import NodeInfo
 
 # The largest legal message, with room to spare: a step's hidden states cross a hop one slice
 # (node.stage.STEP_SLICE = 256 positions) at a time, 16 MiB at the widest Llama (16,384 x 4
-# bytes); a whole prompt's token ids are 8 MiB at a million tokens; the request's messages are
-# at most the API's 4 MiB body. Anything larger is refused before it is read into memory.
+# bytes); a prompt's token ids go to stage 0 in slices too (a whole-request engine gets them
+# whole: 8 MiB at a million tokens); the request's messages are at most the API's 4 MiB body.
+# Anything larger is refused before it is read into memory.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _STATES = {
     pb.REQUEST_ACTIVE: RequestState.ACTIVE,
@@ -149,7 +150,14 @@ class GrpcPeerClient:
 
     async def generate_text(self, request: TextGeneration, delivered: str = "") -> AsyncGenerator[TextDelta]:
         """A whole request on the peer's text engine, streamed back. No deadline (an answer takes
-        as long as it takes); a peer that dies is noticed by the channel's keepalive pings."""
+        as long as it takes); a peer that dies is noticed by the channel's keepalive pings.
+
+        Not on the link, on purpose: it is one call per whole answer (not per token), on the same
+        channel, so the same TLS connection as the link (HTTP/2 streams share it). As a stream of
+        its own it gets HTTP/2's per-stream flow control, so a client that reads an answer slowly
+        holds back that answer only, never the steps and tokens behind it on the link, and
+        cancelling it (the client left) is a stream reset the server sees at once.
+        """
         name = "GenerateText"
         # (getattr: per-call metadata exists only while the cluster secret is signed per call)
         sign = getattr(self._auth, "metadata", None)
