@@ -27,8 +27,12 @@ TOKENS_DTYPE, TOKENS_RANK = np.dtype(np.int64), 1
 HIDDEN_DTYPE, HIDDEN_RANK = np.dtype(np.float32), 2
 MAX_TENSOR_BYTES = 1 << 30
 _LITTLE_ENDIAN = np.little_endian
-_PLANS: dict[tuple[Any, ...], tuple[PlanStage, ...]] = {}  # every step of a request carries its plan
+# Every step of a request carries its plan and sampling: each is encoded and decoded once.
+_PLANS: dict[tuple[Any, ...], tuple[PlanStage, ...]] = {}
+_PLANS_PB: dict[tuple[PlanStage, ...], list[pb.PlanStage]] = {}
+_SAMPLINGS: dict[bytes, SamplingParams] = {}
 _MAX_PLANS = 1024
+_LE = {dt: dt.newbyteorder("<") for dt in (np.dtype(np.int64), np.dtype(np.float32))}
 
 
 class WireError(ValueError):
@@ -60,7 +64,9 @@ def tensor_from_pb(msg: pb.Tensor, dtype: np.dtype, rank: int, field: str) -> np
             f"{field}: {len(msg.data)} bytes for shape {list(shape)} {dtype.name} (expected {expected})"
         )
     # A writable, native-order copy: engines may work in place.
-    return np.frombuffer(msg.data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    little = _LE.get(dtype) or dtype.newbyteorder("<")
+    array = np.frombuffer(msg.data, dtype=little).reshape(shape)
+    return array.copy() if _LITTLE_ENDIAN else array.astype(dtype)
 
 
 # ---- plans and sampling ------------------------------------------------------------------------
@@ -112,6 +118,25 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
     return msg
 
 
+def _cached_sampling(msg: pb.SamplingParams) -> SamplingParams:
+    key = msg.SerializeToString(deterministic=True)
+    params = _SAMPLINGS.get(key)
+    if params is None:
+        if len(_SAMPLINGS) >= _MAX_PLANS:
+            _SAMPLINGS.clear()
+        params = _SAMPLINGS[key] = sampling_from_pb(msg)
+    return params
+
+
+def _plan_to_pb(plan: tuple[PlanStage, ...]) -> list[pb.PlanStage]:
+    stages = _PLANS_PB.get(plan)
+    if stages is None:
+        if len(_PLANS_PB) >= _MAX_PLANS:
+            _PLANS_PB.clear()
+        stages = _PLANS_PB[plan] = [pb.PlanStage(node_id=s.node_id, shard=shard_to_pb(s.shard)) for s in plan]
+    return stages
+
+
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         temperature=msg.temperature,
@@ -132,7 +157,7 @@ def step_to_pb(step: StepMessage) -> pb.StepRequest:
         request_id=step.request_id,
         attempt=step.attempt,
         origin=step.origin,
-        plan=[pb.PlanStage(node_id=s.node_id, shard=shard_to_pb(s.shard)) for s in step.plan],
+        plan=_plan_to_pb(step.plan),
         stage_index=step.stage_index,
         sampling=sampling_to_pb(step.sampling),
         max_tokens=step.max_tokens,
@@ -192,7 +217,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
         origin=msg.origin,
         plan=plan,
         stage_index=msg.stage_index,
-        sampling=sampling_from_pb(msg.sampling),
+        sampling=_cached_sampling(msg.sampling),
         max_tokens=msg.max_tokens,
         eos_token_ids=tuple(msg.eos_token_ids),
         step=msg.step,
