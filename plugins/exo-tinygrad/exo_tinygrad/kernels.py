@@ -199,6 +199,11 @@ def matmul(
     width = w.in_features * (2 if swiglu else 1)
     flat = x.reshape(-1, width)
     n_rows = flat.shape[0]
+    if norm is not None and n_rows > 1 and not swiglu:
+        # many rows (prefill): normalise once in a small kernel; fused, the norm weight would be
+        # applied again for every block of output rows (a quarter of the kernel's time)
+        flat = (flat * (flat.square().mean(-1, keepdim=True) + norm[1]).rsqrt() * norm[0]).contiguous()
+        norm = None
     out_padded = (w.out_features + ROWS - 1) // ROWS * ROWS
     inputs = [w.q, w.scale, *([w.offset] if w.offset is not None else []), flat]
     if w.offset is not None:  # each group's sum of the input the kernel sees

@@ -70,14 +70,15 @@ def test_matmul_matches_numpy(qtype, rows, cols, n):
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("n", [1, 2], ids=["decode-fused-norm", "prefill-norm-first"])
 @on_tinygrad_thread
-def test_fused_norm_and_residual():
+def test_fused_norm_and_residual(n):
     Tensor, kernels = tg()
     unpacked, weight = random_weight(T.Q4_1, 32, 128, seed=5)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 128)).astype(np.float32)
+    x = rng.standard_normal((n, 128)).astype(np.float32)
     norm = rng.standard_normal(128).astype(np.float32)
-    residual = rng.standard_normal((2, 32)).astype(np.float32)
+    residual = rng.standard_normal((n, 32)).astype(np.float32)
     y = kernels.matmul(
         Tensor(x), kernels.pack(unpacked), norm=(Tensor(norm), 1e-5), residual=Tensor(residual)
     )
