@@ -2,7 +2,9 @@
 
 Several shards are held side by side, each with its own requests' caches (a request planned
 before a peer joined keeps its cache while new requests run on the new range; two models are
-served at once); a shard no request uses is freed only when another needs the memory. Every
+served at once); a shard no request uses is freed only when another needs the memory. Shards
+of the same file share the parts they have in common (`model.SharedParts`): loading 0-29
+next to 0-14 adds only layers 15-29 and the head. Every
 step is checked before it runs (`check_step`: position, width, dtype, length, and room for its
 cache), so a bad step fails with an `EngineError` naming what is wrong and changes nothing.
 
@@ -34,7 +36,7 @@ import numpy as np
 from exo_core import EngineError, InferenceEngine, ModelCard, Shard, StageInput, StageOutput
 
 if TYPE_CHECKING:
-    from exo_mlx.model import KVCache, ShardModel
+    from exo_mlx.model import KVCache, ShardModel, SharedParts
 
 
 class _Held:
@@ -113,6 +115,7 @@ class MLXEngine(InferenceEngine):
         super().__init__(options)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-mlx")
         self._held: dict[Shard, _Held] = {}  # every shard held, oldest first
+        self._parts: SharedParts | None = None  # their weights, each part once (worker thread)
         self._waiting: set[str] = set()  # requests whose step is queued for the worker
         self._waiting_lock = threading.Lock()
         self.source: str | None = None  # where the loaded weights came from
@@ -145,10 +148,14 @@ class MLXEngine(InferenceEngine):
         kind, path = self._find_source(card, shard)
         self._make_room(path, shard)
         dtype = self._dtype()
+        if self._parts is None:
+            from exo_mlx.model import SharedParts
+
+            self._parts = SharedParts()
         if kind == "gguf":
-            model = loader.load_gguf(path, shard, dtype)
+            model = loader.load_gguf(path, shard, dtype, self._parts)
         else:
-            model = loader.load_safetensors(path, shard, dtype)
+            model = loader.load_safetensors(path, shard, dtype, self._parts)
         mx.clear_cache()  # the buffers of the file's other tensors
         limits = [int(x) for x in (self.options.get("max_context"),) if x]
         limit = limits[0] if limits else model.config.max_context or card.context_length or 4096
@@ -167,8 +174,34 @@ class MLXEngine(InferenceEngine):
             if psutil.virtual_memory().available - need >= MEMORY_HEADROOM:
                 return
             if not held.caches:
-                del self._held[held.shard]
+                self._drop_held(held.shard)
                 mx.clear_cache()
+
+    def _drop_held(self, shard: Shard) -> None:
+        held = self._held.pop(shard, None)
+        if held is not None and self._parts is not None:
+            self._parts.drop(held.model.shared_keys)
+
+    async def unload(self, shard: Shard) -> None:
+        """Free `shard` (its weights go once no other shard shares them). A shard whose
+        requests still hold caches stays: release them first."""
+        held = self._held.get(shard)
+        if held is None:
+            return
+        if held.caches:
+            raise EngineError(f"mlx engine: shard {shard} still holds {len(held.caches)} requests' caches")
+
+        def drop() -> None:
+            import mlx.core as mx
+
+            self._drop_held(shard)
+            mx.clear_cache()
+
+        await self._run(drop)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held, a part shared by several shards counted once."""
+        return self._parts.nbytes() if self._parts is not None else 0
 
     @property
     def _model(self) -> ShardModel | None:
@@ -353,6 +386,7 @@ class MLXEngine(InferenceEngine):
     async def close(self) -> None:
         def drop() -> None:
             self._held.clear()
+            self._parts = None
 
         await self._run(drop)
         self._worker.shutdown(wait=False)

@@ -14,7 +14,9 @@ Hugging Face and mlx-community safetensors repos come with a config.json; mlx-co
 weights are already MLX-quantised (`quantization` in the config), others are dense.
 
 Only the shard's own tensors are kept: the first stage's embedding, the last stage's final
-norm and head, and the blocks in between.
+norm and head, and the blocks in between. Given the engine's `SharedParts`, a part another
+shard of the same file holds already is taken from there, not read again (a shard whose parts
+are all held reads nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -40,7 +43,7 @@ from exo_core.checkpoint import (
     read_hf_checkpoint,
     shard_modules,
 )
-from exo_mlx.model import MLP, Attention, Block, Linear, ShardModel
+from exo_mlx.model import MLP, Attention, Block, Linear, ShardModel, SharedParts
 
 # Architectures this engine implements (its GGUF path has no q/k/v biases and assumes
 # llama.cpp's interleaved q/k rows, which qwen2 files do not have).
@@ -90,7 +93,17 @@ def rope_periods(config: LlamaConfig) -> mx.array | None:
 # ---- GGUF ---------------------------------------------------------------------------------
 
 
-def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype) -> ShardModel:
+def identity(path: Path) -> tuple | None:
+    """What makes two loads the same weights: the file (or the directory's files), its size and
+    modification time."""
+    try:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        return (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    except OSError:
+        return None
+
+
+def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype, shared: SharedParts | None = None) -> ShardModel:
     """The shard's tensors from a GGUF file."""
     if not path.is_file():
         raise _fail(path, "the file does not exist")
@@ -107,12 +120,19 @@ def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype) -> ShardModel:
                 "read (it reads F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q6_K); "
                 "use a Q4_0/Q8_0 GGUF or the model's mlx-community repo",
             )
-    try:
-        arrays, _meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as exc:
-        raise _fail(path, str(exc)) from exc
+    loaded: list[dict[str, mx.array]] = []
+
+    def file_arrays() -> dict[str, mx.array]:
+        """The file's arrays, read when a tensor is first needed (never, when all are shared)."""
+        if not loaded:
+            try:
+                loaded.append(mx.load(str(path), return_metadata=True)[0])
+            except (RuntimeError, ValueError) as exc:
+                raise _fail(path, str(exc)) from exc
+        return loaded[0]
 
     def tensor(name: str, required: bool = True) -> Linear | None:
+        arrays = file_arrays()
         weight = arrays.get(f"{name}.weight")
         if weight is None:
             if required:
@@ -133,14 +153,16 @@ def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype) -> ShardModel:
     # llama.cpp's converter permutes the q/k rows of Llama checkpoints so that RoPE rotates
     # adjacent pairs; mx.load hands the rows over as stored, so use the adjacent-pair RoPE.
     traditional = config.arch in GGUF_PERMUTED_QK
-    # Tensors of other shards are dropped with `arrays` when this returns.
-    return _assemble(config, shard, GGUF, tensor, traditional, dtype)
+    # Tensors of other shards are dropped with `loaded` when this returns.
+    return _assemble(config, shard, GGUF, tensor, traditional, dtype, shared, identity(path))
 
 
 # ---- safetensors --------------------------------------------------------------------------
 
 
-def load_safetensors(directory: Path, shard: Shard, dtype: mx.Dtype) -> ShardModel:
+def load_safetensors(
+    directory: Path, shard: Shard, dtype: mx.Dtype, shared: SharedParts | None = None
+) -> ShardModel:
     """The shard's tensors from a Hugging Face / mlx-community directory with config.json."""
     config, checkpoint, raw = read_hf_checkpoint(directory)
     _check(directory, config, shard)
@@ -172,7 +194,7 @@ def load_safetensors(directory: Path, shard: Shard, dtype: mx.Dtype) -> ShardMod
         bits = weight.shape[-1] * 32 // in_features
         return Linear(weight, scales, arrays[f"{name}.biases"], group_size=group_size, bits=bits, bias=bias)
 
-    return _assemble(config, shard, HF, tensor, False, dtype)
+    return _assemble(config, shard, HF, tensor, False, dtype, shared, identity(directory))
 
 
 # ---- assembling a shard -------------------------------------------------------------------
@@ -185,8 +207,11 @@ def _assemble(
     tensor: Callable[..., Linear | None],
     rope_traditional: bool,
     dtype: mx.Dtype,
+    shared: SharedParts | None = None,
+    file_identity: tuple | None = None,
 ) -> ShardModel:
     rope_freqs = rope_periods(config)
+    taken: list[tuple] = []
 
     def name(key: str, i: int | None = None) -> str:
         return module_name(key, i, fmt)
@@ -199,18 +224,38 @@ def _assemble(
     def norm(key: str, i: int | None = None) -> mx.array:
         return linear(key, i).weight.astype(dtype)
 
-    blocks = []
-    for i in shard.layers:
+    def block(i: int) -> Block:
         q, k, v, o = (linear(m, i) for m in ("attn_q", "attn_k", "attn_v", "attn_output"))
         attention = Attention(config, q, k, v, o, rope_freqs, rope_traditional)
         mlp = MLP(linear("ffn_gate", i), linear("ffn_up", i), linear("ffn_down", i))
-        blocks.append(Block(config, norm("attn_norm", i), attention, norm("ffn_norm", i), mlp))
-    embedding = head = final_norm = None
-    if shard.is_first:
-        embedding = linear("token_embd")
-    if shard.is_last:
-        final_norm = norm("output_norm")
-        head = tensor(name("output"), required=False) or (embedding or linear("token_embd"))
+        return Block(config, norm("attn_norm", i), attention, norm("ffn_norm", i), mlp)
+
+    def part(kind: tuple, build: Callable[[], Any]) -> Any:
+        """A shared part when another shard of the file holds it, else built (and shared)."""
+        if shared is None or file_identity is None:
+            return build()
+        key = (file_identity, str(dtype), rope_traditional, *kind)
+        found = shared.take(key, build)
+        taken.append(key)
+        return found
+
+    try:
+        blocks = [part(("blk", i), lambda i=i: block(i)) for i in shard.layers]
+        embedding = head = final_norm = None
+        if shard.is_first:
+            embedding = part(("token_embd",), lambda: linear("token_embd"))
+        if shard.is_last:
+            final_norm = part(("output_norm",), lambda: norm("output_norm"))
+            if config.tied_embeddings:
+                head = part(("token_embd",), lambda: linear("token_embd"))
+            else:
+                head = part(
+                    ("output",), lambda: tensor(name("output"), required=False) or linear("token_embd")
+                )
+    except BaseException:
+        if shared is not None:
+            shared.drop(taken)
+        raise
     vocab = config.vocab_size
     if head is not None or embedding is not None:
         table = head if head is not None else embedding
@@ -224,5 +269,6 @@ def _assemble(
         head=head,
         dtype=dtype,
     )
+    model.shared_keys = taken
     mx.eval(model.arrays())  # read the shard's tensors now, not during the first request
     return model

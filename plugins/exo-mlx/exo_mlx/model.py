@@ -3,11 +3,17 @@
 Config, linear layer (quantised or dense), attention, MLP, block, and the shard model; the
 KV cache is explicit and belongs to a request. The first stage owns the embedding, the last
 the final norm and output head; a middle stage holds only its own blocks.
+
+Shards of the same model file loaded side by side share their parts (`SharedParts`): a block
+does not know its place in a shard (the layer index comes with each call), so layers 0-14 and
+0-29 hold one copy of blocks 0-14.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import mlx.core as mx
 
@@ -201,6 +207,7 @@ class ShardModel:
         self.blocks = blocks
         self.embedding, self.norm, self.head = embedding, norm, head
         self.dtype = dtype  # activations
+        self.shared_keys: list[tuple] = []  # the parts taken from a SharedParts (loader.py)
 
     def new_cache(self, limit: int) -> KVCache:
         return KVCache(len(self.blocks), limit)
@@ -234,3 +241,46 @@ class ShardModel:
         if self.norm is not None:
             arrays.append(self.norm)
         return arrays
+
+
+def part_arrays(part: Any) -> list[mx.array]:
+    """The arrays of a shared part: a Block, a Linear or a bare array (a norm)."""
+    if isinstance(part, mx.array):
+        return [part]
+    return part.arrays()
+
+
+class SharedParts:
+    """Weights of the shards one engine holds, each part once: a part (a block, the embedding,
+    the head, the final norm, keyed by the model file and dtype) is built the first time a shard
+    needs it, handed to every later shard that needs it too, and dropped when the last shard
+    holding it is dropped."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple, list[Any]] = {}  # key -> [part, number of shards holding it]
+
+    def take(self, key: tuple, build: Callable[[], Any]) -> Any:
+        held = self._parts.get(key)
+        if held is None:
+            held = self._parts[key] = [build(), 0]
+        held[1] += 1
+        return held[0]
+
+    def has(self, key: tuple) -> bool:
+        return key in self._parts
+
+    def drop(self, keys: Iterable[tuple]) -> None:
+        for key in keys:
+            held = self._parts.get(key)
+            if held is not None:
+                held[1] -= 1
+                if held[1] <= 0:
+                    del self._parts[key]
+
+    def nbytes(self) -> int:
+        """Bytes of every part held (each once)."""
+        arrays = {id(a): a for part, _ in self._parts.values() for a in part_arrays(part)}
+        return sum(a.nbytes for a in arrays.values())
+
+    def __len__(self) -> int:
+        return len(self._parts)
