@@ -247,7 +247,9 @@ def _embedder(t: _Tensor, config: LlamaConfig) -> Callable[[np.ndarray], np.ndar
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= t.shape[0]):
             raise EngineError(f"token id out of range 0..{t.shape[0] - 1}: {ids.tolist()}")
-        return quant.dequantize_rows(rows[ids], t.ggml_type, config.dim)
+        values = quant.dequantize_rows(rows[ids], t.ggml_type, config.dim)
+        _evict(rows)  # the pages read (and those mapped around them) leave the RSS
+        return values
 
     return embed
 
