@@ -66,7 +66,7 @@ async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts
         with pytest.raises(PeerUnavailable, match="stage 0 of this plan is a, not b"):
             await client._link.send("step", wire.step_to_pb(step), 5)  # acknowledged: refused
         lost = []
-        client.on_lost_step = lambda msg, failure: lost.append((msg.request_id, failure))
+        client.on_lost_step = lambda origin, failure: lost.append((failure.request_id, failure))
         await client.send_step(step)  # posted: returns once written; the refusal comes later
         await _until(lambda: asyncio.sleep(0, bool(lost)))
         ((request_id, failure),) = lost

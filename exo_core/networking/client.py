@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -68,7 +67,7 @@ class GrpcPeerClient:
         auth: ClusterAuth | None = None,
         call_timeout: float = 10.0,
         health_timeout: float = 1.0,
-        on_lost_step: Callable[[StepMessage, StageFailure], None] | None = None,
+        on_lost_step: Callable[[str, StageFailure], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -78,8 +77,8 @@ class GrpcPeerClient:
         self.call_timeout = call_timeout
         self.health_timeout = health_timeout
         # Steps are posted (no acknowledgement) when someone takes their losses: called with the
-        # step and the failure its origin must hear of, when the peer refuses it or the link
-        # breaks right after it. Without it, every step waits for its acknowledgement.
+        # step's origin and the failure it must hear of, when the peer refuses the step or the
+        # link breaks right after it. Without it, every step waits for its acknowledgement.
         self.on_lost_step = on_lost_step
         self._auth = auth
         if auth is None:
@@ -118,12 +117,11 @@ class GrpcPeerClient:
         if on_lost_step is None:
             await self._link.send("step", wire.step_to_pb(msg), self.call_timeout)
             return
-        request_id, attempt, target = msg.request_id, msg.attempt, self.node_id
+        origin, request_id, attempt, target = msg.origin, msg.request_id, msg.attempt, self.node_id
 
         def lost(reason: str) -> None:  # keeps the step's identity, not its tensors
-            on_lost_step(msg_id_only, StageFailure(request_id, attempt, target, reason))
+            on_lost_step(origin, StageFailure(request_id, attempt, target, reason))
 
-        msg_id_only = replace(msg, tokens=None, hidden=None, messages=None, deliver=None)
         await self._link.post("step", wire.step_to_pb(msg), self.call_timeout, msg.cache_key, lost)
 
     async def send_token(self, msg: TokenMessage) -> bool:

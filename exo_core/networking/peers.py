@@ -20,7 +20,7 @@ import structlog
 
 from exo_core.networking.auth import is_handshake_failure
 from exo_core.networking.client import GrpcPeerClient
-from exo_core.node.messages import PeerTimeout, PeerUnavailable, StageFailure, StepMessage
+from exo_core.node.messages import PeerTimeout, PeerUnavailable, RequestState, StageFailure
 from exo_core.node.topology import DeviceCapabilities
 
 if TYPE_CHECKING:
@@ -146,20 +146,22 @@ class PeerTracker:
             on_lost_step=self._lost_step,
         )
 
-    def _lost_step(self, msg: StepMessage, failure: StageFailure) -> None:
+    def _lost_step(self, origin: str, failure: StageFailure) -> None:
         """A step posted to a peer was refused, or its link broke right after: its origin
-        re-plans, as when sending it failed."""
-        task = asyncio.get_running_loop().create_task(self._report_lost(msg, failure))
+        re-plans, as when sending it failed (unless this node let go of the request already)."""
+        if self.node.request_state(failure.request_id, failure.attempt) == RequestState.RELEASED:
+            return  # it ended here (the link broke after its last steps): nothing is lost
+        task = asyncio.get_running_loop().create_task(self._report_lost(origin, failure))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
-    async def _report_lost(self, msg: StepMessage, failure: StageFailure) -> None:
-        log.info("step lost", peer=failure.node_id, request=msg.request_id, reason=failure.reason)
+    async def _report_lost(self, origin: str, failure: StageFailure) -> None:
+        log.info("step lost", peer=failure.node_id, request=failure.request_id, reason=failure.reason)
         try:
-            await self.node.client_for(msg.origin).report_failure(failure)
+            await self.node.client_for(origin).report_failure(failure)
         except PeerUnavailable:
-            log.warning("origin unreachable; dropping request", request=msg.request_id)
-            await self.node.release(msg.request_id, msg.attempt)
+            log.warning("origin unreachable; dropping request", request=failure.request_id)
+            await self.node.release(failure.request_id, failure.attempt)
 
     def _forget(self, tracked: _Tracked, reason: str, *, quiet: bool = False) -> None:
         if self._tracked.get(tracked.node_id) is tracked:
