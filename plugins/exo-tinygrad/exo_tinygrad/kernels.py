@@ -332,10 +332,10 @@ def attention_scores(q: Tensor, cache: Tensor, pos: UOp | int, b: int, n_kv: int
 
 
 def attention_softmax(scores: Tensor, pos: UOp | int, rows: int, T: int, cap: int) -> Tensor:
-    """Softmax of each of the `rows` rows of `attention_scores` (flat [rows, cap], valid up to
-    pos + T rounded up to LANES) -> the same layout. One kernel: per row the max, the sum of
-    exponentials, then the probabilities, each loop LANES positions at a time (independent
-    SIMD partial results, not one dependent chain)."""
+    """exp(score - row max) for each of the `rows` rows of `attention_scores` (flat [rows, cap],
+    valid up to pos + T rounded up to LANES) -> the same layout, not yet divided by the row's
+    sum (`attention_values` divides, from the same reads). One kernel: the max loop runs LANES
+    positions at a time (independent SIMD partial maxima, not one dependent chain)."""
 
     def kernel(out: UOp, sc: UOp, pos: UOp | int) -> UOp:
         out, sc = out.flatten(), sc.flatten()
@@ -343,21 +343,19 @@ def attention_softmax(scores: Tensor, pos: UOp | int, rows: int, T: int, cap: in
         blocks = _padded(pos, T) // LANES
         b3, l3 = UOp.range(blocks, 1), UOp.range(LANES, 2)
         b1, l1 = UOp.range(blocks, 3, AxisType.REDUCE), UOp.range(LANES, 4, AxisType.REDUCE)
-        b2, l2 = UOp.range(blocks, 5, AxisType.REDUCE), UOp.range(LANES, 6, AxisType.REDUCE)
         at = row * cap
 
         def x(blk: UOp, lane: UOp) -> UOp:
             return sc[at + blk * LANES + lane]
 
         peak = x(b1, l1).reduce(b1, arg=Ops.MAX).reduce(l1, arg=Ops.MAX)
-        total = ((x(b2, l2) - peak) * LOG2E).exp2().reduce(b2, arg=Ops.ADD).reduce(l2, arg=Ops.ADD)
-        value = ((x(b3, l3) - peak) * LOG2E).exp2() * total.reciprocal()
+        value = ((x(b3, l3) - peak) * LOG2E).exp2()
         store = out[at + b3 * LANES + l3].store(value).end(row, b3, l3)
         opts: tuple[Opt, ...] = ()
         if custom_kernels(str(scores.device)):
             # tinygrad merges the stored (block, lane) pair into one axis: 0 row, 1 position;
             # the reduce axes are (block, lane) twice: unroll each reduction's lanes
-            opts = (Opt(OptOps.UNROLL, 0, LANES), Opt(OptOps.UNROLL, 0, LANES))
+            opts = (Opt(OptOps.UNROLL, 0, LANES),)
             parts = threads()
             if parts > 1 and rows % parts == 0:
                 opts += (Opt(OptOps.THREAD, 0, parts),)
@@ -368,7 +366,8 @@ def attention_softmax(scores: Tensor, pos: UOp | int, rows: int, T: int, cap: in
 
 
 def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int, group: int, T: int) -> Tensor:
-    """sum_s probs[h, g, t, s] * values[s, h] -> [T, kv * group * hd] for one sequence.
+    """sum_s probs[h, g, t, s] * values[s, h] / sum_s probs[h, g, t, s] -> [T, kv * group * hd]
+    for one sequence (the softmax's normalisation happens here).
 
     probs: flat [kv, group, T, capacity] (`attention_softmax`), valid up to pos + T; `cache`
     is the sequence's [2, capacity, kv, hd] (values second). The output dims run as SIMD lanes
@@ -382,6 +381,7 @@ def attention_values(probs: Tensor, cache: Tensor, pos: UOp | int, n_kv: int, gr
         s = UOp.range(pos + T, 4, AxisType.REDUCE)
         p = pp[((h * group + g) * T + t) * cap + s]
         acc = (p * vv[((cap + s) * n_kv + h) * hd + d]).reduce(s, arg=Ops.ADD)
+        acc = acc * p.reduce(s, arg=Ops.ADD).reciprocal()
         store = out[(t * n_kv * group + h * group + g) * hd + d].store(acc).end(h, g, t, d)
         axis_t = sum(n > 1 for n in (n_kv, group))  # size-1 ranges are dropped
         axis_d = axis_t + (T > 1)
