@@ -317,6 +317,7 @@ def main() -> None:
             if name == "tinygrad" and not args.no_exo_run and "skipped" not in result:
                 print("timing exo run --prompt ...", file=sys.stderr, flush=True)
                 result.update(time_exo_run())
+            print(f"pass {p + 1} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
             results[name] = best(results.get(name), result)
     print(
         f"SmolLM2-135M Q4_1, {args.prefill}-token prefill, {args.decode} decoded tokens, "
