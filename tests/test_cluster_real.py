@@ -15,7 +15,7 @@ from core_helpers import real_cluster_engine
 
 from exo_core.testing.cluster import Cluster, stream_text
 
-STALL_BOUND_S = 8.0  # after kill -9 of a stage, before the next token (see the kill test)
+STALL_BOUND_S = 3.0  # after kill -9 of a stage, before the next token (see the kill test)
 ENGINE = real_cluster_engine()
 pytestmark = [
     pytest.mark.skipif(ENGINE is None, reason="no real engine (tinygrad or mlx) is installed"),
@@ -26,7 +26,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real-cluster")
-    with Cluster.manual(["a", "b", "c"], tmp=tmp, engine=ENGINE, listed=["a"], timeout=300) as c:
+    # EXO_WARM=0 here too: the root conftest sets it per test, after a module's fixtures start
+    # their nodes, which would otherwise build every graph in the background (minutes of CPU
+    # on a cold EXO_HOME, each capture holding the engine thread) while the tests run.
+    with Cluster.manual(
+        ["a", "b", "c"], tmp=tmp, engine=ENGINE, listed=["a"], timeout=300, env={"EXO_WARM": "0"}
+    ) as c:
         yield c
 
 
@@ -113,17 +118,22 @@ def test_kill_a_stage_mid_answer_and_the_text_is_unchanged(cluster, reference):
         events.append(event)
         arrivals.append(at)
         if len(arrivals) == 16 and killed_at is None:
+            killed_at, killed_wall = time.monotonic(), time.time()
             cluster.nodes["b"].kill()
-            killed_at = time.monotonic()
     assert stream_text(events) == story
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    after = [t for t in arrivals if t > killed_at]
-    stall = after[0] - killed_at
+    # The stall: the longest wait for a token from the kill on (the first token after it may have
+    # been on its way already; the replay's comes later).
+    after = [killed_at, *(t for t in arrivals if t > killed_at)]
+    stall = max(b - a for a, b in itertools.pairwise(after))
     print(
-        f"\n{ENGINE}: stall after kill -9 of stage 2: {stall:.2f} s (median gap {sorted(gaps)[len(gaps) // 2]:.3f} s)"
+        f"\n{ENGINE}: stall after kill -9 of stage 2: {stall:.2f} s (median gap "
+        f"{sorted(gaps)[len(gaps) // 2]:.3f} s; killed at {killed_wall:.3f}, gaps after: "
+        f"{[round(b - a, 3) for a, b in itertools.pairwise(after)][:8]})"
     )
     assert "stage failed; re-planning" in cluster.nodes["a"].log()
     # a answered alone before, so it holds every layer: the replay runs there without loading any.
-    # Measured 0.05 s on a quiet machine (it was 12-14 s when survivors loaded new ranges); a CI
-    # run with three tinygrad processes on 2 cores saw 4.3 s, so the bound leaves room for load.
+    # The link reports b's reset stream within tens of ms; measured 0.12-0.20 s, also with two
+    # busy loops on a 2-core machine. (A CI run saw 4.3 s, and runs hung, while every node built
+    # its graphs in the background: the fixture now turns warming off, as for every other test.)
     assert stall < STALL_BOUND_S, f"stall after kill -9: {stall:.2f} s"
