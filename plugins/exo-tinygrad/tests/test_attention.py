@@ -5,6 +5,7 @@ prefill and decode run it."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from test_kernels import on_tinygrad_thread
 
 HEADS, KV, HD = 9, 3, 64  # SmolLM2-135M's grouped-query shape
@@ -34,8 +35,12 @@ def attention_np(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int) 
     return out.reshape(T, HEADS * HD)
 
 
+@pytest.mark.parametrize("kernels", ["cpu-opts", "plain"])
 @on_tinygrad_thread
-def test_attention_matches_numpy_at_a_long_context():
+def test_attention_matches_numpy_at_a_long_context(monkeypatch, kernels):
+    """With the CPU opts, and without them (what other devices run)."""
+    if kernels == "plain":
+        monkeypatch.setenv("EXO_TINYGRAD_KERNELS", "plain")
     from exo_tinygrad import attention
     from exo_tinygrad.engine import _configure_tinygrad
 
