@@ -11,9 +11,8 @@ next message opens a new stream on the same channel, which reconnects by itself.
 Steps, one per hop per token, are *posted* (`LinkSender.post`): the sender returns once the
 message is written and the peer answers only when it refuses one. A refusal, or the stream
 breaking within `POSTED_WINDOW_S` of a posted message (its fate unknown), calls the message's
-`on_lost` (the client reports the step failed to its origin, as a failed call did); only the
-latest posted message of each request (`key`) is remembered. This halves the messages and the
-gRPC completions per hop.
+`on_lost` (the client reports the step failed to its origin, as a failed call did); a break
+calls it once per request (`key`). This halves the messages and the gRPC completions per hop.
 """
 
 from __future__ import annotations
@@ -63,9 +62,8 @@ class LinkSender:
         self._write_lock = asyncio.Lock()
         self._closed = False
         # Posted messages that may still be refused or lost: id -> (written at, key, on_lost),
-        # in the order written; the latest per key only (key -> id).
+        # in the order written.
         self._posted: dict[int, tuple[float, str, Callable[[str], None]]] = {}
-        self._posted_keys: dict[str, int] = {}
 
     async def post(
         self, kind: str, body: Any, timeout: float, key: str, on_lost: Callable[[str], None]
@@ -89,17 +87,12 @@ class LinkSender:
         except TimeoutError:
             raise PeerTimeout(f"{self._describe}: {kind}: not written within {timeout:g} s") from None
         now = time.monotonic()
-        older = self._posted_keys.get(key)
-        if older is not None:
-            self._posted.pop(older, None)
         self._posted[msg_id] = (now, key, on_lost)
-        self._posted_keys[key] = msg_id
-        for old_id, (at, old_key, _) in list(self._posted.items()):  # oldest first
-            if now - at < POSTED_WINDOW_S:
+        while True:  # forget those older than the window, oldest first
+            oldest = next(iter(self._posted))
+            if now - self._posted[oldest][0] < POSTED_WINDOW_S:
                 break
-            del self._posted[old_id]
-            if self._posted_keys.get(old_key) == old_id:
-                del self._posted_keys[old_key]
+            del self._posted[oldest]
 
     def _lost(self, msg_id: int, reason: str) -> None:
         """A posted message was refused: tell its sender's `on_lost`."""
@@ -107,10 +100,7 @@ class LinkSender:
         if entry is None:
             log.warning("a posted message was refused", peer=self._describe, reason=reason)
             return
-        _, key, on_lost = entry
-        if self._posted_keys.get(key) == msg_id:
-            del self._posted_keys[key]
-        on_lost(reason)
+        entry[2](reason)
 
     async def send(self, kind: str, body: Any, timeout: float) -> lpb.LinkAck:
         """Send one message and wait (at most `timeout` s) for its acknowledgement."""
@@ -175,10 +165,9 @@ class LinkSender:
             if not ack.done():
                 ack.set_exception(error)
         now = time.monotonic()
-        posted = [on_lost for at, _, on_lost in self._posted.values() if now - at < POSTED_WINDOW_S]
+        latest = {key: on_lost for at, key, on_lost in self._posted.values() if now - at < POSTED_WINDOW_S}
         self._posted.clear()
-        self._posted_keys.clear()
-        for on_lost in posted:
+        for on_lost in latest.values():
             with contextlib.suppress(Exception):
                 on_lost(str(error))
         with contextlib.suppress(Exception):
@@ -187,7 +176,6 @@ class LinkSender:
     async def close(self) -> None:
         self._closed = True
         self._posted.clear()  # closed on purpose (the peer left the cluster): nothing to report
-        self._posted_keys.clear()
         call, reader = self._call, self._reader
         if call is not None:
             self._broken(call, None)
