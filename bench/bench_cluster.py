@@ -3,6 +3,7 @@ streams over a 2-node pipeline, and the stall after a stage is killed.
 
     .venv/bin/python bench/bench_cluster.py                 # real engine if installed, else dummy
     .venv/bin/python bench/bench_cluster.py --engine dummy --dummy-delay-ms 20
+    .venv/bin/python bench/bench_cluster.py --engine dummy --rounds 20 --decode-only  # per-hop only
 
 Three real `exo` processes (manual discovery, one shared peers file) are started once; the peers
 file is rewritten to make the cluster 1, 2, then 3 nodes, and every request goes to node `a`.
