@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "EngineThread": "exo_core.engine",
     "Progress": "exo_core.engine",
     "EngineError": "exo_core.errors",
+    "ErrorCode": "exo_core.errors",
     "SamplingParams": "exo_core.node.sampling",
     # models
     "Shard": "exo_core.models.shard",
@@ -81,6 +82,7 @@ __all__ = [
     "DiscoveryContext",
     "EngineError",
     "EngineThread",
+    "ErrorCode",
     "Frontend",
     "GenerationError",
     "InferenceEngine",
@@ -153,7 +155,7 @@ if TYPE_CHECKING:
         ToolCall,
         UpstreamError,
     )
-    from exo_core.errors import ConfigError, EngineError, PluginError
+    from exo_core.errors import ConfigError, EngineError, ErrorCode, PluginError
     from exo_core.frontend import Frontend
     from exo_core.hookspecs import hookimpl
     from exo_core.models.cards import DEFAULT_MODEL_ID, EMBEDDED, ModelCard
