@@ -24,6 +24,7 @@ import click
 import numpy as np
 
 from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
+from exo_core.errors import ErrorCode
 from exo_core.hookspecs import hookimpl
 from exo_core.models.cards import ModelCard
 from exo_core.models.shard import Shard
@@ -134,7 +135,8 @@ class DummyEngine(InferenceEngine):
         if item.start_pos != held:
             raise EngineError(
                 f"dummy engine: request {item.request_id} starts at position {item.start_pos}, "
-                f"but its cache holds {held} positions"
+                f"but its cache holds {held} positions",
+                code=ErrorCode.POSITION_MISMATCH,
             )
 
     async def forward_batch(self, shard: Shard, items: Sequence[StageInput]) -> list[StageOutput]:
