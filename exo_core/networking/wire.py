@@ -178,6 +178,8 @@ def step_to_pb(step: StepMessage) -> pb.StepRequest:
         msg.messages_json = json.dumps(step.messages, ensure_ascii=False)
     if step.deliver is not None:
         msg.deliver.CopyFrom(token_to_pb(step.deliver))
+    if step.card is not None:
+        msg.card_json = json.dumps(step.card.to_dict(), ensure_ascii=False)
     return msg
 
 
@@ -230,7 +232,26 @@ def step_from_pb(msg: pb.StepRequest) -> StepMessage:
         constraint=msg.constraint if msg.HasField("constraint") else None,
         reuse_from=msg.reuse_from,
         more=msg.more,
+        card=_card_from_json(msg.card_json),
     )
+
+
+def _card_from_json(text: str) -> ModelCard | None:
+    """The model card a first step carries in `card_json` (None when it carries none)."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        return ModelCard(
+            id=str(data["id"]),
+            name=str(data.get("name") or data["id"]),
+            n_layers=int(data["n_layers"]),
+            sources={str(k): str(v) for k, v in (data.get("sources") or {}).items()},
+            tokenizer=str(data["tokenizer"]) if data.get("tokenizer") else None,
+            context_length=int(data["context_length"]) if data.get("context_length") else None,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WireError(f"card_json: {exc}") from None
 
 
 def token_to_pb(token: TokenMessage) -> pb.TokenRequest:
@@ -312,6 +333,7 @@ def node_info_to_pb(info: NodeInfo) -> pb.NodeInfo:
         models=list(info.models),
         active_requests=info.active_requests,
         servers=dict(info.servers),
+        hub_formats=list(info.hub_formats),
     )
 
 
@@ -326,6 +348,7 @@ def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
         models=tuple(msg.models),
         active_requests=msg.active_requests,
         servers=tuple(sorted((k, v) for k, v in msg.servers.items() if v > 0)),
+        hub_formats=tuple(msg.hub_formats),
     )
 
 

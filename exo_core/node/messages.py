@@ -57,6 +57,9 @@ class StepMessage:
     # Pipelined prefill: this is a chunk of a long step and more of it follows (the last stage
     # caches it and samples nothing yet).
     more: bool = False
+    # First step of an attempt, for a hub model (hf.co/...): its card, so a stage started without
+    # the id takes its shard (the card is never made again from the hub on each node).
+    card: ModelCard | None = None
 
     @property
     def stage(self) -> PlanStage:

@@ -54,6 +54,9 @@ class NodeInfo:
     active_requests: int = 0
     # Whole-request engines: (model id, how many servers of this node serve it), one queue each.
     servers: tuple[tuple[str, int], ...] = ()
+    # Source kinds ("gguf", "safetensors") of hub models (hf.co/...) this node holds layers of
+    # without listing them (the card comes with the plan's first step); empty: only `models`.
+    hub_formats: tuple[str, ...] = ()
 
     def servers_for(self, model_id: str) -> int:
         """How many requests for the model this node can run side by side (1 unless it said)."""
@@ -70,6 +73,7 @@ class NodeInfo:
             "models": list(self.models),
             "active_requests": self.active_requests,
             "servers": dict(self.servers),
+            "hub_formats": list(self.hub_formats),
         }
 
     @classmethod
@@ -84,6 +88,7 @@ class NodeInfo:
             models=tuple(data.get("models") or ()),
             active_requests=int(data.get("active_requests", 0)),
             servers=tuple((str(k), int(v)) for k, v in (data.get("servers") or {}).items()),
+            hub_formats=tuple(str(k) for k in data.get("hub_formats") or ()),
         )
 
 

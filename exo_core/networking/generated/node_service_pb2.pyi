@@ -67,7 +67,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "origin", "plan", "stage_index", "sampling", "max_tokens", "eos_token_ids", "step", "start_pos", "tokens", "hidden", "messages_json", "replayed", "deliver", "constraint", "reuse_from", "more")
+    __slots__ = ("request_id", "attempt", "origin", "plan", "stage_index", "sampling", "max_tokens", "eos_token_ids", "step", "start_pos", "tokens", "hidden", "messages_json", "replayed", "deliver", "constraint", "reuse_from", "more", "card_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class StepRequest(_message.Message):
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     REUSE_FROM_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     origin: str
@@ -104,7 +105,8 @@ class StepRequest(_message.Message):
     constraint: str
     reuse_from: str
     more: bool
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., origin: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., stage_index: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., messages_json: _Optional[str] = ..., replayed: _Optional[_Iterable[int]] = ..., deliver: _Optional[_Union[TokenRequest, _Mapping]] = ..., constraint: _Optional[str] = ..., reuse_from: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
+    card_json: str
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., origin: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., stage_index: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., messages_json: _Optional[str] = ..., replayed: _Optional[_Iterable[int]] = ..., deliver: _Optional[_Union[TokenRequest, _Mapping]] = ..., constraint: _Optional[str] = ..., reuse_from: _Optional[str] = ..., more: _Optional[bool] = ..., card_json: _Optional[str] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ()
@@ -219,7 +221,7 @@ class DeviceCapabilities(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chip: _Optional[str] = ..., memory: _Optional[int] = ..., flops: _Optional[_Union[Flops, _Mapping]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "port", "capabilities", "engine", "supports_sharding", "models", "active_requests", "servers")
+    __slots__ = ("node_id", "address", "port", "capabilities", "engine", "supports_sharding", "models", "active_requests", "servers", "hub_formats")
     class ServersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +238,7 @@ class NodeInfo(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
+    HUB_FORMATS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     port: int
@@ -245,7 +248,8 @@ class NodeInfo(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     active_requests: int
     servers: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., supports_sharding: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., servers: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    hub_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., supports_sharding: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., servers: _Optional[_Mapping[str, int]] = ..., hub_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeInfoRequest(_message.Message):
     __slots__ = ()
