@@ -58,6 +58,7 @@ class Node:
         max_replans: int = 8,
         liveness_interval: float = 1.0,
         liveness_timeout: float = 10.0,
+        hub_formats: Sequence[str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.engine = engine
@@ -67,6 +68,11 @@ class Node:
         self.port = port
         self.peers: dict[str, Peer] = {}
         self._served_models: tuple[str, ...] = tuple(models)
+        # Hub models (hf.co/...) in these formats: this node holds their layers though it was not
+        # started with them (the card comes with the plan); default: what a sharding engine loads.
+        self.hub_formats: tuple[str, ...] = (
+            tuple(hub_formats) if hub_formats is not None else default_hub_formats(engine)
+        )
         self._local = _LocalPeer(self)
         self.stage = Stage(node_id, engine, models, self.client_for, step_timeout=step_timeout)
         # A text engine serves whole requests over its servers (replicas), not steps.
@@ -111,6 +117,7 @@ class Node:
             models=self._served_models,
             active_requests=self.active_stage_requests(),
             servers=self._servers(),
+            hub_formats=self.hub_formats,
         )
 
     def _servers(self) -> tuple[tuple[str, int], ...]:
@@ -227,6 +234,17 @@ class Node:
                 f"node {self.node_id} runs {self.engine.name}, which does not serve whole requests"
             )
         return self.replicas.generate(request, delivered)
+
+
+HUB_FORMATS = ("gguf", "safetensors")  # the source kinds of cards made from the hub (hub_cards)
+
+
+def default_hub_formats(engine: InferenceEngine) -> tuple[str, ...]:
+    """The hub formats a node takes models in without being started with them: those its engine
+    loads, when it holds layers (a whole-request engine on text serves only what its servers offer)."""
+    if not engine.supports_sharding or isinstance(engine, TextEngine):
+        return ()
+    return tuple(k for k in HUB_FORMATS if k in type(engine).source_kinds)
 
 
 class _LocalPeer:

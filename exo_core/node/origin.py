@@ -41,6 +41,7 @@ import structlog
 from exo_core.engine import ReplicaUnavailable, TextDelta, TextGeneration, UpstreamError
 from exo_core.errors import EngineError, ErrorCode
 from exo_core.models.cards import ModelCard
+from exo_core.models.hub_cards import is_hub_id
 from exo_core.models.shard import Shard
 from exo_core.node.messages import (
     GeneratedToken,
@@ -148,9 +149,7 @@ class Origin:
 
     def make_plan(self, card: ModelCard, exclude: Set[str] = frozenset()) -> tuple[PlanStage, ...]:
         """Stages for a request: whole-model nodes get one-stage plans, the rest are partitioned."""
-        candidates = [
-            n for n in self._cluster() if n.node_id not in exclude and (not n.models or card.id in n.models)
-        ]
+        candidates = [n for n in self._cluster() if n.node_id not in exclude and holds_layers_of(n, card)]
         if not candidates:
             raise NoPlanError(f"no node in the cluster can serve {card.id} right now")
         whole = [n for n in candidates if not n.supports_sharding]
@@ -185,7 +184,7 @@ class Origin:
         """Only whole-request nodes serve the model (no node can hold its layers): its requests
         always go to a server as text, whatever this node's tokenizer could do."""
         return bool(self.whole_nodes(card)) and not any(
-            n.supports_sharding and (not n.models or card.id in n.models) for n in self._cluster()
+            n.supports_sharding and holds_layers_of(n, card) for n in self._cluster()
         )
 
     def route(self, card: ModelCard, *, ring_ok: bool = True) -> str:
@@ -198,9 +197,7 @@ class Origin:
         if not whole:
             return RING
         keys = [n.node_id for n in whole]
-        if ring_ok and any(
-            n.supports_sharding and (not n.models or card.id in n.models) for n in self._cluster()
-        ):
+        if ring_ok and any(n.supports_sharding and holds_layers_of(n, card) for n in self._cluster()):
             keys.append(RING)
         reported = {n.node_id: n.active_requests for n in whole}
         servers = {n.node_id: n.servers_for(card.id) for n in whole}
@@ -411,6 +408,8 @@ class Origin:
             constraint=request.constraint,
             reuse_from=state.reused,
             more=len(tokens) > reused + chunk,
+            # a hub model's card rides along: a stage started without the id takes its layers
+            card=request.model if is_hub_id(request.model.id) else None,
         )
         try:
             client = self._client_for(first)
@@ -428,6 +427,7 @@ class Origin:
                     constraint=None,
                     reuse_from="",
                     more=start + chunk < len(tokens),
+                    card=None,
                 )
                 await client.send_step(part)
         except PeerUnavailable as exc:
@@ -596,3 +596,13 @@ async def _until(
         gone.cancel()
         with contextlib.suppress(BaseException):
             await deltas.aclose()
+
+
+def holds_layers_of(node: NodeInfo, card: ModelCard) -> bool:
+    """Whether a plan may give the node layers (or the whole) of the model: it lists the model,
+    or lists none (it takes any), or the model is a hub model (hf.co/...) in a format the
+    node's engine loads and the node takes hub models it was not started with (its stage gets
+    the card with the plan's first step)."""
+    if not node.models or card.id in node.models:
+        return True
+    return node.supports_sharding and is_hub_id(card.id) and any(k in card.sources for k in node.hub_formats)

@@ -170,6 +170,8 @@ class Stage:
         if refusal is not None:
             self._spawn(self._report(msg, StageFailure(msg.request_id, msg.attempt, self.node_id, refusal)))
             return
+        if msg.card is not None:
+            self.learn_card(msg.card)
         if known is None or known.attempt < msg.attempt:
             if known is not None:
                 await self.engine.release(f"{msg.request_id}#{known.attempt}")
@@ -208,6 +210,23 @@ class Stage:
         await self.start()
         self._work.put_nowait(_Work(msg))
 
+    def learn_card(self, card: ModelCard) -> None:
+        """A hub model's card that came with a plan's first step: registered under its id
+        (this node never saw the id, or knew it under no card), so the shard loads as for a
+        model the node was started with (peers first, then the hub). A card this node already
+        has for the id is kept."""
+        if card.id not in self.models:
+            self.models[card.id] = card
+            log.info(
+                "model card from the origin", model=card.id, layers=card.n_layers, sources=dict(card.sources)
+            )
+
+    def _no_card(self, model_id: str) -> str:
+        return (
+            f"this node has no model card for {model_id} (it was not started with it, and no card "
+            "came with the plan: only hub models, hf.co/..., travel to nodes that lack them)"
+        )
+
     def _refusal(self) -> str | None:
         """Why this stage takes no new steps now (None: it takes them)."""
         if self.broken is not None:
@@ -222,7 +241,7 @@ class Stage:
         """The grammar's matcher over the model's tokenizer (built on a thread: it reads files)."""
         card = self.models.get(msg.stage.shard.model_id)
         if card is None:
-            raise ConstraintError(f"this node has no model card for {msg.stage.shard.model_id}")
+            raise ConstraintError(self._no_card(msg.stage.shard.model_id))
         tokenizer = await asyncio.to_thread(tokenizer_for, card)
         return await asyncio.to_thread(Constraint, grammar, tokenizer, msg.replayed)
 
@@ -373,7 +392,7 @@ class Stage:
         card = self.models.get(shard.model_id)
         try:
             if card is None:
-                raise EngineError(f"this node has no model card for {shard.model_id}")
+                raise EngineError(self._no_card(shard.model_id))
             await self.engine.load(shard, card)
         except Exception as exc:
             log.exception("engine failed to load", shard=str(shard))
@@ -552,6 +571,7 @@ class Stage:
             deliver=None,
             constraint=None,
             reuse_from="",
+            card=None,
         )
         if nxt.stage.node_id == msg.origin:
             await self._forward_to(replace(nxt, deliver=token_msg))  # one message does both
