@@ -34,8 +34,8 @@ def _long_chat(words: int) -> list[dict[str, str]]:
 @pytest.mark.parametrize(
     ("words", "least", "most"),
     [
-        # ~10 minutes on a loaded 2-core machine (tinygrad, a thread per node: 309 s for the
-        # one-node answer, 286 s over three nodes): run with -m manual
+        # ~7 minutes on a loaded 2-core machine (tinygrad at 63469a6, a thread per node: 234 s
+        # for the one-node answer, 156 s over three nodes): run with -m manual
         pytest.param(4300, 5500, 8000, id="6000-tokens", marks=pytest.mark.manual),
         pytest.param(700, 900, 1400, id="1000-tokens"),  # four chunks per hop, about a minute
     ],
