@@ -152,12 +152,15 @@ async def test_a_stage_takes_the_card_that_comes_with_the_step_and_says_when_non
 # ---- real processes --------------------------------------------------------------------------
 
 
-def start_cluster(tmp: Path, envs: dict[str, dict[str, str]], per_node_args=None) -> Cluster:
-    """Like `Cluster.manual` with the dummy engine, but each node with an environment of its own."""
+def start_cluster(
+    tmp: Path, envs: dict[str, dict[str, str]], per_node_args=None, memory: int = 1000
+) -> Cluster:
+    """Like `Cluster.manual` with the dummy engine (each node offering `memory` MB), but each
+    node with an environment of its own."""
     tmp.mkdir(parents=True, exist_ok=True)
     ids = list(envs)
     ports = free_ports(2 * len(ids))
-    specs = [NodeSpec(nid, ports[2 * i], ports[2 * i + 1]) for i, nid in enumerate(ids)]
+    specs = [NodeSpec(nid, ports[2 * i], ports[2 * i + 1], memory=memory) for i, nid in enumerate(ids)]
     cluster = Cluster(specs={s.node_id: s for s in specs}, peers_file=tmp / "peers.json")
     cluster.list_peers(ids)
     for spec in specs:
@@ -188,11 +191,14 @@ def test_nodes_started_without_a_hub_id_hold_its_layers(hub, tmp_path):
         "b": {"HF_ENDPOINT": UNREACHABLE},
         "c": {"HF_ENDPOINT": UNREACHABLE},
     }
-    cluster = start_cluster(tmp_path / "three", envs)
+    # 150 MB each: the model needs 0.3 GB for its 8192-token context (30 layers of 2.2 MB,
+    # embedding and head of 30 MB each, activations, the KV cache): only the three together
+    cluster = start_cluster(tmp_path / "three", envs, memory=150)
     try:
         cluster.wait_ready(120)
         answer = cluster.chat("a", HI, model=HUB_ID, max_tokens=8)
         assert sorted(set(plan_nodes(cluster, "a", HUB_ID))) == ["a", "b", "c"]
+
         for other in ("b", "c"):
             log = cluster.nodes[other].log()
             assert "model card from the origin" in log and HUB_ID in log, log[-3000:]
@@ -209,10 +215,15 @@ def test_nodes_started_without_a_hub_id_hold_its_layers(hub, tmp_path):
         assert cluster.chat("a", HI, model=HUB_ID, max_tokens=8) == answer
     finally:
         cluster.close()
-    # one node started with the id answers the same
-    single = start_cluster(tmp_path / "one", {"s": {"HF_ENDPOINT": hub.url}}, {"s": [HUB_ID]})
-    try:
-        single.wait_ready(120)
-        assert single.chat("s", HI, model=HUB_ID, max_tokens=8) == answer
-    finally:
-        single.close()
+    # one node started with the id answers the same; with 150 MB, alone, it cannot hold the model
+    for name, memory in (("alone", 150), ("whole", 1000)):
+        single = start_cluster(tmp_path / name, {"s": {"HF_ENDPOINT": hub.url}}, {"s": [HUB_ID]}, memory)
+        try:
+            single.wait_ready(120)
+            if name == "alone":
+                status, reply = single.post("s", "/v1/chat/completions", {"model": HUB_ID, "messages": HI})
+                assert status == 503 and reply["error"]["code"] == "no_node_available", reply
+            else:
+                assert single.chat("s", HI, model=HUB_ID, max_tokens=8) == answer
+        finally:
+            single.close()
