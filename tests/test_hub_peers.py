@@ -227,3 +227,23 @@ def test_nodes_started_without_a_hub_id_hold_its_layers(hub, tmp_path):
                 assert single.chat("s", HI, model=HUB_ID, max_tokens=8) == answer
         finally:
             single.close()
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(900)
+def test_the_real_model_over_three_plain_nodes_answers_like_its_builtin_card(hub, tmp_path):
+    """The real engine: three nodes started plainly hold the hub model's layers (each reads its
+    byte ranges from the hub or its peers) and answer as the same file under its built-in card."""
+    from core_helpers import real_cluster_engine
+
+    engine = real_cluster_engine()
+    if engine is None:
+        pytest.skip("no real engine (tinygrad or mlx) is installed")
+    env = {"HF_ENDPOINT": hub.url, "EXO_WARM": "0"}
+    with Cluster.manual(
+        ["a", "b", "c"], tmp=tmp_path / "real", engine=engine, timeout=300, env=env
+    ) as cluster:
+        builtin = cluster.chat("a", HI, model="smollm2-135m", max_tokens=8)
+        assert cluster.chat("b", HI, model=HUB_ID, max_tokens=8) == builtin
+        assert sorted(set(plan_nodes(cluster, "b", HUB_ID))) == ["a", "b", "c"]
+        assert "model card from the origin" in cluster.nodes["a"].log()
