@@ -206,6 +206,8 @@ def test_nodes_started_without_a_hub_id_hold_its_layers(hub, tmp_path):
         # b now knows the card (it came with a's plan): asked on b, it answers the same, over all three
         assert cluster.chat("b", HI, model=HUB_ID, max_tokens=8) == answer
         assert sorted(set(plan_nodes(cluster, "b", HUB_ID))) == ["a", "b", "c"]
+        status, models = cluster.get("c", "/v1/models")
+        assert [sorted(m["nodes"]) for m in models["data"] if m["id"] == HUB_ID] == [["a", "b", "c"]], models
         # an id that no node knows and the hub does not have: a 404, and the cluster still answers
         status, reply = cluster.post(
             "a", "/v1/chat/completions", {"model": "hf.co/org/missing", "messages": HI}

@@ -23,6 +23,7 @@ from exo_core.models.tokenizer import TokenizerError
 from exo_core.node.generate import ContextLengthError, Generator
 from exo_core.node.messages import GenerationError
 from exo_core.node.node import Node
+from exo_core.node.origin import holds_layers_of
 from exo_core.node.partitioning import NoPlanError
 from exo_core.runtime import Runtime
 
@@ -137,12 +138,14 @@ class ApiState:
             raise _no_node(str(exc)) from exc
 
     def servers_by_model(self) -> dict[str, list[str]]:
-        """Model id -> ids of the nodes that can serve it now (a node listing no models serves any)."""
+        """Model id -> ids of the nodes that can serve it now, as plans pick them (a node listing
+        no models serves any; one taking hub models serves the hub ids this node has cards for)."""
         out: dict[str, list[str]] = {}
+        cards = list(self.node.models.values())
         for info in self.node.cluster():
-            for model_id in info.models or tuple(self.node.models):
-                if model_id in self.node.models:
-                    out.setdefault(model_id, []).append(info.node_id)
+            for card in cards:
+                if holds_layers_of(info, card):
+                    out.setdefault(card.id, []).append(info.node_id)
         return out
 
     def api_error(self, exc: BaseException, endpoint: str) -> APIError:
