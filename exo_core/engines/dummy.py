@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import click
 import numpy as np
 
-from exo_core.engine import EngineError, InferenceEngine, StageInput, StageOutput
+from exo_core.engine import EngineError, EngineThread, InferenceEngine, StageInput, StageOutput
 from exo_core.errors import ErrorCode
 from exo_core.hookspecs import hookimpl
 from exo_core.models.cards import ModelCard
@@ -152,7 +152,7 @@ class DummyEngine(InferenceEngine):
             # so a pipeline costs what one node does (as a real engine's compute would).
             delay = self.delay_s * shard.layer_count / shard.n_layers
             if self.blocking:  # the event loop learns of the end from another thread, as with a real engine
-                await asyncio.to_thread(time.sleep, delay)
+                await EngineThread.shared("dummy").run(time.sleep, delay)
             else:
                 await asyncio.sleep(delay)
         return [self._one(shard, item) for item in items]
