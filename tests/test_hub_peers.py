@@ -202,6 +202,8 @@ def test_nodes_started_without_a_hub_id_hold_its_layers(hub, tmp_path):
         for other in ("b", "c"):
             log = cluster.nodes[other].log()
             assert "model card from the origin" in log and HUB_ID in log, log[-3000:]
+            # it came with the plan's prefetch, so the shard downloads before its first step
+            assert "via=prefetch" in log, log[-3000:]
         assert cluster.chat("a", HI, model=HUB_ID, max_tokens=8) == answer  # again, cards kept
         # b now knows the card (it came with a's plan): asked on b, it answers the same, over all three
         assert cluster.chat("b", HI, model=HUB_ID, max_tokens=8) == answer

@@ -11,8 +11,8 @@ messages are JSON requests and raw byte chunks (a generic handler: no .proto to 
   (`NOT_FOUND`) unless every byte of it is on this node.
 - `Downloads {}` -> `{"node_id", "data": [...]}`: this node's downloads (`GET /v1/downloads`
   shows the whole cluster's).
-- `Prefetch {"model", "shard"}` -> `{"started": bool}`: start downloading what the shard needs
-  (from peers, then the hub) in the background, so every node a plan names downloads at once,
+- `Prefetch {"model", "shard", "card"?}` -> `{"started": bool}`: start downloading what the
+  shard needs (a hub model's card rides along for a node that never saw the id; from peers, then the hub) in the background, so every node a plan names downloads at once,
   before its first step arrives (`Prefetcher`; the engine's load then finds the bytes there, or
   waits on the file's lock for the download in progress).
 
@@ -35,6 +35,7 @@ import grpc
 import structlog
 
 from exo_core.models.download import Holding, Manifest, Range, manifest_path
+from exo_core.networking import wire
 
 log = structlog.get_logger("exo.files")
 
@@ -142,9 +143,12 @@ def handler(node: Any = None) -> grpc.GenericRpcHandler:
             from exo_core.models.shard import Shard
 
             model, shard = str(request["model"]), Shard.from_dict(request["shard"])
-        except (KeyError, TypeError, ValueError):
+            card = wire.card_from_dict(request["card"]) if request.get("card") else None
+        except (KeyError, TypeError, ValueError, wire.WireError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Prefetch needs model and shard")
             return {"started": False}
+        if card is not None and card.id == model:  # a hub model this node may never have seen
+            node.stage.learn_card(card, via="prefetch")
         return {"started": prefetcher.local(model, shard)}
 
     async def downloads(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -311,9 +315,7 @@ class Prefetcher:
             peer = self.node.peers.get(stage.node_id)
             channel = getattr(getattr(peer, "client", None), "channel", None)
             if channel is not None:
-                self._track(
-                    key, asyncio.get_running_loop().create_task(_ask_prefetch(channel, card.id, stage))
-                )
+                self._track(key, asyncio.get_running_loop().create_task(_ask_prefetch(channel, card, stage)))
         if len(self._asked) > 1024:
             self._asked = {k: t for k, t in self._asked.items() if now - t < PREFETCH_AGAIN_S}
 
@@ -327,10 +329,17 @@ def _download(card: Any, shard: Any, kinds: list[str]) -> None:
         log.info("download ahead of the first step failed", shard=str(shard), error=str(exc))
 
 
-async def _ask_prefetch(channel: grpc.aio.Channel, model_id: str, stage: Any) -> None:
+async def _ask_prefetch(channel: grpc.aio.Channel, card: Any, stage: Any) -> None:
+    """Ask a peer to start downloading its shard; a hub model's card goes along (the peer may
+    never have seen the id: it learns the card here, as from a first step)."""
+    from exo_core.models.hub_cards import is_hub_id
+
     call = channel.unary_unary(PREFETCH, request_serializer=_dumps, response_deserializer=_loads)
+    request = {"model": card.id, "shard": stage.shard.to_dict()}
+    if is_hub_id(card.id):
+        request["card"] = card.to_dict()
     try:
-        await call({"model": model_id, "shard": stage.shard.to_dict()}, timeout=HAVE_TIMEOUT)
+        await call(request, timeout=HAVE_TIMEOUT)
     except Exception as exc:  # an older peer, or one going away: its first step loads as before
         log.debug("peer did not take the prefetch", peer=stage.node_id, error=str(exc))
 

@@ -241,7 +241,14 @@ def _card_from_json(text: str) -> ModelCard | None:
     if not text:
         return None
     try:
-        data = json.loads(text)
+        return card_from_dict(json.loads(text))
+    except (ValueError, WireError) as exc:
+        raise WireError(f"card_json: {exc}") from None
+
+
+def card_from_dict(data: Any) -> ModelCard:
+    """A hub model's card as a peer sends it (`ModelCard.to_dict()`), checked; WireError if not one."""
+    try:
         return ModelCard(
             id=str(data["id"]),
             name=str(data.get("name") or data["id"]),
@@ -251,7 +258,7 @@ def _card_from_json(text: str) -> ModelCard | None:
             context_length=int(data["context_length"]) if data.get("context_length") else None,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise WireError(f"card_json: {exc}") from None
+        raise WireError(f"model card: {exc}") from None
 
 
 def token_to_pb(token: TokenMessage) -> pb.TokenRequest:

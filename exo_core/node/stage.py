@@ -210,7 +210,7 @@ class Stage:
         await self.start()
         self._work.put_nowait(_Work(msg))
 
-    def learn_card(self, card: ModelCard) -> None:
+    def learn_card(self, card: ModelCard, via: str = "first step") -> None:
         """A hub model's card that came with a plan's first step: registered under its id
         (this node never saw the id, or knew it under no card), so the shard loads as for a
         model the node was started with (peers first, then the hub). A card this node already
@@ -218,7 +218,11 @@ class Stage:
         if card.id not in self.models:
             self.models[card.id] = card
             log.info(
-                "model card from the origin", model=card.id, layers=card.n_layers, sources=dict(card.sources)
+                "model card from the origin",
+                model=card.id,
+                layers=card.n_layers,
+                sources=dict(card.sources),
+                via=via,
             )
 
     def _no_card(self, model_id: str) -> str:
