@@ -65,7 +65,7 @@ class Stored:
 
     def unpack(self, start: int = 0, stop: int | None = None) -> quant.Unpacked:
         """Rows start..stop-1 (in the model's row order) as integers plus group parameters."""
-        stop = self.rows if stop is None else stop
+        stop = self.rows if stop is None else min(stop, self.rows)
         if self.perm is None:
             raw = np.array(self.raw[start:stop])
         else:
@@ -188,6 +188,9 @@ def _identity(path: Path) -> tuple | None:
         return None
 
 
+_FAULT_AROUND = 64 << 10
+
+
 def _evict(view: np.ndarray) -> None:
     """Drop a memory-mapped view's pages from this process's resident memory (they stay in the
     OS page cache; a later read maps them again). Without it the whole file read at load time
@@ -198,8 +201,9 @@ def _evict(view: np.ndarray) -> None:
     try:
         base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
         start = view.ctypes.data - base
+        # with the pages the kernel maps around a faulting one ("fault-around", 64 KB aligned)
+        start, end = max(0, start - _FAULT_AROUND), min(start + view.nbytes + _FAULT_AROUND, len(mm))
         aligned = start - start % mmap.PAGESIZE
-        end = min(start + view.nbytes, len(mm))
         mm.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
     except (OSError, ValueError, TypeError):
         pass
