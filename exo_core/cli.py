@@ -239,9 +239,15 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         raise ExoUsageError(str(exc)) from None
     try:
         if prompt:
-            code = asyncio.run(_answer(runtime, prompt, params.get("max_tokens"), params["temperature"]))
+            code = asyncio.run(
+                _answer(runtime, prompt, params.get("max_tokens"), params["temperature"]),
+                loop_factory=_loop_factory(),
+            )
             _exit_now(code)
-        asyncio.run(_serve_forever(runtime, tui=sys.stdout.isatty() and not params.get("disable_tui")))
+        asyncio.run(
+            _serve_forever(runtime, tui=sys.stdout.isatty() and not params.get("disable_tui")),
+            loop_factory=_loop_factory(),
+        )
     except ConfigError as exc:
         raise ExoUsageError(str(exc)) from None
     except KeyboardInterrupt:
@@ -267,6 +273,17 @@ def _exit_soon(then: Any) -> None:
 
 
 _deadline: threading.Timer | None = None
+
+
+def _loop_factory():
+    """uvloop's event loop where it is installed (EXO_UVLOOP=0: asyncio's own)."""
+    if os.environ.get("EXO_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _exit_now(code: int) -> None:
