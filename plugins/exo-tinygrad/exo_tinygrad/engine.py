@@ -136,8 +136,12 @@ class TinygradEngine(InferenceEngine):
         (a shard with a live request always stays)."""
         import psutil
 
+        from exo_tinygrad.loader import file_identity
+        from exo_tinygrad.model import held_layers
+
+        missing = len(set(shard.layers) - held_layers(file_identity(path)))  # the rest is shared
         try:
-            need = path.stat().st_size * shard.layer_count // shard.n_layers if path.is_file() else 0
+            need = path.stat().st_size * missing // shard.n_layers if path.is_file() else 0
         except OSError:
             need = 0
         for held, runner in list(self._runners.items()):

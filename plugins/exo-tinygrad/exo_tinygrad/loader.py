@@ -162,7 +162,7 @@ def load_shard(path: Path, shard: Shard, max_context: int | None = None) -> Shar
             heads = config.n_heads if ".attn_q." in name else config.n_kv_heads
         sources[name] = _source(t, name, heads)
     embed = _embedder(embedding, config) if shard.is_first and embedding is not None else None
-    return ShardWeights(config, Tensors(sources), embed, str(path), _identity(path))
+    return ShardWeights(config, Tensors(sources), embed, str(path), file_identity(path))
 
 
 def _source(t: _Tensor, name: str, heads: int | None) -> Callable[[], np.ndarray | Stored]:
@@ -178,7 +178,7 @@ def _source(t: _Tensor, name: str, heads: int | None) -> Callable[[], np.ndarray
     return read
 
 
-def _identity(path: Path) -> tuple | None:
+def file_identity(path: Path) -> tuple | None:
     """What makes two loads the same weights: the file (or directory of files), its size and
     modification time."""
     try:

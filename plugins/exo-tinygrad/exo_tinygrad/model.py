@@ -293,6 +293,11 @@ def _shared_part(identity: tuple | None, part: tuple, build: Callable[[], Any]) 
     return found
 
 
+def held_layers(identity: tuple | None) -> set[int]:
+    """The layers of the file that some shard of the process holds (and a new shard would share)."""
+    return {key[2] for key in list(_shared.keys()) if key[0] == identity and key[1] == "blk"}
+
+
 def resident_weight_bytes() -> int:
     """Bytes of weights held by every shard model of the process, each shared part once."""
     return sum(part.nbytes for part in list(_shared.values()))
