@@ -1,4 +1,4 @@
-"""A long prompt (1,000 tokens; 6,000 with -m manual) through the real 135M model over three real
+"""A long prompt (6,000 tokens; 1,000 with -m manual) through the real 135M model over three real
 `exo` processes gives the answer one node gives: the prompt goes to stage 0 and crosses each hop
 in chunks (pipelined prefill), each stage's cache fills chunk by chunk, and the last stage
 samples only after the last chunk.
@@ -34,10 +34,11 @@ def _long_chat(words: int) -> list[dict[str, str]]:
 @pytest.mark.parametrize(
     ("words", "least", "most"),
     [
-        # ~7 minutes on a loaded 2-core machine (tinygrad at 63469a6, a thread per node: 234 s
-        # for the one-node answer, 156 s over three nodes): run with -m manual
-        pytest.param(4300, 5500, 8000, id="6000-tokens", marks=pytest.mark.manual),
-        pytest.param(700, 900, 1400, id="1000-tokens"),  # four chunks per hop, about a minute
+        # 3 minutes here (102 s for the one-node answer, 74 s over three nodes, each node a
+        # thread; the attention kernels of e2387d5): part of `make test` (heavy)
+        pytest.param(4300, 5500, 8000, id="6000-tokens", marks=pytest.mark.heavy),
+        # the same path in four chunks per hop, a minute and a half: -m manual, for a quick look
+        pytest.param(700, 900, 1400, id="1000-tokens", marks=pytest.mark.manual),
     ],
 )
 def test_a_long_prompt_over_three_nodes_gives_the_one_node_answer(tmp_path, words, least, most):
