@@ -23,6 +23,7 @@ from exo_core.models.checkpoint.gguf import (
     read_gguf,
     read_gguf_metadata,
 )
+from exo_core.models.checkpoint.identity import file_identity
 from exo_core.models.checkpoint.names import (
     GGUF,
     GLOBAL_MODULES,
@@ -60,6 +61,7 @@ __all__ = [
     "SafetensorsCheckpoint",
     "SafetensorsFile",
     "SafetensorsTensor",
+    "file_identity",
     "ggml_type_name",
     "llama3_rope_factors",
     "module_name",

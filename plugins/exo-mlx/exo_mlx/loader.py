@@ -36,6 +36,7 @@ from exo_core.checkpoint import (
     HF,
     Format,
     LlamaConfig,
+    file_identity,
     ggml_type_name,
     module_name,
     module_of,
@@ -93,16 +94,6 @@ def rope_periods(config: LlamaConfig) -> mx.array | None:
 # ---- GGUF ---------------------------------------------------------------------------------
 
 
-def identity(path: Path) -> tuple | None:
-    """What makes two loads the same weights: the file (or the directory's files), its size and
-    modification time."""
-    try:
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        return (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    except OSError:
-        return None
-
-
 def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype, shared: SharedParts | None = None) -> ShardModel:
     """The shard's tensors from a GGUF file."""
     if not path.is_file():
@@ -154,7 +145,7 @@ def load_gguf(path: Path, shard: Shard, dtype: mx.Dtype, shared: SharedParts | N
     # adjacent pairs; mx.load hands the rows over as stored, so use the adjacent-pair RoPE.
     traditional = config.arch in GGUF_PERMUTED_QK
     # Tensors of other shards are dropped with `loaded` when this returns.
-    return _assemble(config, shard, GGUF, tensor, traditional, dtype, shared, identity(path))
+    return _assemble(config, shard, GGUF, tensor, traditional, dtype, shared, file_identity(path))
 
 
 # ---- safetensors --------------------------------------------------------------------------
@@ -194,7 +185,7 @@ def load_safetensors(
         bits = weight.shape[-1] * 32 // in_features
         return Linear(weight, scales, arrays[f"{name}.biases"], group_size=group_size, bits=bits, bias=bias)
 
-    return _assemble(config, shard, HF, tensor, False, dtype, shared, identity(directory))
+    return _assemble(config, shard, HF, tensor, False, dtype, shared, file_identity(directory))
 
 
 # ---- assembling a shard -------------------------------------------------------------------
@@ -208,7 +199,7 @@ def _assemble(
     rope_traditional: bool,
     dtype: mx.Dtype,
     shared: SharedParts | None = None,
-    file_identity: tuple | None = None,
+    identity: tuple | None = None,
 ) -> ShardModel:
     rope_freqs = rope_periods(config)
     taken: list[tuple] = []
@@ -232,9 +223,9 @@ def _assemble(
 
     def part(kind: tuple, build: Callable[[], Any]) -> Any:
         """A shared part when another shard of the file holds it, else built (and shared)."""
-        if shared is None or file_identity is None:
+        if shared is None or identity is None:
             return build()
-        key = (file_identity, str(dtype), rope_traditional, *kind)
+        key = (identity, str(dtype), rope_traditional, *kind)
         found = shared.take(key, build)
         taken.append(key)
         return found

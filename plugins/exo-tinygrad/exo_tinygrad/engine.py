@@ -136,7 +136,7 @@ class TinygradEngine(InferenceEngine):
         (a shard with a live request always stays)."""
         import psutil
 
-        from exo_tinygrad.loader import file_identity
+        from exo_core.checkpoint import file_identity
         from exo_tinygrad.model import held_layers
 
         missing = len(set(shard.layers) - held_layers(file_identity(path)))  # the rest is shared

@@ -64,6 +64,15 @@ class PackedWeight:
 
 def pack(w: quant.Unpacked) -> PackedWeight:
     """Reorder an unpacked weight into the kernel layout (rows padded to a multiple of ROWS)."""
+    q, scale, offset = pack_arrays(w)
+    rows, cols = w.q.shape
+    offset_t = None if offset is None else from_numpy(offset)
+    return PackedWeight(from_numpy(q), from_numpy(scale), offset_t, rows, cols, w.group, w.bits == 4)
+
+
+def pack_arrays(w: quant.Unpacked) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`pack`'s reordering in numpy, flat: q, scale, offset of whole row blocks (rows padded
+    with zeros to a multiple of ROWS); the loader packs a weight part by part with it."""
     rows, cols = w.q.shape
     padded = -rows % ROWS
     q, scale, offset = w.q, w.scale, w.offset
@@ -75,24 +84,15 @@ def pack(w: quant.Unpacked) -> PackedWeight:
     blocks, groups, g = (rows + padded) // ROWS, cols // w.group, w.group
     # [out, in] -> [out/ROWS, groups, group, ROWS]
     q = q.reshape(blocks, ROWS, groups, g).transpose(0, 2, 3, 1)
-    nibbles = w.bits == 4
-    if nibbles:  # low nibble: first half of the group, high nibble: second half
+    if w.bits == 4:  # low nibble: first half of the group, high nibble: second half
         q = q[:, :, : g // 2].astype(np.uint8) | (q[:, :, g // 2 :].astype(np.uint8) << 4)
     else:
         q = q.astype(np.int8)
 
-    def per_group(a: np.ndarray) -> Tensor:
-        return from_numpy(a.reshape(blocks, ROWS, groups).transpose(0, 2, 1).reshape(-1))
+    def per_group(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32).reshape(blocks, ROWS, groups).transpose(0, 2, 1).reshape(-1)
 
-    return PackedWeight(
-        from_numpy(q.reshape(-1)),
-        per_group(scale.astype(np.float32)),
-        None if offset is None else per_group(offset.astype(np.float32)),
-        rows,
-        cols,
-        w.group,
-        nibbles,
-    )
+    return q.reshape(-1), per_group(scale), None if offset is None else per_group(offset)
 
 
 def _kernel(w: PackedWeight, n_rows: int, norm_eps: float | None, swiglu: bool, residual: bool):

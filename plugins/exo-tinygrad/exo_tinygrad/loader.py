@@ -27,6 +27,7 @@ from exo_core import EngineError, Shard
 from exo_core.checkpoint import (
     GGUF_PERMUTED_QK,
     LlamaConfig,
+    file_identity,
     ggml_type_name,
     read_gguf,
     read_hf_checkpoint,
@@ -176,16 +177,6 @@ def _source(t: _Tensor, name: str, heads: int | None) -> Callable[[], np.ndarray
         return Stored(name, rows, cols, t.ggml_type, t.raw.reshape(rows, -1), perm)
 
     return read
-
-
-def file_identity(path: Path) -> tuple | None:
-    """What makes two loads the same weights: the file (or directory of files), its size and
-    modification time."""
-    try:
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        return (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    except OSError:
-        return None
 
 
 _FAULT_AROUND = 64 << 10

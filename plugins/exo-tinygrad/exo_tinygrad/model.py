@@ -138,7 +138,7 @@ def _pack(weights: Sequence[Stored | quant.Unpacked]) -> kernels.PackedWeight:
         for start in range(0, n, step):
             u = _unpack(w, start, min(n, start + step))
             count = -(-u.q.shape[0] // R)
-            q_part, scale_part, offset_part = _packed_arrays(u)
+            q_part, scale_part, offset_part = kernels.pack_arrays(u)
             q.array[block * groups * inner * R : (block + count) * groups * inner * R] = q_part
             at = slice(block * groups * R, (block + count) * groups * R)
             scale.array[at] = scale_part
@@ -148,31 +148,6 @@ def _pack(weights: Sequence[Stored | quant.Unpacked]) -> kernels.PackedWeight:
     return kernels.PackedWeight(
         q.done(), scale.done(), None if offset is None else offset.done(), sum(rows), cols, group, nibbles
     )
-
-
-def _packed_arrays(w: quant.Unpacked) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """`kernels.pack`'s reordering in numpy, flat: q, scale, offset of whole row blocks
-    (rows padded with zeros to a multiple of kernels.ROWS)."""
-    R = kernels.ROWS
-    rows, cols = w.q.shape
-    padded = -rows % R
-    q, scale, offset = w.q, w.scale, w.offset
-    if padded:
-        q = np.concatenate([q, np.zeros((padded, cols), q.dtype)])
-        scale = np.concatenate([scale, np.zeros((padded, scale.shape[1]), np.float32)])
-        if offset is not None:
-            offset = np.concatenate([offset, np.zeros((padded, offset.shape[1]), np.float32)])
-    blocks, groups, g = (rows + padded) // R, cols // w.group, w.group
-    q = q.reshape(blocks, R, groups, g).transpose(0, 2, 3, 1)
-    if w.bits == 4:
-        q = q[:, :, : g // 2].astype(np.uint8) | (q[:, :, g // 2 :].astype(np.uint8) << 4)
-    else:
-        q = q.astype(np.int8)
-
-    def per_group(a: np.ndarray) -> np.ndarray:
-        return a.astype(np.float32).reshape(blocks, R, groups).transpose(0, 2, 1).reshape(-1)
-
-    return q.reshape(-1), per_group(scale), None if offset is None else per_group(offset)
 
 
 def _concat(weights: Sequence[quant.Unpacked]) -> quant.Unpacked:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import gguf
@@ -12,6 +13,10 @@ import pytest
 
 from exo_core import ModelCard, Shard, embedded_gguf_path
 from exo_core.testing import model_card
+
+# Test modules import each other's helpers by name (test_memory uses test_kernels'), and
+# pytest's importlib mode puts nothing on sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).parents[3]
 REFERENCE = REPO / "tests" / "data" / "smollm2-135m-llamacpp.json"
