@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import numpy as np
 
-from exo_core import EngineError, InferenceEngine, ModelCard, Shard, StageInput, StageOutput
+from exo_core import EngineError, ErrorCode, InferenceEngine, ModelCard, Shard, StageInput, StageOutput
 
 if TYPE_CHECKING:
     from exo_mlx.model import KVCache, ShardModel, SharedParts
@@ -364,7 +364,8 @@ class MLXEngine(InferenceEngine):
         if need > psutil.virtual_memory().available - MEMORY_HEADROOM:
             raise EngineError(
                 f"not enough free memory for a KV cache of {positions} positions "
-                f"({need >> 20} MB); finish or cancel other requests, or lower --max-context"
+                f"({need >> 20} MB); finish or cancel other requests, or lower --max-context",
+                code=ErrorCode.OUT_OF_MEMORY,
             )
 
     # ---- freeing ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import click
 
 from exo_core import (
     EngineError,
+    ErrorCode,
     InferenceEngine,
     ModelCard,
     ModelFilesError,
@@ -283,7 +284,8 @@ class TinygradEngine(InferenceEngine):
         if need > psutil.virtual_memory().available - MEMORY_HEADROOM:
             raise EngineError(
                 f"request {request_id}: not enough free memory for a KV cache of {positions} positions "
-                f"({need >> 20} MB); finish or cancel other requests, or lower --max-context"
+                f"({need >> 20} MB); finish or cancel other requests, or lower --max-context",
+                code=ErrorCode.OUT_OF_MEMORY,
             )
 
     async def release(self, request_id: str) -> None:

@@ -22,12 +22,13 @@ async def test_a_request_keeps_its_cache_while_other_shards_load(engine, card, r
 async def test_a_cache_that_does_not_fit_in_memory_is_refused_before_anything_runs(engine, card, monkeypatch):
     from exo_tinygrad import engine as engine_module
 
-    from exo_core import EngineError, Shard, StageInput
+    from exo_core import EngineError, ErrorCode, Shard, StageInput
 
     shard = Shard.whole(card.id, card.n_layers)
     monkeypatch.setattr(engine_module, "MEMORY_HEADROOM", 1 << 50)  # as if memory were full
-    with pytest.raises(EngineError, match="not enough free memory for a KV cache"):
+    with pytest.raises(EngineError, match="not enough free memory for a KV cache") as refused:
         await engine.forward(shard, StageInput("too-big", tokens=np.arange(1, 9)))
+    assert refused.value.code == ErrorCode.OUT_OF_MEMORY  # the cluster answers 503 from the code
     assert engine.cached_requests() == 0
 
 
