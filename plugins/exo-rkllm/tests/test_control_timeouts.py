@@ -21,7 +21,7 @@ async def hung_server():
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", hang)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # its handlers never end: do not wait 60 s for them
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
