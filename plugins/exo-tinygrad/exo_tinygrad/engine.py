@@ -52,6 +52,7 @@ Progress = Callable[[str, float], None]  # (what, fraction done): as exo_core.en
 
 
 IDLE_S = 0.5  # background graph building waits for this long without steps
+STEPS_FORGOTTEN_S = 300.0  # a request that has not stepped for this long is not mid-answer
 
 
 class TinygradEngine(InferenceEngine):
@@ -85,6 +86,8 @@ class TinygradEngine(InferenceEngine):
         self.source: str | None = None
         self._active = 0  # forward_batch calls in flight
         self._last_step = 0.0  # when the last one ended (monotonic)
+        # per request: when its last step ended and the gap before it (see `_mid_answer`)
+        self._steps: dict[str, tuple[float, float]] = {}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -179,9 +182,10 @@ class TinygradEngine(InferenceEngine):
         The graphs of a first request (prefill and single decode at the smallest capacity)
         come first; the smallest capacity's graphs are kept in memory, the others are only
         built and saved when missing, and read back when first used. Each is one job on the
-        worker thread, and after the first two a job waits until no step has run for `IDLE_S`,
-        so running this in the background on a serving node never queues a live request
-        behind more than one capture.
+        worker thread, and after the first two a job waits until no request is mid-answer
+        (`_mid_answer`), so running this in the background on a serving node never queues a
+        live request behind more than one capture, nor lands a capture between two steps of an
+        answer on a slow pipeline.
         """
         if progress is not None:
             progress("loading weights", 0.0)
@@ -197,7 +201,7 @@ class TinygradEngine(InferenceEngine):
             first, keep = done < 2, cap == plan[0][1]
             if not keep and runner.has_graph(kind, cap, batch):
                 continue  # on disk, read when first used
-            while not first and (self._active or time.monotonic() - self._last_step < IDLE_S):
+            while not first and (self._active or self._mid_answer(time.monotonic())):
                 await asyncio.sleep(IDLE_S / 4)
             await self._call(runner.prepare, kind, cap, batch, keep)
         if progress is not None:
@@ -214,7 +218,23 @@ class TinygradEngine(InferenceEngine):
             return await self._call(self._forward_sync, runner, shard, list(items))
         finally:
             self._active -= 1
-            self._last_step = time.monotonic()
+            self._last_step = now = time.monotonic()
+            for item in items:
+                last, _ = self._steps.get(item.request_id, (now, 0.0))
+                self._steps[item.request_id] = (now, now - last)
+
+    def _mid_answer(self, now: float) -> bool:
+        """Whether a request may still be in the middle of its answer: a step ended less than
+        `IDLE_S` ago, or less than four of its own gaps between steps (a pipeline of slow nodes
+        steps a request every few seconds; a graph capture must not land between two steps).
+        Requests that stopped stepping long ago are forgotten (their caches may be kept for reuse)."""
+        live = False
+        for request_id, (last, gap) in list(self._steps.items()):
+            if now - last > STEPS_FORGOTTEN_S:
+                del self._steps[request_id]
+            elif now - last < max(IDLE_S, 4 * gap):
+                live = True
+        return live
 
     def _forward_sync(self, runner: Any, shard: Shard, items: list[StageInput]) -> list[StageOutput]:
         from exo_tinygrad.runner import Step
@@ -289,6 +309,7 @@ class TinygradEngine(InferenceEngine):
             )
 
     async def release(self, request_id: str) -> None:
+        self._steps.pop(request_id, None)
         for runner in [r for r in list(self._runners.values()) if request_id in r.requests]:
             await self._call(runner.release, request_id)
 

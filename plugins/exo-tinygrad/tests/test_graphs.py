@@ -137,3 +137,23 @@ def test_prepare_builds_the_plan_and_reports_progress(
         return out.logits
 
     np.testing.assert_allclose(asyncio.run(again()), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_background_building_waits_while_a_request_is_mid_answer():
+    """A capture (seconds) must not land between two steps of an answer: a request counts as
+    mid-answer for IDLE_S after a step, or four of its own gaps on a slow pipeline; a released
+    or long-silent request does not hold building back."""
+    from exo_tinygrad import engine as engine_module
+    from exo_tinygrad.engine import TinygradEngine
+
+    engine = TinygradEngine({})
+    now = 1000.0
+    engine._steps = {"fast#0": (now - 1.0, 0.03)}  # 30 ms per token, silent for 1 s: done
+    assert not engine._mid_answer(now)
+    engine._steps["slow#0"] = (now - 1.0, 2.0)  # a token every 2 s on a slow ring: still answering
+    assert engine._mid_answer(now)
+    assert not engine._mid_answer(now + 9.0)  # four gaps without a step: done
+    asyncio.run(engine.release("slow#0"))
+    assert "slow#0" not in engine._steps and not engine._mid_answer(now)
+    engine._steps["gone#0"] = (now - engine_module.STEPS_FORGOTTEN_S - 1, 500.0)
+    assert not engine._mid_answer(now) and "gone#0" not in engine._steps
