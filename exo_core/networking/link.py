@@ -77,13 +77,8 @@ class LinkSender:
         msg = lpb.LinkMessage(id=msg_id, posted=True, **{kind: body})
         try:
             async with asyncio.timeout(timeout):
-                async with self._write_lock:
-                    call = self._open()
-                    try:
-                        await call.write(msg)
-                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                        self._broken(call, exc)
-                        raise PeerUnavailable(f"{self._describe}: {kind}: the link closed") from None
+                if not await self._write(msg):
+                    raise PeerUnavailable(f"{self._describe}: {kind}: the link closed")
         except TimeoutError:
             raise PeerTimeout(f"{self._describe}: {kind}: not written within {timeout:g} s") from None
         now = time.monotonic()
@@ -112,12 +107,7 @@ class LinkSender:
         self._pending[msg_id] = ack
         try:
             async with asyncio.timeout(timeout):
-                async with self._write_lock:
-                    call = self._open()
-                    try:
-                        await call.write(msg)
-                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                        self._broken(call, exc)  # the stream ended under us
+                await self._write(msg)  # if the stream ended under us, the break fails `ack`
                 reply = await ack
         except TimeoutError:
             raise PeerTimeout(f"{self._describe}: {kind}: no answer within {timeout:g} s") from None
@@ -126,6 +116,18 @@ class LinkSender:
         if reply.error:
             raise PeerUnavailable(f"{self._describe}: {kind}: {reply.error}")
         return reply
+
+    async def _write(self, msg: lpb.LinkMessage) -> bool:
+        """Write `msg` on the stream (opened if need be); False if the stream ended under us
+        (it is then marked broken, which fails what waits on it)."""
+        async with self._write_lock:
+            call = self._open()
+            try:
+                await call.write(msg)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                self._broken(call, exc)
+                return False
+        return True
 
     def _open(self) -> Any:
         if self._call is None:
