@@ -17,7 +17,7 @@ from exo_core.api import admission, downloads, ollama, protocol
 from exo_core.api.completions import CompletionRun
 from exo_core.api.metrics import CONTENT_TYPE
 from exo_core.api.protocol import APIError
-from exo_core.api.state import STATE, ApiState, read_json
+from exo_core.api.state import STATE, ApiState, model_not_found, read_json
 from exo_core.models import files
 from exo_core.node.node import Node
 from exo_core.node.partitioning import NoPlanError
@@ -181,13 +181,7 @@ async def get_model(request: web.Request) -> web.Response:
     card = await state.resolve_model(request.match_info["model_id"])
     objects = await asyncio.to_thread(_model_objects, state, *_model_servers(state), card.id)
     if not objects:
-        raise APIError(
-            404,
-            f"The model {card.id!r} is known, but no node in this cluster can serve it now",
-            type="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(f"The model {card.id!r} is known, but no node in this cluster can serve it now")
     return web.json_response(objects[0])
 
 

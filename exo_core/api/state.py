@@ -70,12 +70,8 @@ class ApiState:
             return find_card(self.node.models, model_id)
         except UnknownModelError as exc:
             served = ", ".join(sorted(self.servers_by_model())) or "none"
-            raise APIError(
-                404,
-                f"The model {model_id!r} does not exist; models this cluster serves: {served}",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
+            raise model_not_found(
+                f"The model {model_id!r} does not exist; models this cluster serves: {served}"
             ) from exc
 
     async def resolve_model(self, model_id: str) -> ModelCard:
@@ -115,13 +111,7 @@ class ApiState:
             try:
                 card = await asyncio.to_thread(card_from_hub, served_as or model_id)
             except ModelFilesError as exc:
-                raise APIError(
-                    404,
-                    f"The model {model_id!r} cannot be served: {exc}",
-                    type="not_found_error",
-                    param="model",
-                    code="model_not_found",
-                ) from exc
+                raise model_not_found(f"The model {model_id!r} cannot be served: {exc}") from exc
         if card.id.lower() != model_id.lower():
             card = dataclasses.replace(card, aliases=(*card.aliases, model_id))
         node.models[card.id] = card  # the stage reads the same cards
@@ -177,6 +167,11 @@ def _served_hub_id(model_id: str, served: Iterable[str]) -> str | None:
         if is_hub_id(other) and key(other) == wanted:
             return other
     return None
+
+
+def model_not_found(message: str) -> APIError:
+    """The 404 for a `model` field that names nothing this cluster can serve."""
+    return APIError(404, message, type="not_found_error", param="model", code="model_not_found")
 
 
 def _no_node(message: str) -> APIError:
