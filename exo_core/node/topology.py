@@ -152,6 +152,12 @@ def free_memory_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def offered_memory_mb(held_bytes: int = 0) -> int:
+    """The memory this node offers for models, in MiB: `--memory-limit` when set, else the memory
+    free now plus `held_bytes` (see `device_capabilities`)."""
+    return memory_limit_mb() or (free_memory_bytes() + max(held_bytes, 0)) // MIB
+
+
 def device_capabilities(held_bytes: int = 0) -> DeviceCapabilities:
     """This machine's capabilities: memory from psutil, model/chip from the OS or device tree.
 
@@ -160,7 +166,7 @@ def device_capabilities(held_bytes: int = 0) -> DeviceCapabilities:
     does not count its own loaded weights as taken), or `--memory-limit` (EXO_MEMORY_LIMIT)
     when set, which then replaces what the node reports to its peers.
     """
-    memory_mb = memory_limit_mb() or (free_memory_bytes() + max(held_bytes, 0)) // MIB
+    memory_mb = offered_memory_mb(held_bytes)
     system = platform.system()
     if system == "Darwin":
         chip = platform.processor() or "Apple Silicon"
@@ -226,7 +232,7 @@ class MemoryReporter:
             self._mine = None  # set elsewhere: not ours to change any more
             return False
         try:
-            now_mb = device_capabilities(self._held()).memory
+            now_mb = offered_memory_mb(self._held())  # the device's name and FLOPS do not change
         except (OSError, ValueError) as exc:
             log.warning("cannot read free memory", error=str(exc))
             return False
