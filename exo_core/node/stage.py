@@ -320,7 +320,7 @@ class Stage:
             except Exception as exc:  # a bug: fail these requests, keep serving the others
                 log.exception("engine worker failed a batch")
                 for work in batch:
-                    await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
+                    await self._send_exception(work.msg, exc)
 
     def _one_per_request(self, batch: list[_Work]) -> list[_Work]:
         """At most one step per request in a batch: the one that starts earliest (the chunks of a
@@ -411,7 +411,7 @@ class Stage:
                 self.engine.check_step(shard, item)
             except Exception as exc:
                 log.warning("step refused", request=work.msg.request_id, error=_error_text(exc))
-                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
+                await self._send_exception(work.msg, exc)
                 continue
             runnable.append((work, item))
         if not runnable:
@@ -427,7 +427,7 @@ class Stage:
         except Exception as exc:
             log.exception("engine failed", shard=str(shard))
             for work, _ in runnable:
-                await self._send_error(work.msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
+                await self._send_exception(work.msg, exc)
             return
         finally:
             if watched:
@@ -490,7 +490,7 @@ class Stage:
             log.exception("background task failed", request=msg.request_id if msg else None)
             if msg is not None:
                 with contextlib.suppress(Exception):
-                    await self._send_error(msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
+                    await self._send_exception(msg, exc)
 
     # ---- steps and tokens out ----------------------------------------------------------------
 
@@ -613,6 +613,10 @@ class Stage:
             if work.msg.request_id == request_id:
                 await self._report(work.msg, failure)
                 return
+
+    async def _send_exception(self, msg: StepMessage, exc: BaseException) -> None:
+        """`_send_error` for an exception raised here: its text, naming this node, and its code."""
+        await self._send_error(msg, f"{self.node_id}: {_error_text(exc)}", _error_code(exc))
 
     async def _send_error(self, msg: StepMessage, error: str, code: str | None = None) -> None:
         self._step_done(msg)
