@@ -97,6 +97,13 @@ def _run_options() -> list[click.Parameter]:
         ),
         opt(["--node-port"], type=int, default=None, help="Peer (gRPC) port (default: a free port)."),
         opt(
+            ["--link-port"],
+            type=int,
+            default=None,
+            help="Port of the peer link (steps and tokens; default: a free port). Behind a firewall, "
+            "let it through with --node-port; if peers cannot reach it, the link goes over --node-port, slower.",
+        ),
+        opt(
             ["--discovery-module"],
             default="udp",
             show_default=True,
@@ -215,6 +222,7 @@ def _serve(params: dict[str, Any], engine_option_names: set[str], discovery_opti
         node_id=params.get("node_id"),
         node_host=params["node_host"],
         node_port=params.get("node_port"),
+        link_port=params.get("link_port"),
         api_host=params["api_host"],
         api_port=params["api_port"],
         api_key=params.get("api_key"),

@@ -42,6 +42,7 @@ class NodeConfig:
     node_id: str | None = None
     node_host: str = "0.0.0.0"
     node_port: int | None = None  # gRPC; None = pick a free one
+    link_port: int | None = None  # the peer link's listener; None = pick a free one
     advertise_address: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 52415
@@ -250,7 +251,12 @@ class Runtime:
                 cfg.node_port = entry.port
         try:
             self.server = await peer_server.start_peer_server(
-                self.node, cfg.node_host, cfg.node_port, self.cluster_auth, cfg.advertise_address
+                self.node,
+                cfg.node_host,
+                cfg.node_port,
+                self.cluster_auth,
+                cfg.advertise_address,
+                link_port=cfg.link_port,
             )
         except peer_server.PeerServerError as exc:
             raise ConfigError(str(exc)) from None

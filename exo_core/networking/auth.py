@@ -21,6 +21,9 @@ import datetime
 import hashlib
 import hmac
 import json
+import os
+import ssl
+import tempfile
 import threading
 import time
 from typing import Any
@@ -113,6 +116,7 @@ class ClusterAuth:
         self._seq = time.time_ns()  # grows across restarts too
         self._seq_lock = threading.Lock()
         self._last_seq: dict[str, int] = {}
+        self._ssl: dict[bool, ssl.SSLContext] = {}
 
     def __repr__(self) -> str:
         return f"ClusterAuth(key {self.key.fingerprint})"
@@ -132,6 +136,26 @@ class ClusterAuth:
         return grpc.ssl_channel_credentials(self.ca_pem, self._key_pem, self.cert_pem)
 
     channel_options: tuple[tuple[str, Any], ...] = (("grpc.ssl_target_name_override", TLS_NAME),)
+
+    def ssl_context(self, *, server: bool) -> ssl.SSLContext:
+        """The same mutual TLS for the link's own sockets (exo_core.networking.link): TLS 1.3,
+        a certificate of the cluster's CA required on both sides (one context for each side)."""
+        if server in self._ssl:
+            return self._ssl[server]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=self.ca_pem.decode("ascii"))
+        # The ssl module loads a key from a file only: one readable by this user alone, gone at once.
+        fd, path = tempfile.mkstemp(prefix="exo-node-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._key_pem + self.cert_pem)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+        self._ssl[server] = ctx
+        return ctx
 
     # ---- announcements ---------------------------------------------------------------------------
 

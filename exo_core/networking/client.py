@@ -12,7 +12,7 @@ from exo_core.networking import wire
 from exo_core.networking.auth import ClusterAuth
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.networking.link import LinkSender
+from exo_core.networking.link import MAX_MESSAGE_BYTES, LinkSender
 from exo_core.node.messages import (
     PeerTimeout,
     PeerUnavailable,
@@ -23,12 +23,6 @@ from exo_core.node.messages import (
 )
 from exo_core.node.topology import NodeInfo
 
-# The largest legal message, with room to spare: a step's hidden states cross a hop one slice
-# (node.stage.STEP_SLICE = 256 positions) at a time, 16 MiB at the widest Llama (16,384 x 4
-# bytes); a prompt's token ids go to stage 0 in slices too (a whole-request engine gets them
-# whole: 8 MiB at a million tokens); the request's messages are at most the API's 4 MiB body.
-# Anything larger is refused before it is read into memory.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _STATES = {
     pb.REQUEST_ACTIVE: RequestState.ACTIVE,
     pb.REQUEST_QUEUED: RequestState.QUEUED,
@@ -88,7 +82,13 @@ class GrpcPeerClient:
                 self.target, auth.channel_credentials(), options=CHANNEL_OPTIONS + auth.channel_options
             )
         self._stub = pb_grpc.NodeServiceStub(self._channel)
-        self._link = LinkSender(self._channel, f"{node_id} at {self.target}")
+        self._link = LinkSender(
+            self._channel,
+            f"{node_id} at {self.target}",
+            host=address,
+            port_source=self._link_port,
+            tls=auth.ssl_context(server=False) if auth is not None else None,
+        )
 
     def __repr__(self) -> str:
         return f"GrpcPeerClient({self.node_id}@{self.target})"
@@ -179,7 +179,13 @@ class GrpcPeerClient:
 
     async def node_info(self) -> NodeInfo:
         reply = await self._call("GetNodeInfo", pb.NodeInfoRequest(), self.call_timeout)
+        self._link.peer_link_port(reply.link_port)
         return wire.node_info_from_pb(reply)
+
+    async def _link_port(self) -> int:
+        """The peer's link port (0: it has no link listener), asked before the link connects."""
+        reply = await self._call("GetNodeInfo", pb.NodeInfoRequest(), self.call_timeout)
+        return int(reply.link_port)
 
     async def close(self) -> None:
         await self._link.close()

@@ -18,7 +18,7 @@ from exo_core.networking.client import CHANNEL_OPTIONS, grpc_target
 from exo_core.networking.generated import link_pb2_grpc as lpb_grpc
 from exo_core.networking.generated import node_service_pb2 as pb
 from exo_core.networking.generated import node_service_pb2_grpc as pb_grpc
-from exo_core.networking.link import LinkServicer
+from exo_core.networking.link import LinkServer, LinkServicer, sockets_enabled
 from exo_core.node.messages import RequestState
 from exo_core.node.node import Node
 
@@ -147,21 +147,52 @@ async def serve(
     return server, bound
 
 
+class PeerServer:
+    """What a node serves its peers: the gRPC node service and the link's own listener."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, link: LinkServer | None) -> None:
+        self.grpc = grpc_server
+        self.link = link
+
+    async def stop(self, grace: float | None) -> None:
+        if self.link is not None:
+            await self.link.close()
+        await self.grpc.stop(grace)
+
+
 async def start_peer_server(
-    node: Node, host: str, port: int | None, auth: ClusterAuth | None, advertise: str | None = None
-) -> grpc.aio.Server:
-    """Called by the runtime: serve the node service and tell the node where it is reachable."""
+    node: Node,
+    host: str,
+    port: int | None,
+    auth: ClusterAuth | None,
+    advertise: str | None = None,
+    link_port: int | None = None,
+) -> PeerServer:
+    """Called by the runtime: serve the node service and the link (`link_port`, 0 or None: a
+    free port), and tell the node where it is reachable."""
     server, bound = await serve(node, host, port or 0, auth)
+    link = None
+    if sockets_enabled():
+        link = LinkServer(node, auth.ssl_context(server=True) if auth is not None else None)
+        try:
+            node.link_port = await link.start(host, link_port or 0)
+        except OSError as exc:
+            await server.stop(0)
+            raise PeerServerError(
+                f"cannot listen for peer links on {grpc_target(host, link_port or 0)} ({exc.strerror or exc}); "
+                "choose another --link-port"
+            ) from None
     node.port = bound
     node.address = advertise or advertised_address(host)
     log.info(
         "peer server listening",
         node=node.node_id,
         address=grpc_target(host, bound),
+        link_port=node.link_port or None,
         tls=auth is not None,
         cluster_key=auth.fingerprint if auth is not None else None,
     )
-    return server
+    return PeerServer(server, link)
 
 
 def advertised_address(host: str) -> str:

@@ -341,6 +341,7 @@ def node_info_to_pb(info: NodeInfo) -> pb.NodeInfo:
         active_requests=info.active_requests,
         servers=dict(info.servers),
         hub_formats=list(info.hub_formats),
+        link_port=info.link_port,
     )
 
 
@@ -356,6 +357,7 @@ def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
         active_requests=msg.active_requests,
         servers=tuple(sorted((k, v) for k, v in msg.servers.items() if v > 0)),
         hub_formats=tuple(msg.hub_formats),
+        link_port=msg.link_port,
     )
 
 

@@ -66,6 +66,7 @@ class Node:
         self.capabilities = capabilities or DeviceCapabilities()
         self.address = address
         self.port = port
+        self.link_port = 0  # the link's own listener, once the peer server runs it
         self.peers: dict[str, Peer] = {}
         self._served_models: tuple[str, ...] = tuple(models)
         # Hub models (hf.co/...) in these formats: this node holds their layers though it was not
@@ -118,6 +119,7 @@ class Node:
             active_requests=self.active_stage_requests(),
             servers=self._servers(),
             hub_formats=self.hub_formats,
+            link_port=self.link_port,
         )
 
     def _servers(self) -> tuple[tuple[str, int], ...]:

@@ -57,6 +57,7 @@ class NodeInfo:
     # Source kinds ("gguf", "safetensors") of hub models (hf.co/...) this node holds layers of
     # without listing them (the card comes with the plan's first step); empty: only `models`.
     hub_formats: tuple[str, ...] = ()
+    link_port: int = 0  # the link's own listener (exo_core.networking.link); 0: none
 
     def servers_for(self, model_id: str) -> int:
         """How many requests for the model this node can run side by side (1 unless it said)."""
@@ -74,6 +75,7 @@ class NodeInfo:
             "active_requests": self.active_requests,
             "servers": dict(self.servers),
             "hub_formats": list(self.hub_formats),
+            "link_port": self.link_port,
         }
 
     @classmethod
@@ -89,6 +91,7 @@ class NodeInfo:
             active_requests=int(data.get("active_requests", 0)),
             servers=tuple((str(k), int(v)) for k, v in (data.get("servers") or {}).items()),
             hub_formats=tuple(str(k) for k in data.get("hub_formats") or ()),
+            link_port=int(data.get("link_port", 0)),
         )
 
 

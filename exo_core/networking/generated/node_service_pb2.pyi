@@ -221,7 +221,7 @@ class DeviceCapabilities(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chip: _Optional[str] = ..., memory: _Optional[int] = ..., flops: _Optional[_Union[Flops, _Mapping]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "port", "capabilities", "engine", "supports_sharding", "models", "active_requests", "servers", "hub_formats")
+    __slots__ = ("node_id", "address", "port", "capabilities", "engine", "supports_sharding", "models", "active_requests", "servers", "hub_formats", "link_port")
     class ServersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class NodeInfo(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     HUB_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    LINK_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     port: int
@@ -249,7 +250,8 @@ class NodeInfo(_message.Message):
     active_requests: int
     servers: _containers.ScalarMap[str, int]
     hub_formats: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., supports_sharding: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., servers: _Optional[_Mapping[str, int]] = ..., hub_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+    link_port: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., supports_sharding: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., servers: _Optional[_Mapping[str, int]] = ..., hub_formats: _Optional[_Iterable[str]] = ..., link_port: _Optional[int] = ...) -> None: ...
 
 class NodeInfoRequest(_message.Message):
     __slots__ = ()
