@@ -31,14 +31,14 @@ from exo_core.testing.cluster import Cluster, NodeSpec, free_ports, write_peers_
 CHAT = [{"role": "user", "content": "Say hello."}]
 
 
-def _manual_args(spec: NodeSpec, peers_file: Path, *extra: str) -> list[str]:
+def _manual_args(spec: NodeSpec, peers_file: Path, *extra: str, host: str = "127.0.0.1") -> list[str]:
     return [
         "--engine",
         "dummy",
         "--node-id",
         spec.node_id,
         "--node-host",
-        "127.0.0.1",
+        host,
         "--node-port",
         str(spec.node_port),
         "--api-port",
@@ -60,9 +60,10 @@ def _members(cluster: Cluster, node_id: str) -> set[str]:
 class Recorder:
     """A TCP relay on 127.0.0.1 that keeps every byte the client sent (what a sniffer would see)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int = 0) -> None:
         self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target_host = target_host
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.sent = bytearray()
         self._lock = threading.Lock()
@@ -75,7 +76,7 @@ class Recorder:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                upstream = socket.create_connection((self.target_host, self.target_port))
             except OSError:  # the node is not listening yet
                 client.close()
                 continue
@@ -166,49 +167,62 @@ def test_default_nodes_with_one_token_form_a_cluster_and_strangers_stay_out(tmp_
 
 
 def test_a_captured_step_cannot_be_read_or_replayed(tmp_path):
-    """Record what b sends a (through a relay), then replay those bytes to a and to c: nothing is
-    accepted, and the recording holds none of the request's plaintext."""
+    """Record what b sends a (through relays on both of a's ports: gRPC and the link), then
+    replay those bytes to a and to c: nothing is accepted, and the recording holds none of the
+    request's plaintext."""
     ids = ["node-alpha-5e1f", "node-bravo-77c2", "node-charlie-09ad"]
     a, b, c = ids
-    ports = free_ports(6)
+    ports = free_ports(8)
     specs = {nid: NodeSpec(nid, ports[2 * i], ports[2 * i + 1], memory=2000 - i) for i, nid in enumerate(ids)}
-    relay = Recorder(specs[a].node_port)
-    listed = [NodeSpec(a, relay.port, 0, memory=2000), specs[b]]  # b reaches a through the relay
+    link_ports = {a: ports[6], c: ports[7]}
+    # a listens on 127.0.0.2; b reaches it on 127.0.0.1 through the relays (same port numbers
+    # for the link, which b learns from a itself)
+    relay = Recorder(specs[a].node_port, "127.0.0.2")
+    link_relay = Recorder(link_ports[a], "127.0.0.2", port=link_ports[a])
+    listed = [NodeSpec(a, relay.port, 0, memory=2000), specs[b]]
     peers = write_peers_file(tmp_path / "peers.json", listed)
     lone = write_peers_file(tmp_path / "lone.json", [specs[c]])
     cluster = Cluster()
     try:
-        for nid in (a, b):
-            cluster.add(specs[nid], _manual_args(specs[nid], peers, "--wait-for-peers", "1"), tmp_path)
-        cluster.add(specs[c], _manual_args(specs[c], lone), tmp_path)
+        link_a = ("--link-port", str(link_ports[a]), "--wait-for-peers", "1")
+        cluster.add(specs[a], _manual_args(specs[a], peers, *link_a, host="127.0.0.2"), tmp_path)
+        cluster.add(specs[b], _manual_args(specs[b], peers, "--wait-for-peers", "1"), tmp_path)
+        cluster.add(specs[c], _manual_args(specs[c], lone, "--link-port", str(link_ports[c])), tmp_path)
         cluster.wait_ready(60)
         _, topo = cluster.get(b, "/v1/topology")
         assert [s["node_id"] for s in topo["plan"]] == [a, b]  # b's requests start on a
         secret_words = "purple-elephant-umbrella"
         chat = [{"role": "user", "content": f"Remember {secret_words}."}]
         assert cluster.chat(b, chat) == DUMMY_ANSWER
-        captured = bytes(relay.sent)
-        assert len(captured) > 1000
+        captured = {"grpc": bytes(relay.sent), "link": bytes(link_relay.sent)}
+        assert len(captured["grpc"]) > 1000
+        assert len(captured["link"]) > 1000  # the steps went over the link, through its relay
         for plain in (secret_words.encode(), a.encode(), b.encode(), b"SendStep"):
-            assert plain not in captured
+            assert all(plain not in data for data in captured.values())
 
-        for target in (a, c):
-            with socket.create_connection(("127.0.0.1", specs[target].node_port), timeout=5) as s:
-                try:
-                    s.sendall(captured)
-                    s.settimeout(2)
-                    while s.recv(65536):
-                        pass
-                except OSError:
-                    pass  # the node closed the connection on the bad handshake
+        for target, host in ((a, "127.0.0.2"), (c, "127.0.0.1")):
+            for port, data in (
+                (specs[target].node_port, captured["grpc"]),
+                (link_ports[target], captured["link"]),
+            ):
+                with socket.create_connection((host, port), timeout=5) as s:
+                    try:
+                        s.sendall(data)
+                        s.settimeout(2)
+                        while s.recv(65536):
+                            pass
+                    except OSError:
+                        pass  # the node closed the connection on the bad handshake
         time.sleep(0.5)
         for target in (a, c):
             _, topo = cluster.get(target, "/v1/topology")
             assert all(n["active_requests"] == 0 for n in topo["nodes"]), topo
             assert "refused peer message" not in cluster.nodes[target].log()
+            assert "closed a peer's link" not in cluster.nodes[target].log()
         assert cluster.chat(b, CHAT) == DUMMY_ANSWER
     finally:
         relay.close()
+        link_relay.close()
         cluster.close()
 
 

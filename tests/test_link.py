@@ -1,16 +1,21 @@
-"""The link (one stream per peer) between two nodes in one process over real TLS gRPC: messages
-are acknowledged, bad ones refused with a reason, steps are posted (no acknowledgement) and a
-refused one, or one the link broke under, reaches `on_lost_step`, and the link survives the
-peer restarting."""
+"""The link (one connection per peer) between two nodes in one process, over its own TLS socket
+and over the gRPC stream it falls back to: messages are acknowledged, bad ones refused with a
+reason, steps are posted (no acknowledgement) and a refused one, or one the link broke under,
+reaches `on_lost_step`, and the link survives the peer restarting. A link port out of reach
+falls back to gRPC; frames that are not the link's end the connection, not the node."""
 
 import asyncio
+import ssl
 import time
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from exo_core.models.shard import Shard
 from exo_core.networking import wire
+from exo_core.networking.auth import TLS_NAME
+from exo_core.networking.link import MAX_MESSAGE_BYTES
 from exo_core.node.messages import PeerUnavailable, RequestState, StepMessage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
@@ -46,7 +51,25 @@ async def _healthy(client):
         return False
 
 
-async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts(tmp_path):
+@pytest.fixture(params=["socket", "grpc"])
+def transport(request, monkeypatch):
+    if request.param == "grpc":
+        monkeypatch.setenv("EXO_LINK", "grpc")
+    return request.param
+
+
+async def _pair(tmp_path):
+    ports = free_ports(2)
+    path = write_peers_file(tmp_path / "peers.json", [NodeSpec("a", ports[0], 0), NodeSpec("b", ports[1], 0)])
+    a = Runtime(_config("a", ports[0], path))
+    b = Runtime(_config("b", ports[1], path))
+    await a.start()
+    await b.start()
+    await _until(lambda: asyncio.sleep(0, "b" in a.node.peers))
+    return a, b, a.peer_tracker._tracked["b"].client
+
+
+async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts(tmp_path, transport):
     ports = free_ports(2)
     path = write_peers_file(tmp_path / "peers.json", [NodeSpec("a", ports[0], 0), NodeSpec("b", ports[1], 0)])
     a = Runtime(_config("a", ports[0], path))
@@ -57,6 +80,7 @@ async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts
         await _until(lambda: asyncio.sleep(0, "b" in a.node.peers))
         client = a.peer_tracker._tracked["b"].client
         assert await client.health() == RequestState.UNKNOWN
+        assert client._link.transport == transport
 
         plan = (
             PlanStage("a", Shard("smollm2-135m", 0, 14, 30)),
@@ -89,7 +113,62 @@ async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts
             await client.health()
         b = Runtime(_config("b", ports[1], path))
         await b.start()
-        await _until(lambda: _healthy(client))  # the same client: a new stream on the same channel
+        await _until(lambda: _healthy(client))  # the same client: a new connection
+        assert client._link.transport == transport
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_a_link_port_out_of_reach_falls_back_to_grpc(tmp_path):
+    a, b, client = await _pair(tmp_path)
+    try:
+        assert await client.health() == RequestState.UNKNOWN
+        assert client._link.transport == "socket"
+        await b.server.link.close()  # b still announces its link port; nobody listens there
+        with capture_logs() as logs:
+            await _until(lambda: _healthy(client))
+        assert client._link.transport == "grpc"
+        warnings = [e["event"] for e in logs if "cannot reach the link port" in e["event"]]
+        assert len(warnings) == 1 and "--link-port" in warnings[0], logs
+        assert await client.health() == RequestState.UNKNOWN
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_frames_that_are_not_the_links_end_the_connection_not_the_node(tmp_path):
+    a, b, client = await _pair(tmp_path)
+    tls = a.cluster_auth.ssl_context(server=False)  # a member's certificate: the handshake passes
+    port = b.node.link_port
+
+    async def send_raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname=TLS_NAME)
+        writer.write(data)
+        got = await asyncio.wait_for(reader.read(), 5)  # b closes the connection
+        writer.close()
+        return got
+
+    try:
+        with capture_logs() as logs:
+            assert await send_raw((MAX_MESSAGE_BYTES + 1).to_bytes(4, "big")) == b""
+            assert await send_raw((5).to_bytes(4, "big") + b"\xff\xff\xff\xff\xff") == b""
+        reasons = [e["reason"] for e in logs if e["event"] == "closed a peer's link"]
+        assert reasons == [
+            f"a message of {MAX_MESSAGE_BYTES + 1} bytes (at most {MAX_MESSAGE_BYTES})",
+            "not a link message",
+        ]
+        # no certificate: the handshake fails, nothing reaches the node
+        bare = ssl.create_default_context(cadata=a.cluster_auth.ca_pem.decode())
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=bare, server_hostname=TLS_NAME
+            )
+            writer.write(b"\x00\x00\x00\x00")
+            await writer.drain()
+            await asyncio.wait_for(reader.readexactly(1), 5)
+        assert await client.health() == RequestState.UNKNOWN  # b goes on
+        assert client._link.transport == "socket"
     finally:
         await b.stop()
         await a.stop()
