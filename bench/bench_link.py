@@ -92,7 +92,9 @@ async def _round_trips(grpc_port: int, link_port: int, socket: bool, messages: i
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=3000, help="round trips per transport")
     parser.add_argument("--busy", type=int, default=0, help="busy-looping processes beside the benchmark")
     parser.add_argument("--passes", type=int, default=2, help="alternating passes per transport")
@@ -109,7 +111,9 @@ def main() -> int:
         results: dict[str, list[float]] = {"grpc": [], "socket": []}
         for _ in range(args.passes):
             for name in ("grpc", "socket"):
-                results[name] += uvloop.run(_round_trips(grpc_port, link_port, name == "socket", args.messages))
+                results[name] += uvloop.run(
+                    _round_trips(grpc_port, link_port, name == "socket", args.messages)
+                )
     finally:
         for p in [server, *busy]:
             p.kill()
