@@ -158,8 +158,8 @@ class _SocketStream:
     async def write(self, msg: lpb.LinkMessage) -> None:
         head, data = _frame(msg)
         try:
-            self._writer.write(head)
-            self._writer.write(data)
+            # One write: two would be two TLS records, maybe two segments, waking the peer twice.
+            self._writer.write(head + data)
             await self._writer.drain()
         except (ConnectionError, ssl.SSLError, RuntimeError) as exc:  # RuntimeError: closed transport
             raise _Broken(_describe_os_error(exc)) from None
