@@ -110,7 +110,7 @@ class GrpcPeerClient:
 
     # ---- PeerClient ----------------------------------------------------------------------------
 
-    # Steps, tokens, failures, releases and health checks travel on the link (one stream).
+    # Steps, tokens, failures, releases and health checks travel on the link (one connection).
 
     async def send_step(self, msg: StepMessage) -> None:
         on_lost_step = self.on_lost_step
@@ -150,11 +150,11 @@ class GrpcPeerClient:
         """A whole request on the peer's text engine, streamed back. No deadline (an answer takes
         as long as it takes); a peer that dies is noticed by the channel's keepalive pings.
 
-        Not on the link, on purpose: it is one call per whole answer (not per token), on the same
-        channel, so the same TLS connection as the link (HTTP/2 streams share it). As a stream of
-        its own it gets HTTP/2's per-stream flow control, so a client that reads an answer slowly
-        holds back that answer only, never the steps and tokens behind it on the link, and
-        cancelling it (the client left) is a stream reset the server sees at once.
+        Not on the link, on purpose: it is one call per whole answer (not per token), so the
+        link's per-message cost does not matter here. As a gRPC stream of its own it gets
+        HTTP/2's per-stream flow control, so a client that reads an answer slowly holds back
+        that answer only, never the steps and tokens on the link, and cancelling it (the client
+        left) is a stream reset the server sees at once.
         """
         name = "GenerateText"
         # (getattr: per-call metadata exists only while the cluster secret is signed per call)

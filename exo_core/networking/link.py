@@ -99,7 +99,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> lpb.LinkMessage | None:
         if exc.partial:
             raise _Broken("the connection ended inside a message") from None
         return None
-    except (ConnectionError, ssl.SSLError) as exc:
+    except OSError as exc:  # reset, TLS alert, keepalive timeout
         raise _Broken(_describe_os_error(exc)) from None
     size = int.from_bytes(head, "big")
     if size > MAX_MESSAGE_BYTES:
@@ -108,7 +108,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> lpb.LinkMessage | None:
         body = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise _Broken("the connection ended inside a message") from None
-    except (ConnectionError, ssl.SSLError) as exc:
+    except OSError as exc:  # reset, TLS alert, keepalive timeout
         raise _Broken(_describe_os_error(exc)) from None
     try:
         return lpb.LinkMessage.FromString(body)
@@ -161,7 +161,7 @@ class _SocketStream:
             # One write: two would be two TLS records, maybe two segments, waking the peer twice.
             self._writer.write(head + data)
             await self._writer.drain()
-        except (ConnectionError, ssl.SSLError, RuntimeError) as exc:  # RuntimeError: closed transport
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a closed transport
             raise _Broken(_describe_os_error(exc)) from None
 
     async def read(self) -> lpb.LinkMessage | None:
@@ -366,6 +366,9 @@ class LinkSender:
         except asyncio.CancelledError:
             self._broken(stream, "the link closed")
             raise
+        except Exception as exc:  # a bug: the link must not hang on it
+            log.exception("the link's reader failed", peer=self._describe)
+            self._broken(stream, f"the link's reader failed: {exc!r}")
 
     def _broken(self, stream: _Stream, reason: str) -> None:
         """The connection is gone: fail what waits on it; the next message opens a new one."""
@@ -496,7 +499,7 @@ class LinkServer:
                 head, data = _frame(lpb.LinkMessage(id=msg.id, ack=ack))
                 writer.write(head + data)
                 await writer.drain()
-        except (ConnectionError, ssl.SSLError, RuntimeError):
+        except (OSError, RuntimeError):
             return
         finally:
             self._writers.discard(writer)
