@@ -8,6 +8,11 @@ Both ends run on uvloop with the cluster's mutual TLS, as `exo run` does. The se
 answers health checks (the cheapest acknowledged message); the client sends `--messages` of
 them one after another and times each round trip. The first 10% are a warm-up. The ratio is
 socket / gRPC of the same run (the machine is shared and noisy).
+
+A second table times what every hop also pays, whatever the transport: an engine thread
+handing its result to the event loop (`call_soon_threadsafe`), once right after the loop last
+ran (baseline) and once after the loop sat idle for 10 ms, as a stage's loop does while
+another stage computes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import multiprocessing
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -91,6 +97,23 @@ async def _round_trips(grpc_port: int, link_port: int, socket: bool, messages: i
     return times[messages // 10 :]
 
 
+async def _wake_ups(idle_s: float, count: int) -> list[float]:
+    """Seconds from a thread's `call_soon_threadsafe` to the loop running the callback."""
+    loop = asyncio.get_running_loop()
+    times = []
+    for _ in range(count):
+        done: asyncio.Future[float] = loop.create_future()
+
+        def work(done: asyncio.Future[float]) -> None:
+            time.sleep(idle_s)
+            loop.call_soon_threadsafe(done.set_result, time.perf_counter())
+
+        threading.Thread(target=work, args=(done,)).start()
+        sent = await done
+        times.append(time.perf_counter() - sent)
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,6 +151,17 @@ def main() -> int:
         print(f"| {label} | " + " | ".join(f"{v * 1e6:.0f} us" for v in row[name]) + " |")
     ratios = [s / g for s, g in zip(row["socket"], row["grpc"], strict=True)]
     print("| socket / gRPC | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+
+    print()
+    print("| thread -> event loop wake-up | median | p90 | p99 |")
+    print("|---|---|---|---|")
+    wake = {}
+    for idle_s, label in ((0.0, "loop just ran (baseline)"), (0.010, "loop idle for 10 ms")):
+        ts = sorted(uvloop.run(_wake_ups(idle_s, 300)))
+        wake[idle_s] = (statistics.median(ts), ts[int(len(ts) * 0.9)], ts[int(len(ts) * 0.99)])
+        print(f"| {label} | " + " | ".join(f"{v * 1e6:.0f} us" for v in wake[idle_s]) + " |")
+    ratios = [i / b for i, b in zip(wake[0.010], wake[0.0], strict=True)]
+    print("| idle / baseline | " + " | ".join(f"{r:.1f}x" for r in ratios) + " |")
     return 0
 
 
