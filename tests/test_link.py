@@ -70,15 +70,8 @@ async def _pair(tmp_path):
 
 
 async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts(tmp_path, transport):
-    ports = free_ports(2)
-    path = write_peers_file(tmp_path / "peers.json", [NodeSpec("a", ports[0], 0), NodeSpec("b", ports[1], 0)])
-    a = Runtime(_config("a", ports[0], path))
-    b = Runtime(_config("b", ports[1], path))
-    await a.start()
-    await b.start()
+    a, b, client = await _pair(tmp_path)
     try:
-        await _until(lambda: asyncio.sleep(0, "b" in a.node.peers))
-        client = a.peer_tracker._tracked["b"].client
         assert await client.health() == RequestState.UNKNOWN
         assert client._link.transport == transport
 
@@ -111,7 +104,7 @@ async def test_the_link_refuses_bad_messages_and_reopens_after_the_peer_restarts
         assert [(request_id, failure.node_id) for request_id, failure in lost] == [("r2", "b")]
         with pytest.raises(PeerUnavailable):
             await client.health()
-        b = Runtime(_config("b", ports[1], path))
+        b = Runtime(b.config)  # the same port and peers file
         await b.start()
         await _until(lambda: _healthy(client))  # the same client: a new connection
         assert client._link.transport == transport
