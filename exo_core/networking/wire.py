@@ -33,6 +33,7 @@ _PLANS_PB: dict[tuple[PlanStage, ...], list[pb.PlanStage]] = {}
 _SAMPLINGS: dict[bytes, SamplingParams] = {}
 _MAX_PLANS = 1024
 _LE = {dt: dt.newbyteorder("<") for dt in (np.dtype(np.int64), np.dtype(np.float32))}
+_NAMES = {dt: dt.name for dt in _LE}  # (numpy computes `dtype.name` in Python, each time)
 
 
 class WireError(ValueError):
@@ -45,11 +46,11 @@ class WireError(ValueError):
 def tensor_to_pb(array: np.ndarray, dtype: np.dtype) -> pb.Tensor:
     if not (array.dtype == dtype and array.flags.c_contiguous and _LITTLE_ENDIAN):
         array = np.ascontiguousarray(array, dtype=dtype).astype(dtype.newbyteorder("<"), copy=False)
-    return pb.Tensor(data=array.tobytes(), dtype=dtype.name, shape=array.shape)
+    return pb.Tensor(data=array.tobytes(), dtype=_NAMES.get(dtype) or dtype.name, shape=array.shape)
 
 
 def tensor_from_pb(msg: pb.Tensor, dtype: np.dtype, rank: int, field: str) -> np.ndarray:
-    if msg.dtype != dtype.name:
+    if msg.dtype != (_NAMES.get(dtype) or dtype.name):
         raise WireError(f"{field}: dtype {msg.dtype!r}, expected {dtype.name}")
     shape = tuple(int(d) for d in msg.shape)
     if len(shape) != rank:
