@@ -2,21 +2,25 @@
 and over the gRPC stream it falls back to: messages are acknowledged, bad ones refused with a
 reason, steps are posted (no acknowledgement) and a refused one, or one the link broke under,
 reaches `on_lost_step`, and the link survives the peer restarting. A link port out of reach
-falls back to gRPC; frames that are not the link's end the connection, not the node."""
+falls back to gRPC; frames that are not the link's end the connection, not the node; a peer that
+stops reading holds the sender back."""
 
 import asyncio
 import ssl
 import time
 
+import grpc
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
 from exo_core.models.shard import Shard
 from exo_core.networking import wire
-from exo_core.networking.auth import TLS_NAME
-from exo_core.networking.link import MAX_MESSAGE_BYTES
-from exo_core.node.messages import PeerUnavailable, RequestState, StepMessage
+from exo_core.networking.auth import TLS_NAME, ClusterAuth
+from exo_core.networking.generated import node_service_pb2 as pb
+from exo_core.networking.keys import ClusterKey
+from exo_core.networking.link import MAX_MESSAGE_BYTES, LinkSender
+from exo_core.node.messages import PeerTimeout, PeerUnavailable, RequestState, StepMessage
 from exo_core.node.partitioning import PlanStage
 from exo_core.node.sampling import SamplingParams
 from exo_core.runtime import NodeConfig, Runtime
@@ -165,3 +169,43 @@ async def test_frames_that_are_not_the_links_end_the_connection_not_the_node(tmp
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_peer_that_stops_reading_holds_the_sender_back():
+    """Flow control: frames to a peer that accepts the connection but never reads fill the socket's
+    buffers, then a post waits, and gives up with PeerTimeout after its timeout (memory does
+    not grow without bound)."""
+
+    auth = ClusterAuth(ClusterKey.generate(), "x")
+    stalled = asyncio.Event()
+
+    async def never_read(reader, writer):
+        await stalled.wait()
+        writer.close()
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", 0, ssl=auth.ssl_context(server=True))
+    port = server.sockets[0].getsockname()[1]
+
+    async def link_port():
+        return port
+
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")  # never used: the link port answers
+    sender = LinkSender(
+        channel, "stalled", host="127.0.0.1", port_source=link_port, tls=auth.ssl_context(server=False)
+    )
+    body = pb.StepRequest(
+        request_id="r", hidden=pb.Tensor(data=bytes(1 << 20), dtype="float32", shape=[1, 1 << 18])
+    )
+    written = 0
+    try:
+        with pytest.raises(PeerTimeout, match="not written within 1 s"):
+            for _ in range(1000):  # 1 GB if nothing held the sender back
+                await sender.post("step", body, 1.0, "r", lambda reason: None)
+                written += 1
+        assert sender.transport == "socket"
+        assert 0 < written < 100, written  # socket buffers take a few MB, then it waits
+    finally:
+        stalled.set()
+        await sender.close()
+        await channel.close()
+        server.close()
