@@ -102,3 +102,22 @@ def test_help_mentions_the_commands():
     assert out.returncode == 0
     for word in ("run", "plugins", "models"):
         assert word in out.stdout
+
+
+@pytest.mark.parametrize("option", ["--node-port", "--link-port"])
+def test_a_busy_peer_port_is_a_one_line_error(option, tmp_path):
+    import socket
+
+    from exo_core.testing.cluster import free_ports
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        peers = tmp_path / "peers.json"
+        peers.write_text('{"peers": {}}')
+        (api_port,) = free_ports(1)
+        args = ["run", "--engine", "dummy", "--node-host", "127.0.0.1", option, str(port)]
+        args += ["--api-port", str(api_port), "--discovery-module", "manual"]
+        out = exo(*args, "--discovery-config-path", str(peers), env={"EXO_HOME": str(tmp_path)}, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in out.stderr and f"choose another {option}" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
