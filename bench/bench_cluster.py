@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -68,6 +69,19 @@ def decode_rates(cluster: Cluster, max_tokens: int, rounds: int) -> list[float]:
         if len(arrivals) >= 2:
             rates.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
     return rates
+
+
+def wait_warm(cluster: Cluster, members: list[str], timeout: float = 300.0) -> None:
+    """Wait (idle: tinygrad builds graphs only between answers) until every member has finished
+    warming each shard it started warming (its log says `warm` for each `warming`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        logs = [cluster.nodes[m].log().splitlines() for m in members]
+        started = [sum("warming" in line and "engine=" in line for line in log) for log in logs]
+        done = [sum(bool(re.search(r"\] warm\s+seconds=", line)) for line in log) for log in logs]
+        if started == done:
+            return
 
 
 def warm_until_steady(cluster: Cluster, max_tokens: int, tries: int = 12) -> None:
@@ -175,6 +189,7 @@ def main() -> int:
                 cluster.list_peers(members)
                 cluster.wait_members("a", set(members))
                 stream_once(cluster, "a", 4)  # warm-up: the new plan loads its shards
+                wait_warm(cluster, members)
                 warm_until_steady(cluster, tokens)
                 rates[len(members)] += decode_rates(cluster, tokens, args.rounds)
         for n in (1, 2, 3):
