@@ -184,8 +184,7 @@ class GrpcPeerClient:
 
     async def _link_port(self) -> int:
         """The peer's link port (0: it has no link listener), asked before the link connects."""
-        reply = await self._call("GetNodeInfo", pb.NodeInfoRequest(), self.call_timeout)
-        return int(reply.link_port)
+        return (await self.node_info()).link_port
 
     async def close(self) -> None:
         await self._link.close()

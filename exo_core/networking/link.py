@@ -43,6 +43,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from exo_core.networking import wire
+from exo_core.networking.auth import TLS_NAME
 from exo_core.networking.generated import link_pb2 as lpb
 from exo_core.networking.generated import link_pb2_grpc as lpb_grpc
 from exo_core.networking.generated import node_service_pb2 as pb
@@ -86,9 +87,11 @@ class _Broken(Exception):
 # ---- frames on a socket -------------------------------------------------------------------------
 
 
-def _frame(msg: lpb.LinkMessage) -> tuple[bytes, bytes]:
+def _frame(msg: lpb.LinkMessage) -> bytes:
+    """`msg` as one frame, for one write: two would be two TLS records, maybe two segments,
+    waking the peer twice."""
     data = msg.SerializeToString()
-    return len(data).to_bytes(_HEADER, "big"), data
+    return len(data).to_bytes(_HEADER, "big") + data
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> lpb.LinkMessage | None:
@@ -146,8 +149,6 @@ class _SocketStream:
 
     @classmethod
     async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None) -> _SocketStream:
-        from exo_core.networking.auth import TLS_NAME
-
         async with asyncio.timeout(CONNECT_S):
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=tls, server_hostname=TLS_NAME if tls else None, limit=_READ_BUFFER
@@ -156,10 +157,8 @@ class _SocketStream:
         return cls(reader, writer)
 
     async def write(self, msg: lpb.LinkMessage) -> None:
-        head, data = _frame(msg)
         try:
-            # One write: two would be two TLS records, maybe two segments, waking the peer twice.
-            self._writer.write(head + data)
+            self._writer.write(_frame(msg))
             await self._writer.drain()
         except (OSError, RuntimeError) as exc:  # RuntimeError: a closed transport
             raise _Broken(_describe_os_error(exc)) from None
@@ -249,8 +248,7 @@ class LinkSender:
 
     def peer_link_port(self, port: int) -> None:
         """The peer announced its link port (its node info): used from the next connection on."""
-        if port != self._port:
-            self._port = port
+        self._port = port
 
     async def post(
         self, kind: str, body: Any, timeout: float, key: str, on_lost: Callable[[str], None]
@@ -496,8 +494,7 @@ class LinkServer:
                 ack = await _handle(self.node, msg, peer)
                 if msg.posted and not ack.error:
                     continue
-                head, data = _frame(lpb.LinkMessage(id=msg.id, ack=ack))
-                writer.write(head + data)
+                writer.write(_frame(lpb.LinkMessage(id=msg.id, ack=ack)))
                 await writer.drain()
         except (OSError, RuntimeError):
             return
