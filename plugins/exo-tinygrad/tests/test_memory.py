@@ -59,7 +59,7 @@ def test_streamed_packing_equals_kernels_pack(qtype, rows, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_loading_the_model_holds_little_more_than_its_packed_weights():
     """In a fresh process, loading all 30 layers and the head raises the peak RSS by less than
-    the packed weights plus 60 MB (before: every weight unpacked at once, and the whole file's
+    the packed weights plus 100 MB (before: every weight unpacked at once, and the whole file's
     pages resident: 3x the weights), and the file's pages do not stay in the RSS."""
     script = textwrap.dedent(
         """
@@ -84,5 +84,7 @@ def test_loading_the_model_holds_little_more_than_its_packed_weights():
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     mb = {k: v >> 20 for k, v in got.items()}
-    assert got["peak"] - got["before"] < got["weights"] + (60 << 20), mb
+    # Usually the weights + 9 MB; once, in a fresh clone's CI run, + 61 MB (a transient: `after`
+    # was as usual). Unpacking everything at once, the fault this guards against, is + 200 MB.
+    assert got["peak"] - got["before"] < got["weights"] + (100 << 20), mb
     assert got["after"] - got["before"] < got["weights"] + (40 << 20), mb
